@@ -1,0 +1,79 @@
+"""Pick the channels a batch keeps, from the low-rank estimates of the frozen projections.
+
+All scores reduce over the tokens given (the context tokens of the batch), so one channel set
+serves the whole batch and the sparse GEMMs stay dense and skinny. Indices come back sorted.
+
+Attention layout (Hugging Face, head-major): q channel ``h * head_dim + j`` belongs to query
+head ``h``; k/v channel ``g * head_dim + j`` to KV head ``g``; query head ``h`` reads KV head
+``h // (num_heads // num_kv_heads)``. Each KV head keeps the same number of dims, and a kept
+KV dim ``(g, j)`` keeps dim ``j`` of every query head of group ``g`` (for Q that is the dot
+product's other side, for O the input channels that read V's output).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kept_count(channels: int, sparsity: float) -> int:
+    """How many of ``channels`` survive ``sparsity`` (at least one)."""
+    return max(1, int(round(channels * (1.0 - sparsity))))
+
+
+def _low_rank(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    w1, w2 = factors
+    return (x.to(w1.dtype) @ w1) @ w2
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def ffn_channels(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
+                 up: tuple[torch.Tensor, torch.Tensor], keep: int,
+                 seq_average: bool = True) -> torch.Tensor:
+    """Intermediate channels with the largest ``|silu(x Gr) * (x Ur)|`` over the tokens ``x``.
+
+    ``seq_average``: score by the mean absolute activation over the tokens; else by its L2 norm.
+    """
+    act = (F.silu(_low_rank(x, gate)) * _low_rank(x, up)).float()
+    scores = act.abs().mean(0) if seq_average else act.norm(dim=0)
+    return _top(scores, keep)
+
+
+def _group_dims(kv_idx_per_head: torch.Tensor, head_dim: int) -> torch.Tensor:
+    heads = torch.arange(kv_idx_per_head.shape[0], device=kv_idx_per_head.device)
+    return (heads[:, None] * head_dim + kv_idx_per_head).flatten()
+
+
+def kv_to_q_channels(kv_idx: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """q-space channels reading the kv-space channels ``kv_idx`` (sorted, each KV head equal)."""
+    rep = num_heads // num_kv_heads
+    dims = (kv_idx % head_dim).view(num_kv_heads, -1)               # [G, k]
+    heads = torch.arange(num_heads, device=kv_idx.device)             # query head h in group h // rep
+    return (heads[:, None] * head_dim + dims.repeat_interleave(rep, dim=0)).flatten()
+
+
+def qk_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor],
+                k: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int,
+                head_dim: int, keep_per_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_idx, k_idx) by the ``||q|| * ||k||`` proxy of each dim's share of the attention logits.
+
+    KV dim ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``.
+    """
+    rep = num_heads // num_kv_heads
+    q_norm = _low_rank(x, q).float().norm(dim=0).view(num_kv_heads, rep, head_dim).sum(1)
+    k_norm = _low_rank(x, k).float().norm(dim=0).view(num_kv_heads, head_dim)
+    k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
+    return kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx
+
+
+def vo_channels(x: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor], num_heads: int,
+                num_kv_heads: int, head_dim: int, keep_per_head: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_idx, o_idx): V output dims with the largest ``||v||``; O inputs that read them."""
+    v_norm = _low_rank(x, v).float().norm(dim=0).view(num_kv_heads, head_dim)
+    v_idx = _group_dims(_top(v_norm, keep_per_head), head_dim)
+    return v_idx, kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim)

@@ -1,0 +1,103 @@
+"""Pure PyTorch sparse frozen linears: the CPU path and the oracle of the GPU kernels.
+
+Both functions compute ``x @ W.T (+ b)`` with a frozen ``W`` whose channels outside ``idx``
+are treated as zero for every row of ``x`` except the dense rows, which see all of ``W``.
+Equivalently: the dense layer with the dropped channels masked out, for the sparse rows.
+
+* :func:`sparse_out_linear` drops output channels (rows of ``W``): gate/up, q/k/v.
+* :func:`sparse_in_linear` drops input channels (columns of ``W``): down, o.
+
+Only the index tensors are saved for backward, so backward slices the same channels that
+forward used; the weight gets no gradient (it is frozen). ``x`` is 2-D ``[tokens, features]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_frozen(weight: torch.Tensor) -> None:
+    if weight.requires_grad:
+        raise ValueError("sparse linears are for frozen base weights; this weight requires grad. "
+                         "Sparsify a LoRA model whose base weights are frozen.")
+
+
+def _as(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Activations may run in another dtype than the stored weight (fp32 LoRA training of a
+    # bf16 model, autocast): compute in the activation's dtype as F.linear under autocast does.
+    return weight if weight.dtype == like.dtype else weight.to(like.dtype)
+
+
+class _SparseOutLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, dense_idx):
+        _check_frozen(weight)
+        out = x.new_zeros(x.shape[0], weight.shape[0])
+        out[:, idx] = x @ _as(weight[idx], x).T
+        if dense_idx is not None and dense_idx.numel():
+            out[dense_idx] = x[dense_idx] @ _as(weight, x).T
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(weight, idx, dense_idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, idx, dense_idx = ctx.saved_tensors
+        grad_x = grad_out[:, idx] @ _as(weight[idx], grad_out)
+        if dense_idx is not None and dense_idx.numel():
+            grad_x[dense_idx] = grad_out[dense_idx] @ _as(weight, grad_out)
+        return grad_x, None, None, None, None
+
+
+class _SparseInLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, dense_idx):
+        _check_frozen(weight)
+        out = x[:, idx] @ _as(weight[:, idx], x).T
+        if dense_idx is not None and dense_idx.numel():
+            out[dense_idx] = x[dense_idx] @ _as(weight, x).T
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(weight, idx, dense_idx)
+        ctx.in_features = x.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, idx, dense_idx = ctx.saved_tensors
+        grad_x = grad_out.new_zeros(grad_out.shape[0], ctx.in_features)
+        grad_x[:, idx] = grad_out @ _as(weight[:, idx], grad_out)
+        if dense_idx is not None and dense_idx.numel():
+            grad_x[dense_idx] = grad_out[dense_idx] @ _as(weight, grad_out)
+        return grad_x, None, None, None, None
+
+
+def sparse_out_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      idx: torch.Tensor, dense_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + b`` with output channels outside ``idx`` zero for non-dense rows."""
+    return _SparseOutLinear.apply(x, weight, bias, idx, dense_idx)
+
+
+def sparse_in_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     idx: torch.Tensor, dense_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + b`` reading only input channels ``idx`` for non-dense rows."""
+    return _SparseInLinear.apply(x, weight, bias, idx, dense_idx)
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  idx: torch.Tensor, dense_idx: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The definition both functions must match: the dense linear with channels masked per row.
+
+    ``dim`` 0 masks output channels (rows of W), 1 input channels. Costs a full weight per row;
+    for tests only.
+    """
+    keep = torch.zeros(weight.shape[dim], dtype=torch.bool, device=weight.device)
+    keep[idx] = True
+    sparse_w = weight * (keep[:, None] if dim == 0 else keep[None, :])
+    rows = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if dense_idx is not None:
+        rows[dense_idx] = True
+    out = torch.where(rows[:, None], F.linear(x, weight), F.linear(x, sparse_w))
+    return out if bias is None else out + bias

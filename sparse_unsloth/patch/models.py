@@ -1,0 +1,92 @@
+"""What the patching layer needs to know about a model: its decoder layers and their shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no sparse patch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def model_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no .config; pass a Hugging Face "
+                                    "causal LM (or a PEFT model wrapping one)")
+    return config
+
+
+def check_supported(model: nn.Module) -> str:
+    model_type = getattr(model_config(model), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; sparse_unsloth patches "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} decoder layers (gate/up/down MLP and q/k/v/o "
+            "attention). Open an issue with the model id to add it.")
+    return model_type
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list, through any PEFT / Unsloth wrapping."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and \
+                hasattr(layers[0], "mlp") and hasattr(layers[0], "self_attn"):
+            return layers
+    raise UnsupportedModelError(f"found no decoder layers with .mlp and .self_attn in "
+                                f"{type(model).__name__}")
+
+
+def attention_geometry(model: nn.Module) -> AttentionGeometry:
+    config = model_config(model)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"{heads} attention heads do not split into {kv_heads} KV groups")
+    return AttentionGeometry(heads, kv_heads, head_dim)
+
+
+def frozen_linear(proj: nn.Module) -> nn.Module:
+    """The frozen base linear under a PEFT LoRA layer (or the projection itself)."""
+    get_base = getattr(proj, "get_base_layer", None)
+    return get_base() if callable(get_base) else proj
+
+
+def weight_getter(linear: nn.Module) -> Callable[[], torch.Tensor]:
+    """A function that returns the frozen weight ``[out, in]`` in a float dtype.
+
+    bitsandbytes 4-bit weights are dequantized by the call, so nothing large is kept.
+    """
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return lambda: weight
+    import bitsandbytes.functional as bnbf  # only 4-bit models get here
+
+    return lambda: bnbf.dequantize_4bit(weight.data, quant_state)
+
+
+def estimated_weights(layers: nn.ModuleList, which: Mapping[str, Iterable[int]],
+                      ) -> dict[str, Callable[[], torch.Tensor]]:
+    """``"{layer}.{proj}" -> weight getter`` for the projections the estimator scores."""
+    from ..estimator.factors import ESTIMATED_PROJS
+
+    return {f"{i}.{p}": weight_getter(frozen_linear(getattr(getattr(layers[i], kind), p)))
+            for kind, idx in which.items() for i in idx for p in ESTIMATED_PROJS[kind]}

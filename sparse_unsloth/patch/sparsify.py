@@ -1,0 +1,104 @@
+"""``sparsify`` / ``unsparsify``: the one call that makes a LoRA model sparse, and its undo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..config import MODULE_KINDS, ConfigError, SparseConfig, load_config
+from ..estimator.factors import EstimatorFactors
+from ..estimator.resolve import resolve_factors
+from ..estimator.store import fingerprint
+from . import reference
+from .models import (attention_geometry, check_supported, decoder_layers, estimated_weights,
+                     frozen_linear, model_config)
+from .state import LayerSparsity, SparseState
+
+STATE_ATTR = "_sparse_unsloth"
+
+
+def sparse_state(model: nn.Module) -> SparseState | None:
+    """The sparse state of a sparsified model, or None."""
+    return getattr(model, STATE_ATTR, None)
+
+
+def _check_layers(config: SparseConfig, num_layers: int) -> None:
+    for kind in MODULE_KINDS:
+        bad = [layer for layer in getattr(config, kind) if layer >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"config {config.name!r} makes sparsity.{kind} layer(s) {bad} sparse, but the model "
+                f"has {num_layers} decoder layers (0-{num_layers - 1}); use a preset for this model "
+                "or edit the layer ranges")
+
+
+def _begin_batch_hook(state: SparseState):
+    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            state.begin_batch(None, 0, torch.device("cpu"), False)
+            return
+        num_tokens = ref.numel() if ids is not None else ref.shape[:-1].numel()
+        state.begin_batch(kwargs.get("labels"), num_tokens, ref.device, model.training)
+
+    return hook
+
+
+def _backend(model: nn.Module):
+    """Unsloth's fused GPU path when Unsloth patched this model on a GPU, else the reference."""
+    try:
+        from . import unsloth_fast
+    except ImportError:
+        return reference
+    return unsloth_fast if unsloth_fast.applies(model) else reference
+
+
+def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseConfig,
+             estimator: str | Path | EstimatorFactors | None = None, *,
+             model_id: str | None = None, progress: bool = True) -> nn.Module:
+    """Make the LoRA model ``model`` sparse as ``config`` says (a preset name, YAML path or config).
+
+    ``estimator``: the SVD factors (an :class:`EstimatorFactors`, a file, or None to find them in
+    the cache / on the Hub or build them). Returns the same model, patched in place; undo with
+    :func:`unsparsify`. Sparsity runs only in training mode, after the dense warm-up that
+    :class:`~sparse_unsloth.SparsityCallback` schedules.
+    """
+    if sparse_state(model) is not None:
+        raise RuntimeError("this model is already sparsified; call sparse_unsloth.unsparsify(model) "
+                           "first to change its config")
+    check_supported(model)
+    layers = decoder_layers(model)
+    config = load_config(config, num_layers=len(layers))
+    _check_layers(config, len(layers))
+    every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
+    needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
+    name = model_id or getattr(model_config(model), "_name_or_path", "") or ""
+    factors = resolve_factors(needed, config.estimator_rank, fingerprint(every), source=estimator,
+                              model_id=name, progress=progress)
+    ref = frozen_linear(layers[0].mlp.down_proj).weight
+    dtype = ref.dtype if ref.is_floating_point() else torch.bfloat16
+    state = SparseState(config, factors.to(ref.device, dtype), attention_geometry(model))
+    backend = _backend(model)
+    for i, layer in enumerate(layers):
+        ctl = LayerSparsity(state, i)
+        if ctl.mlp_sparsity or ctl.attn_sparsity:
+            state.handles += backend.patch_layer(layer, ctl)
+    state.handles.append(model.register_forward_pre_hook(_begin_batch_hook(state), with_kwargs=True).remove)
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Undo :func:`sparsify`: the model computes exactly as before it."""
+    state = sparse_state(model)
+    if state is None:
+        raise RuntimeError("this model is not sparsified")
+    for undo in reversed(state.handles):
+        undo()
+    delattr(model, STATE_ATTR)
+    return model
