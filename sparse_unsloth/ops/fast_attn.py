@@ -1,0 +1,84 @@
+"""Fused sparse LoRA attention projections: Q/K/V from one input, and O.
+
+What Unsloth's LoRA_QKV and LoRA_W do (save the input and the LoRA factors, LoRA gradients
+by hand), except that the context rows see only the kept output channels of the frozen
+q/k/v weights (``q_idx``/``k_idx``/``v_idx``) and only the kept input channels of the frozen
+o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are dense.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sparse_mm import LoRAProj, add_lora_, cast_like, keep_cols_, keep_rows, lora_grads, lora_out
+
+
+class _SparseLoRAQKV(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s, v_w, v_a, v_b, v_s,
+                q_idx, k_idx, v_idx, dense_idx):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        weights = tuple(cast_like(w, x2) for w in (q_w, k_w, v_w))
+        loras = ((q_a, q_b, q_s), (k_a, k_b, k_s), (v_a, v_b, v_s))
+        idxs = (q_idx, k_idx, v_idx)
+        outs = [keep_cols_(lora_out(x2, a, b, s), x2, w.t(), i, dense_idx).view(*shape[:-1], -1)
+                for w, (a, b, s), i in zip(weights, loras, idxs)]
+        ctx.weights = weights
+        ctx.scales = (q_s, k_s, v_s)
+        ctx.save_for_backward(x2, q_a, q_b, k_a, k_b, v_a, v_b, q_idx, k_idx, v_idx, dense_idx)
+        ctx.in_shape = shape
+        return tuple(outs)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dq, dk, dv):
+        x, q_a, q_b, k_a, k_b, v_a, v_b, q_idx, k_idx, v_idx, dense_idx = ctx.saved_tensors
+        grads = [d.reshape(-1, d.shape[-1]).to(x.dtype) for d in (dq, dk, dv)]
+        loras = ((q_a, q_b), (k_a, k_b), (v_a, v_b))
+        lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, loras, ctx.scales)]
+        dx = keep_rows([(d, w, i) for d, w, i in zip(grads, ctx.weights, (q_idx, k_idx, v_idx))],
+                       dense_idx)
+        for (_, _, dyb), (a, _) in zip(lora_g, loras):
+            dx.addmm_(dyb, a.to(x.dtype))
+        out: list = [dx.view(ctx.in_shape)]
+        for d_a, d_b, _ in lora_g:
+            out += [None, d_a, d_b, None]
+        return (*out, None, None, None, None)
+
+
+class _SparseLoRAO(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, w, a, b, s, idx, dense_idx):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        w = cast_like(w, x2)
+        out = keep_rows([(x2, w.t(), idx)], dense_idx)
+        add_lora_(out, x2, a, b, s)
+        ctx.weight, ctx.scale = w, s
+        ctx.save_for_backward(x2, a, b, idx, dense_idx)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, a, b, idx, dense_idx = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+        d_a, d_b, dyb = lora_grads(x, dy2, a, b, ctx.scale)
+        dx = keep_cols_(dyb @ a.to(x.dtype), dy2, ctx.weight, idx, dense_idx)
+        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, None, None
+
+
+def sparse_lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor,
+                    k_idx: torch.Tensor, v_idx: torch.Tensor, dense_idx: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, K, V) of ``x`` (``[..., hidden]``), context rows keeping output channels ``*_idx``."""
+    return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx)
+
+
+def sparse_lora_o(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor,
+                  dense_idx: torch.Tensor | None) -> torch.Tensor:
+    """The O projection of ``x``, context rows reading only input channels ``idx``."""
+    return _SparseLoRAO.apply(x, *o, idx, dense_idx)

@@ -1,0 +1,92 @@
+"""Fused sparse LoRA gated MLP: ``down(act(gate(x), up(x)))`` with contextual sparsity.
+
+What Unsloth's LoRA_MLP does (one autograd Function, saves ``x, e, g`` and the LoRA factors,
+recomputes the rest in backward, LoRA gradients by hand), except that the frozen gate/up rows
+and down columns outside ``idx`` are zero for the context rows. The dense rows (output
+tokens) see the full weights, and every LoRA branch is dense. So for a context row the gate
+value at a dropped channel is its LoRA term alone, ``h = act(e, g)`` stays full width and
+down's LoRA reads all of ``h``: exactly the masked dense layer (``ops.reference``).
+
+The activation is passed in (``act_forward(e, g) -> h`` and
+``act_backward(dh, e, g) -> (h, dg, de)``, both on 2-D ``[tokens, channels]`` tensors; the
+backward may overwrite its inputs), so Unsloth's SwiGLU / GEGLU Triton kernels plug in; the
+torch SwiGLU below is the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .sparse_mm import LoRAProj, add_lora_, cast_like, keep_cols_, keep_rows, lora_grads, lora_out
+
+
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return F.silu(e) * g
+
+
+def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, d_up, d_gate) of ``h = silu(e) * g``, at least float32 inside like Unsloth's kernel."""
+    ef = e.to(torch.promote_types(e.dtype, torch.float32))
+    se = torch.sigmoid(ef)
+    f = (ef * se).to(dh.dtype)
+    d_gate = (dh * g).to(ef.dtype) * se * (1.0 + ef * (1.0 - se))
+    return f * g, dh * f, d_gate.to(dh.dtype)
+
+
+class _SparseLoRAMLP(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
+                down_b, down_s, idx, dense_idx, act_forward, act_backward):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        gate_w, up_w, down_w = cast_like(gate_w, x2), cast_like(up_w, x2), cast_like(down_w, x2)
+        e = keep_cols_(lora_out(x2, gate_a, gate_b, gate_s), x2, gate_w.t(), idx, dense_idx)
+        g = keep_cols_(lora_out(x2, up_a, up_b, up_s), x2, up_w.t(), idx, dense_idx)
+        h = act_forward(e, g)
+        out = keep_rows([(h, down_w.t(), idx)], dense_idx)
+        add_lora_(out, h, down_a, down_b, down_s)
+        ctx.weights = (gate_w, up_w, down_w)
+        ctx.scales = (gate_s, up_s, down_s)
+        ctx.act_backward = act_backward
+        ctx.save_for_backward(x2, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b, idx, dense_idx)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b, idx, dense_idx = ctx.saved_tensors
+        gate_w, up_w, down_w = ctx.weights
+        gate_s, up_s, down_s = ctx.scales
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
+
+        # dh = dy @ down (context rows: kept columns only) + down's LoRA (all of h).
+        d_down_a_in = (dy2 @ down_b.to(x.dtype)).mul_(down_s)
+        dh = keep_cols_(d_down_a_in @ down_a.to(x.dtype), dy2, down_w, idx, dense_idx)
+        h, d_up, d_gate = ctx.act_backward(dh, e, g)
+        del dh, e, g
+        d_down_a = d_down_a_in.t() @ h
+        d_down_b = dy2.t() @ (h @ down_a.to(x.dtype).t()).mul_(down_s)
+        del h, d_down_a_in
+
+        d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, up_a, up_b, up_s)
+        d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, gate_a, gate_b, gate_s)
+        dx = keep_rows([(d_up, up_w, idx), (d_gate, gate_w, idx)], dense_idx)
+        dx.addmm_(up_dyb, up_a.to(x.dtype)).addmm_(gate_dyb, gate_a.to(x.dtype))
+        return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None)
+
+
+def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
+                    idx: torch.Tensor, dense_idx: torch.Tensor | None,
+                    act_forward: Callable = swiglu_forward,
+                    act_backward: Callable = swiglu_backward) -> torch.Tensor:
+    """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
+
+    ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none).
+    """
+    return _SparseLoRAMLP.apply(x, *gate, *up, *down, idx, dense_idx, act_forward, act_backward)

@@ -1,0 +1,97 @@
+"""The frozen products of a sparse layer, in the "no split" form, plus the dense LoRA terms.
+
+A sparse frozen product lets the context rows of ``X @ M`` see only the kept channels of
+``M`` while the dense rows (output tokens) see all of it. Instead of splitting the tokens,
+every row is computed over the kept channels (one skinny GEMM written straight into the
+output) and the few dense rows are recomputed over the full matrix and copied over theirs.
+That costs ``N * k + D * C`` multiply-adds per column instead of the split's
+``(N - D) * k + D * C`` (``k`` kept of ``C`` channels, ``D`` dense of ``N`` rows), and needs
+no token gather/scatter of the big activations and no copy of the dropped part of a weight:
+only the kept slice of ``M`` (a few percent of it) and the dense rows of ``X`` are gathered.
+
+``M`` is the right operand as used (``W.T`` for a forward product, ``W`` for an input
+gradient); a transposed view is fine, the gathers make contiguous copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class LoRAProj(NamedTuple):
+    """A frozen weight ``[out, in]`` and its LoRA branch ``s * B @ A`` (A ``[r, in]``, B ``[out, r]``)."""
+
+    weight: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+
+Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor]    # (X [N, K], M [K, C], idx)
+
+
+def cast_like(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``w`` in ``like``'s dtype (a copy only when they differ).
+
+    A model stored in another dtype than its activations (an fp32 LoRA run of a bf16 model)
+    computes in the activations' dtype, as F.linear under autocast would.
+    """
+    return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+def has_rows(dense_idx: torch.Tensor | None) -> bool:
+    return dense_idx is not None and dense_idx.numel() > 0
+
+
+def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r]), a fresh tensor."""
+    xa = x @ a.to(x.dtype).t()
+    return xa.mul_(s) @ b.to(x.dtype).t()
+
+
+def add_lora_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+              ) -> torch.Tensor:
+    """``out += s * (x @ a.T) @ b.T`` in place."""
+    return out.addmm_(x @ a.to(x.dtype).t(), b.to(x.dtype).t(), alpha=s)
+
+
+def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dA, dB, dy @ b * s) of ``y = s * (x @ a.T) @ b.T``; the last feeds the input gradient."""
+    a, b = a.to(x.dtype), b.to(x.dtype)
+    dy_b = (dy @ b).mul_(s)                      # [N, r]
+    d_a = dy_b.t() @ x                           # [r, in]
+    d_b = dy.t() @ (x @ a.t()).mul_(s)           # [out, r]
+    return d_a, d_b, dy_b
+
+
+def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor,
+               dense_idx: torch.Tensor | None) -> torch.Tensor:
+    """``out += x @ m`` where non-dense rows get only the output columns ``idx`` (in place)."""
+    if has_rows(dense_idx):
+        rows = torch.addmm(out.index_select(0, dense_idx), x.index_select(0, dense_idx), m)
+    out.index_add_(1, idx, x @ m.index_select(1, idx))
+    if has_rows(dense_idx):
+        out.index_copy_(0, dense_idx, rows)
+    return out
+
+
+def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None) -> torch.Tensor:
+    """``sum x @ m`` over the terms, non-dense rows reading only the input channels ``idx``.
+
+    A fresh tensor: each term adds ``x[:, idx] @ m[idx]`` for every row, then the dense rows
+    are replaced by their full products.
+    """
+    (x0, m0, i0), *rest = terms
+    out = x0.index_select(1, i0) @ m0.index_select(0, i0)
+    for x, m, idx in rest:
+        out.addmm_(x.index_select(1, idx), m.index_select(0, idx))
+    if has_rows(dense_idx):
+        rows = x0.index_select(0, dense_idx) @ m0
+        for x, m, _ in rest:
+            rows.addmm_(x.index_select(0, dense_idx), m)
+        out.index_copy_(0, dense_idx, rows)
+    return out

@@ -1,0 +1,95 @@
+"""The fused sparse LoRA Functions (torch ops, any device) against the masked dense definition.
+
+float64 on the CPU: forward, input gradient and LoRA A/B gradients must match the autograd of
+the dense LoRA layer whose frozen weights have the dropped channels zeroed for context rows.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
+from sparse_unsloth.ops.reference import masked_linear
+from sparse_unsloth.ops.sparse_mm import LoRAProj
+
+F64 = {"rtol": 1e-10, "atol": 1e-10}
+
+
+def _proj(gen, fout, fin, rank=3, dtype=torch.float64):
+    w = torch.randn(fout, fin, dtype=dtype, generator=gen) / fin ** 0.5
+    a = torch.randn(rank, fin, dtype=dtype, generator=gen).requires_grad_()
+    b = torch.randn(fout, rank, dtype=dtype, generator=gen).requires_grad_()
+    return LoRAProj(w, a, b, 0.7)
+
+
+def _lora_linear(x, p: LoRAProj, idx, dense_idx, dim):
+    return masked_linear(x, p.weight, None, idx, dense_idx, dim) + p.scale * (x @ p.lora_a.T) @ p.lora_b.T
+
+
+def _choose(gen, n, k):
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def _grads(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad)
+
+
+@pytest.mark.parametrize("batch,seq,hidden,inter,keep,dense", [
+    (2, 7, 12, 29, 3, 5), (1, 9, 16, 33, 1, 0), (3, 4, 8, 13, 13, 12), (1, 5, 10, 21, 4, 1)])
+def test_mlp_matches_masked_definition(batch, seq, hidden, inter, keep, dense):
+    gen = torch.Generator().manual_seed(hidden * inter + keep)
+    n = batch * seq
+    x = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
+    gate, up, down = _proj(gen, inter, hidden), _proj(gen, inter, hidden), _proj(gen, hidden, inter)
+    idx, dense_idx = _choose(gen, inter, keep), _choose(gen, n, dense)
+    dy = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=gen)
+    params = [x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b]
+
+    out = sparse_lora_mlp(x, gate, up, down, idx, dense_idx)
+    got = _grads(out, params, dy)
+    x2 = x.reshape(n, hidden)
+    h = F.silu(_lora_linear(x2, gate, idx, dense_idx, 0)) * _lora_linear(x2, up, idx, dense_idx, 0)
+    ref = _lora_linear(h, down, idx, dense_idx, 1).view(batch, seq, hidden)
+    want = _grads(ref, params, dy)
+    torch.testing.assert_close(out, ref, **F64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **F64)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,keep,dense", [(4, 2, 6, 2, 3), (6, 6, 4, 1, 0), (8, 1, 3, 3, 7)])
+def test_qkv_and_o_match_masked_definition(heads, kv_heads, head_dim, keep, dense):
+    gen = torch.Generator().manual_seed(heads * 31 + kv_heads * 7 + keep)
+    batch, seq, hidden = 2, 5, 13
+    n, dq, dkv = batch * seq, heads * head_dim, kv_heads * head_dim
+    x = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
+    a_in = torch.randn(batch, seq, dq, dtype=torch.float64, generator=gen, requires_grad=True)
+    q, k, v, o = _proj(gen, dq, hidden), _proj(gen, dkv, hidden), _proj(gen, dkv, hidden), _proj(gen, hidden, dq)
+    q_idx, k_idx, v_idx, o_idx = (_choose(gen, dq, keep * heads), _choose(gen, dkv, keep * kv_heads),
+                                  _choose(gen, dkv, keep * kv_heads), _choose(gen, dq, keep * heads))
+    dense_idx = _choose(gen, n, dense)
+    grads = [torch.randn(batch, seq, c, dtype=torch.float64, generator=gen) for c in (dq, dkv, dkv, hidden)]
+    params = [x, a_in] + [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)]
+
+    outs = (*sparse_lora_qkv(x, q, k, v, q_idx, k_idx, v_idx, dense_idx),
+            sparse_lora_o(a_in, o, o_idx, dense_idx))
+    got = _grads(outs, params, grads)
+    x2, a2 = x.reshape(n, hidden), a_in.reshape(n, dq)
+    refs = [_lora_linear(x2, p, i, dense_idx, 0).view(batch, seq, -1) for p, i in ((q, q_idx), (k, k_idx), (v, v_idx))]
+    refs.append(_lora_linear(a2, o, o_idx, dense_idx, 1).view(batch, seq, -1))
+    want = _grads(refs, params, grads)
+    for g, w in zip(outs, refs):
+        torch.testing.assert_close(g, w, **F64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **F64)
+
+
+def test_lora_params_in_float32_under_lower_precision_activations():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16, generator=gen, requires_grad=True)
+    p = _proj(gen, 8, 8, dtype=torch.float32)
+    p = LoRAProj(p.weight.bfloat16(), p.lora_a, p.lora_b, p.scale)
+    out = sparse_lora_o(x, p, torch.tensor([1, 5]), torch.tensor([0, 4]))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert p.lora_a.grad.dtype == torch.float32 and p.lora_b.grad.dtype == torch.float32
