@@ -1,0 +1,194 @@
+"""The Unsloth fast backend: sparse versions of Unsloth's fused LoRA MLP / QKV / O on the GPU.
+
+Unsloth binds per layer ``mlp.forward`` (its fused LoRA_MLP), ``self_attn.apply_qkv`` and
+``self_attn.apply_o`` (LoRA_QKV / LoRA_W); its attention forward calls the last two as
+``self.apply_qkv(self, X)``. A patched layer gets a forward pre-hook that, on every call,
+installs our sparse versions while the sparse state is active and puts Unsloth's exact
+originals back otherwise. So the dense warm-up, eval and generation run Unsloth untouched
+(bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
+functions only exist in the block while they are used.
+
+The sparse functions are ``torch.compiler.disable``d: they run the estimator (Python-side
+per-batch caching) and our autograd Functions eagerly, which splits the compiled block
+around them. They are module-level functions bound to each module, so every layer shares one
+function object (no per-layer recompiles). A projection without an active plain LoRA adapter
+(adapters disabled or merged) falls back to the original for that call.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+from ..ops.fast_mlp import sparse_lora_mlp, swiglu_backward, swiglu_forward
+from ..ops.sparse_mm import LoRAProj
+from .models import decoder_layers, frozen_linear
+from .state import LayerSparsity
+
+_CTL = "_sparse_unsloth_ctl"
+_ORIGINAL = "_sparse_unsloth_original"
+_MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
+_MISSING = object()
+
+
+def _fast_lora():
+    # Never import Unsloth here: only a model it already patched can take this backend.
+    return sys.modules.get("unsloth.kernels.fast_lora")
+
+
+def _func(value):
+    return getattr(value, "__func__", value)
+
+
+def _mlp_slot(mlp: nn.Module) -> str:
+    return next((s for s in _MLP_SLOTS if s in mlp.__dict__), "forward")
+
+
+def _plain_weight(proj: nn.Module) -> bool:
+    weight = frozen_linear(proj).weight
+    return weight.is_floating_point() and getattr(weight, "quant_state", None) is None
+
+
+def applies(model: nn.Module) -> bool:
+    """True when Unsloth bound its fused LoRA functions into ``model`` and the weights are on CUDA.
+
+    4-bit / 8-bit base weights are left to the reference backend.
+    """
+    fl = _fast_lora()
+    if fl is None:
+        return False
+    layers = decoder_layers(model)
+    fused = any(_func(layer.mlp.__dict__.get(_mlp_slot(layer.mlp))) is fl.apply_lora_mlp_swiglu
+                or layer.self_attn.__dict__.get("apply_qkv") is fl.apply_lora_qkv
+                or layer.self_attn.__dict__.get("apply_o") is fl.apply_lora_o for layer in layers)
+    down = layers[0].mlp.down_proj
+    return fused and frozen_linear(down).weight.is_cuda and _plain_weight(down)
+
+
+def _check_plain_lora(projs: list[nn.Module]) -> None:
+    for proj in projs:
+        dropout = getattr(proj, "lora_dropout", {})
+        plain = (hasattr(proj, "lora_A") and len(proj.active_adapters) == 1
+                 and all(isinstance(d, nn.Identity) for d in dropout.values())
+                 and all(b.bias is None for b in proj.lora_B.values())
+                 and not getattr(proj, "lora_magnitude_vector", None) and _plain_weight(proj))
+        if not plain:
+            raise ValueError(
+                "sparse_unsloth's Unsloth fast path needs plain LoRA on every projection of a sparse "
+                "layer: one active adapter, lora_dropout=0, no LoRA bias, no DoRA, unquantized base "
+                f"weights ({type(proj).__name__} does not qualify). Use lora_dropout=0 and bias='none'.")
+
+
+def _lora(proj: nn.Module) -> LoRAProj | None:
+    """This call's frozen weight and active adapter, or None when no adapter is active."""
+    if proj.disable_adapters or proj.merged:
+        return None
+    name = proj.active_adapters[0]
+    if name not in proj.lora_A:
+        return None
+    return LoRAProj(frozen_linear(proj).weight, proj.lora_A[name].weight, proj.lora_B[name].weight,
+                    proj.scaling[name])
+
+
+def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
+    """Unsloth's SwiGLU Triton kernels on CUDA (2-D adapters), the torch ones elsewhere."""
+    if not x.is_cuda:
+        return swiglu_forward, swiglu_backward
+    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
+
+    return (lambda e, g: swiglu_fg_kernel(e.unsqueeze(0), g.unsqueeze(0)).squeeze(0),
+            swiglu_DWf_DW_dfg_kernel)
+
+
+def _dense_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    original = mlp.__dict__[_ORIGINAL][_mlp_slot(mlp)]
+    if original is _MISSING:
+        return type(mlp).forward(mlp, x)
+    return original(x)
+
+
+@torch.compiler.disable
+def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    choice = ctl.mlp_choice(x)
+    projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    if choice is None or None in projs:
+        return _dense_mlp(self, x)
+    return sparse_lora_mlp(x, *projs, choice.idx, ctl.state.split.dense_idx, *_swiglu(x))
+
+
+def _dense_attn(attn: nn.Module, name: str) -> Callable:
+    original = attn.__dict__[_ORIGINAL][name]
+    if original is not _MISSING:
+        return original
+    # Unsloth's original_apply_qkv / original_apply_o: the plain (PEFT) projections.
+    if name == "apply_qkv":
+        return lambda self, x: (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+    return lambda self, x: self.o_proj(x)
+
+
+@torch.compiler.disable
+def _sparse_qkv(self: nn.Module, x: torch.Tensor):
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    choice = ctl.attn_choice(x)
+    projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
+    if choice is None or None in projs:
+        return _dense_attn(self, "apply_qkv")(self, x)
+    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx,
+                           ctl.state.split.dense_idx)
+
+
+@torch.compiler.disable
+def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    choice = ctl.attn_choice(x)        # cached by apply_qkv for this batch
+    proj = _lora(self.o_proj)
+    if choice is None or proj is None:
+        return _dense_attn(self, "apply_o")(self, x)
+    return sparse_lora_o(x, proj, choice.o_idx, ctl.state.split.dense_idx)
+
+
+def _set(module: nn.Module, name: str, value) -> None:
+    # Instance attributes, as Unsloth sets them; _MISSING means "the class attribute".
+    if value is _MISSING:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = value
+
+
+def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> list[Callable]:
+    """Make one decoder layer's Unsloth fused LoRA functions sparse; returns the undo callables."""
+    switches: list[tuple[nn.Module, str, object]] = []    # (module, attribute, sparse value)
+    if ctl.mlp_sparsity:
+        mlp = layer.mlp
+        _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+        switches.append((mlp, _mlp_slot(mlp), types.MethodType(_sparse_mlp, mlp)))
+    if ctl.attn_sparsity:
+        attn = layer.self_attn
+        _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
+        switches += [(attn, "apply_qkv", _sparse_qkv), (attn, "apply_o", _sparse_o)]
+    for module, name, _ in switches:
+        module.__dict__[_CTL] = ctl
+        module.__dict__.setdefault(_ORIGINAL, {})[name] = module.__dict__.get(name, _MISSING)
+
+    def flip(_layer: nn.Module, _args: tuple) -> None:
+        active = ctl.state.active
+        for module, name, sparse in switches:
+            _set(module, name, sparse if active else module.__dict__[_ORIGINAL][name])
+
+    handle = layer.register_forward_pre_hook(flip)
+
+    def undo() -> None:
+        handle.remove()
+        for module, name, _ in switches:
+            _set(module, name, module.__dict__[_ORIGINAL][name])
+        for module, _, _ in switches:
+            module.__dict__.pop(_CTL, None)
+            module.__dict__.pop(_ORIGINAL, None)
+
+    return [undo]

@@ -1,0 +1,119 @@
+"""The Unsloth fast backend's plumbing on the CPU (its ops run anywhere; Unsloth's kernels don't).
+
+Unsloth binds its fused functions only on a GPU, so here the backend patches a plain PEFT
+model: the MLP through ``mlp.forward`` (which Hugging Face's decoder layer calls too), the
+attention's ``apply_qkv`` / ``apply_o`` called directly, as Unsloth's attention forward does.
+"""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from helpers import tiny_lora_model
+
+import sparse_unsloth as su
+from sparse_unsloth.ops.reference import sparse_in_linear, sparse_out_linear
+from sparse_unsloth.patch import unsloth_fast
+from sparse_unsloth.patch.models import decoder_layers, frozen_linear
+
+sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
+MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 2: 0.9}, estimator_rank=3)
+WITH_ATTN = su.SparseConfig(mlp={1: 0.5}, self_attn={1: 0.5, 2: 0.75}, estimator_rank=3)
+
+
+def _batch(vocab=101, batch=3, seq=11, seed=1, context=6):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels = ids.clone()
+    labels[:, :context] = -100
+    return ids, labels
+
+
+def _sparsify(model, config, backend, monkeypatch):
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: backend)
+    model = su.sparsify(model, config, progress=False)
+    su.sparse_state(model).callback_attached = True
+    return model
+
+
+def _run(model, ids, labels):
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_mlp_matches_reference_backend(monkeypatch):
+    base = tiny_lora_model()
+    ids, labels = _batch()
+    fast = _sparsify(copy.deepcopy(base), MLP_ONLY, unsloth_fast, monkeypatch)
+    ref = _sparsify(copy.deepcopy(base), MLP_ONLY, su.patch.reference, monkeypatch)
+    loss, grads = _run(fast, ids, labels)
+    ref_loss, ref_grads = _run(ref, ids, labels)
+    dense_loss, _ = _run(base, ids, labels)
+    assert abs(loss - dense_loss) > 1e-8                 # sparsity changed something
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_attention_functions_match_reference_ops(monkeypatch):
+    model = _sparsify(tiny_lora_model(), WITH_ATTN, unsloth_fast, monkeypatch)
+    ids, labels = _batch()
+    _run(model, ids, labels)                              # sets this batch's split; flips layers
+    layer = decoder_layers(model)[2]
+    attn = layer.self_attn
+    assert attn.apply_qkv is unsloth_fast._sparse_qkv
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
+    q, k, v = attn.apply_qkv(attn, x)
+    choice = su.sparse_state(model).layers[2].attn_choice(x)
+    dense_idx = su.sparse_state(model).split.dense_idx
+    x2 = x.reshape(-1, 48)
+    for out, name, idx in ((q, "q_proj", choice.q_idx), (k, "k_proj", choice.k_idx), (v, "v_proj", choice.v_idx)):
+        proj = getattr(attn, name)
+        want = sparse_out_linear(x2, frozen_linear(proj).weight, None, idx, dense_idx) + \
+            proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](x2))
+        torch.testing.assert_close(out.reshape(-1, out.shape[-1]), want, rtol=1e-10, atol=1e-10)
+    o = attn.apply_o(attn, q)
+    proj = attn.o_proj
+    q2 = q.reshape(-1, q.shape[-1])
+    want = sparse_in_linear(q2, frozen_linear(proj).weight, None, choice.o_idx, dense_idx) + \
+        proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](q2))
+    torch.testing.assert_close(o.reshape(-1, o.shape[-1]), want, rtol=1e-10, atol=1e-10)
+
+
+def test_inactive_and_undo_restore_originals(monkeypatch):
+    base = tiny_lora_model()
+    layer = decoder_layers(base)[1]
+    sentinel = layer.self_attn.apply_qkv = lambda self, x: None   # stands in for Unsloth's function
+    model = _sparsify(base, WITH_ATTN, unsloth_fast, monkeypatch)
+    ids, labels = _batch()
+    _run(model, ids, labels)
+    assert layer.self_attn.apply_qkv is unsloth_fast._sparse_qkv
+    assert layer.mlp.forward.__func__ is unsloth_fast._sparse_mlp
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert layer.self_attn.apply_qkv is sentinel
+    assert "forward" not in layer.mlp.__dict__ and "apply_o" not in layer.self_attn.__dict__
+    su.unsparsify(model)
+    assert layer.self_attn.apply_qkv is sentinel
+    assert not any(k.startswith("_sparse_unsloth") for k in layer.self_attn.__dict__)
+    assert not layer._forward_pre_hooks
+
+
+def test_applies_needs_unsloth_and_cuda():
+    assert not unsloth_fast.applies(tiny_lora_model())
+
+
+def test_dropout_refused(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_lora_model().merge_and_unload()
+    model = get_peft_model(model, LoraConfig(r=2, lora_dropout=0.1, target_modules=["gate_proj", "up_proj",
+                                                                                   "down_proj"]))
+    with pytest.raises(ValueError, match="lora_dropout=0"):
+        _sparsify(model, MLP_ONLY, unsloth_fast, monkeypatch)
