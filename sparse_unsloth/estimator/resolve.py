@@ -1,39 +1,237 @@
-"""Find the estimator factors a sparse model needs: given, from a file, or built."""
+"""Find the estimator factors a sparse model needs: given, cached, pulled from the Hub, or built.
+
+The one resolver behind ``sparsify``, the CLI and the notebooks. Order:
+
+1. ``source``: an :class:`EstimatorFactors`, a local file (ours), a local z-lab directory, or a
+   Hub repo id (``owner/name``); an explicit source that does not fit is an error.
+2. The local cache (:mod:`.cache`), one file per (model, weights fingerprint, rank).
+3. The Hub: ``hub_repo``, else ``<model_id>-sparse-unsloth-estimator``, then
+   ``z-lab/<name>-SparseLoRA`` (converted, and checked against the weights).
+4. Build locally (SVD on the weights' device) when ``allow_build``; else raise with the fix.
+
+Whatever is pulled or built is written to the cache. Each step logs one line on the
+``sparse_unsloth`` logger. Under torch.distributed, rank 0 resolves first and the other ranks
+then find its file in the cache (on a node-local cache each node's first rank does the work).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
+from .cache import cache_path, default_repo_id, is_repo_id, zlab_repo_id
 from .factors import EstimatorFactors, build_factors
-from .store import EstimatorFileError, load_factors
+from .hub import HubError, pull_factors
+from .store import EstimatorFileError, load_factors, save_factors
+from .zlab import is_zlab_dir, load_zlab, verify_against
+
+log = logging.getLogger("sparse_unsloth")
+Weights = Mapping[str, Callable[[], torch.Tensor]]
+# Hub failures after which trying the next candidate repo is pointless.
+_FATAL_HUB = ("offline", "unreachable", "unauthorized")
+
+
+class EstimatorUnavailableError(RuntimeError):
+    """No estimator could be found and building one was not allowed."""
 
 
 def _check(factors: EstimatorFactors, keys: list[str], rank: int, fingerprint: str, where: str) -> None:
     if factors.rank != rank:
         raise EstimatorFileError(f"{where} holds rank-{factors.rank} factors but the config asks for "
-                                 f"rank {rank}")
+                                 f"rank {rank}; set estimator_rank: {factors.rank} or rebuild")
     if factors.fingerprint and fingerprint and factors.fingerprint != fingerprint:
         raise EstimatorFileError(f"{where} was built for another model (fingerprint "
-                                 f"{factors.fingerprint}) than this one ({fingerprint})")
-    missing = [k for k in keys if k not in factors]
+                                 f"{factors.fingerprint}) than this one ({fingerprint}); rebuild it")
+    missing = _missing(factors, keys)
     if missing:
         raise EstimatorFileError(f"{where} lacks factors for {missing[:4]}{'...' if len(missing) > 4 else ''}"
                                  " that the config needs; rebuild it for these layers")
 
 
-def resolve_factors(weights: Mapping[str, Callable[[], torch.Tensor]], rank: int, fingerprint: str,
+def _missing(factors: EstimatorFactors, keys: list[str]) -> list[str]:
+    return [k for k in keys if k not in factors]
+
+
+@contextlib.contextmanager
+def _rank_zero_first() -> Iterator[None]:
+    dist = torch.distributed
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if multi and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if multi and dist.get_rank() == 0:
+            dist.barrier()
+
+
+def _store(factors: EstimatorFactors, path: Path) -> None:
+    try:
+        save_factors(factors, path)
+        log.info("estimator: saved to cache %s", path)
+    except OSError as err:  # a read-only home must not stop training
+        log.warning("estimator: could not write the cache file %s (%s); continuing without it. Set "
+                    "SPARSE_UNSLOTH_CACHE to a writable directory", path, err)
+
+
+def _complete(factors: EstimatorFactors, weights: Weights, keys: list[str], allow_build: bool,
+              progress: bool, where: str) -> EstimatorFactors:
+    """``factors`` plus locally built factors for the projections it lacks (the union)."""
+    missing = _missing(factors, keys)
+    if not missing:
+        return factors
+    layers = sorted({int(k.split(".", 1)[0]) for k in missing})
+    if not allow_build:
+        raise EstimatorUnavailableError(f"{where} lacks factors for layers {layers} that the config needs "
+                                        "and allow_build=False; allow building, or give a complete file")
+    log.info("estimator: %s lacks %d projections (layers %s); building them and storing the union",
+             where, len(missing), layers)
+    built = build_estimator({k: weights[k] for k in missing}, factors.rank, factors.fingerprint,
+                            progress=progress)
+    return EstimatorFactors({**factors.factors, **built.factors}, factors.rank, factors.fingerprint,
+                            factors.model_id, factors.revision, factors.extra)
+
+
+def build_estimator(weights: Weights, rank: int, fingerprint: str, model_id: str = "", revision: str = "",
+                    device: torch.device | str | None = None, progress: bool = True) -> EstimatorFactors:
+    """Build the factors locally (SVD on ``device``, default the weights' own) and record how."""
+    from .. import __version__
+
+    with torch.no_grad():  # a plain (non-PEFT) model's weights require grad; the SVD needs none
+        factors = build_factors(weights, rank, device=device, progress=progress, fingerprint=fingerprint,
+                                model_id=model_id, revision=revision)
+    w1 = next(iter(factors.factors.values()), (None,))[0]
+    where = f"on {w1.device.type}, factors stored in {str(w1.dtype).removeprefix('torch.')}" if w1 is not None \
+        else "(no projections)"
+    factors.extra["built_with"] = f"sparse_unsloth {__version__}, torch {torch.__version__}: float32 SVD {where}"
+    return factors
+
+
+def _from_source(source: str | Path, weights: Weights, keys: list[str], rank: int,
+                 fingerprint: str) -> EstimatorFactors:
+    """An explicit local file or z-lab directory: used as is, or an error."""
+    if Path(source).is_dir() and is_zlab_dir(source):
+        factors = load_zlab(source, rank, source=str(source))
+        verify_against(factors, weights, str(source))
+        factors.fingerprint = fingerprint
+        log.info("estimator: converted the z-lab estimator in %s", source)
+    else:
+        factors = load_factors(source, rank, fingerprint or None)
+        log.info("estimator: loaded %s", source)
+    _check(factors, keys, rank, fingerprint, str(source))
+    return factors
+
+
+def _load_cached(path: Path, rank: int, fingerprint: str) -> EstimatorFactors | None:
+    if not path.is_file():
+        log.info("estimator: not in the local cache (%s)", path)
+        return None
+    try:
+        factors = load_factors(path, rank, fingerprint)
+    except EstimatorFileError as err:
+        log.warning("estimator: refused the cached file: %s", err)
+        return None
+    log.info("estimator: found in the local cache %s", path)
+    return factors
+
+
+def _from_hub(repos: list[str], weights: Weights, rank: int, fingerprint: str, hub_revision: str | None,
+              token: str | None, endpoint: str | None, workdir: Path, reasons: list[str],
+              ) -> EstimatorFactors | None:
+    for repo in repos:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            factors = pull_factors(repo, rank, fingerprint, weights, revision=hub_revision, token=token,
+                                   endpoint=endpoint, workdir=workdir)
+        except HubError as err:
+            reasons.append(str(err))
+            (log.info if err.kind == "not_found" else log.warning)("estimator: %s", err)
+            if err.kind in _FATAL_HUB:
+                break
+            continue
+        except (EstimatorFileError, OSError) as err:
+            reasons.append(str(err))
+            log.warning("estimator: refused the file from Hub repo %s: %s", repo, err)
+            continue
+        log.info("estimator: pulled from Hub repo %s @ %s", repo, factors.extra.get("hub_revision", "?")[:12])
+        return factors
+    return None
+
+
+def resolve_factors(weights: Weights, rank: int, fingerprint: str,
                     source: str | Path | EstimatorFactors | None = None, model_id: str = "",
-                    progress: bool = True) -> EstimatorFactors:
-    """Factors for the projections in ``weights`` at ``rank``, checked against ``fingerprint``."""
+                    progress: bool = True, *, revision: str = "", hub_repo: str | None = None,
+                    hub_revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                    allow_hub: bool = True, allow_build: bool = True, token: str | None = None,
+                    endpoint: str | None = None) -> EstimatorFactors:
+    """Factors for the projections in ``weights`` at ``rank``, checked against ``fingerprint``.
+
+    ``weights``: ``"{layer}.{proj}" -> weight getter`` for the projections needed; ``fingerprint``:
+    :func:`~sparse_unsloth.estimator.store.fingerprint` of all the model's estimated weights;
+    ``model_id``/``revision``: the base model (names the cache dir and the default Hub repo,
+    recorded in the file). ``hub_repo``/``hub_revision``: the Hub repo (and commit) to pull from.
+    ``allow_hub=False`` skips the Hub; ``allow_build=False`` raises
+    :class:`EstimatorUnavailableError` instead of building.
+    """
     keys = sorted(weights)
     if isinstance(source, EstimatorFactors):
         _check(source, keys, rank, fingerprint, "the given estimator")
+        log.info("estimator: using the factors passed in")
         return source
-    if source is not None:
-        factors = load_factors(source, rank, fingerprint or None)
-        _check(factors, keys, rank, fingerprint, str(source))
+    if not keys and source is None:  # nothing sparse: no file to find, fetch or write
+        log.debug("estimator: the config makes no layer sparse; no factors needed")
+        return EstimatorFactors({}, rank, fingerprint, model_id, revision)
+    if source is not None and not is_repo_id(str(source)):
+        return _from_source(source, weights, keys, rank, fingerprint)
+    if source is not None:  # an explicit Hub repo id
+        hub_repo, allow_hub = str(source), True
+    with _rank_zero_first():
+        return _resolve(weights, keys, rank, fingerprint, model_id, revision, progress, hub_repo,
+                        hub_revision, cache_dir, allow_hub, allow_build, token, endpoint)
+
+
+def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, model_id: str, revision: str,
+             progress: bool, hub_repo: str | None, hub_revision: str | None,
+             cache_dir: str | os.PathLike | None, allow_hub: bool, allow_build: bool, token: str | None,
+             endpoint: str | None) -> EstimatorFactors:
+    path = cache_path(model_id, rank, fingerprint, cache_dir)
+    factors = _load_cached(path, rank, fingerprint) if fingerprint else None
+    if factors is not None:
+        if not _missing(factors, keys):
+            return factors
+        factors = _complete(factors, weights, keys, allow_build, progress, f"the cached file {path}")
+        _store(factors, path)  # overwrite with the union: the next run finds everything
         return factors
-    return build_factors(weights, rank, progress=progress, fingerprint=fingerprint, model_id=model_id)
+    reasons: list[str] = []
+    repos = [hub_repo] if hub_repo else [r for r in (default_repo_id(model_id), zlab_repo_id(model_id)) if r]
+    if not allow_hub:
+        log.info("estimator: Hub lookup disabled (allow_hub=False)")
+    elif not repos:
+        log.info("estimator: no Hub repo to try (model id %r is not owner/name; pass hub_repo=)", model_id)
+    else:
+        factors = _from_hub(repos, weights, rank, fingerprint, hub_revision, token, endpoint,
+                            path.parent, reasons)
+    if factors is not None:
+        factors.model_id = factors.model_id or model_id
+        factors.revision = factors.revision or revision
+        factors = _complete(factors, weights, keys, allow_build, progress,
+                            f"Hub repo {factors.extra.get('hub_repo')}")
+        if fingerprint:
+            _store(factors, path)
+        return factors
+    if not allow_build:
+        raise EstimatorUnavailableError(
+            "no estimator found (" + ("; ".join(reasons) or "not cached, Hub not tried") + ") and "
+            "allow_build=False. Fix the Hub access above, give a local file (estimator=PATH), or allow "
+            "building (allow_build=True / `sparse-unsloth estimator build`)")
+    log.info("estimator: building rank-%d factors locally for %d projections%s", rank, len(keys),
+             " (the Hub had none usable)" if reasons else "")
+    factors = build_estimator(weights, rank, fingerprint, model_id, revision, progress=progress)
+    if fingerprint:
+        _store(factors, path)
+    return factors

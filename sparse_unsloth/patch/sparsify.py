@@ -79,7 +79,8 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
     name = model_id or getattr(model_config(model), "_name_or_path", "") or ""
     factors = resolve_factors(needed, config.estimator_rank, fingerprint(every), source=estimator,
-                              model_id=name, progress=progress)
+                              model_id=name, progress=progress,
+                              revision=getattr(model_config(model), "_commit_hash", None) or "")
     ref = frozen_linear(layers[0].mlp.down_proj).weight
     dtype = ref.dtype if ref.is_floating_point() else torch.bfloat16
     state = SparseState(config, factors.to(ref.device, dtype), attention_geometry(model))
