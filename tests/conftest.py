@@ -17,6 +17,10 @@ for _name, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
+# Without a GPU, Triton kernels (ours, and TRL's fused LM head, which SFTTrainer always uses)
+# run through Triton's interpreter on CPU tensors. Decided before anything imports triton.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GPU_SKIP_REASON = "needs a CUDA GPU; run on the device and commit its output under benchmarks/results/"
 

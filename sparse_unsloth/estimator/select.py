@@ -31,15 +31,13 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def ffn_channels(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
-                 up: tuple[torch.Tensor, torch.Tensor], keep: int,
-                 seq_average: bool = True) -> torch.Tensor:
-    """Intermediate channels with the largest ``|silu(x Gr) * (x Ur)|`` over the tokens ``x``.
+                 up: tuple[torch.Tensor, torch.Tensor], keep: int) -> torch.Tensor:
+    """Intermediate channels with the largest L2 norm of ``silu(x Gr) * (x Ur)`` over the rows of ``x``.
 
-    ``seq_average``: score by the mean absolute activation over the tokens; else by its L2 norm.
+    Rows are tokens, or per-sequence means of the tokens (the config's ``ffn_seq_average``).
     """
     act = (F.silu(_low_rank(x, gate)) * _low_rank(x, up)).float()
-    scores = act.abs().mean(0) if seq_average else act.norm(dim=0)
-    return _top(scores, keep)
+    return _top(act.norm(dim=0), keep)
 
 
 def _group_dims(kv_idx_per_head: torch.Tensor, head_dim: int) -> torch.Tensor:

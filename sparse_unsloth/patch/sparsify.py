@@ -41,10 +41,10 @@ def _begin_batch_hook(state: SparseState):
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
-            state.begin_batch(None, 0, torch.device("cpu"), False)
+            state.begin_batch(None, torch.Size([0, 0]), torch.device("cpu"), False)
             return
-        num_tokens = ref.numel() if ids is not None else ref.shape[:-1].numel()
-        state.begin_batch(kwargs.get("labels"), num_tokens, ref.device, model.training)
+        shape = ref.shape if ids is not None else ref.shape[:-1]
+        state.begin_batch(kwargs.get("labels"), shape, ref.device, model.training)
 
     return hook
 
@@ -88,6 +88,7 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     for i, layer in enumerate(layers):
         ctl = LayerSparsity(state, i)
         if ctl.mlp_sparsity or ctl.attn_sparsity:
+            state.layers[i] = ctl
             state.handles += backend.patch_layer(layer, ctl)
     state.handles.append(model.register_forward_pre_hook(_begin_batch_hook(state), with_kwargs=True).remove)
     setattr(model, STATE_ATTR, state)

@@ -25,9 +25,21 @@ class TokenSplit:
     dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
     sparse_idx: torch.Tensor     # context rows: the estimator scores them
     num_tokens: int
+    sparse_mask: torch.Tensor    # [sequences, tokens]: True at context tokens
+
+    def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean hidden state of each sequence's context tokens (sequences without any dropped).
+
+        A padding-free batch arrives as one flattened row, so its packed sequences share one mean.
+        """
+        mask = self.sparse_mask.to(hidden.dtype).unsqueeze(-1)
+        x = hidden.reshape(*self.sparse_mask.shape, hidden.shape[-1])
+        counts = mask.sum(1)
+        means = (x * mask).sum(1) / counts.clamp(min=1)
+        return means[counts.squeeze(-1) > 0]
 
 
-def token_split(labels: torch.Tensor | None, num_tokens: int, device: torch.device,
+def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
                 dense_output_tokens: bool = True) -> TokenSplit:
     """Output tokens dense, context tokens sparse.
 
@@ -37,16 +49,16 @@ def token_split(labels: torch.Tensor | None, num_tokens: int, device: torch.devi
     two packed sequences at most keeps one extra row dense.
     """
     if labels is None or not dense_output_tokens:
-        dense = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        dense = torch.zeros(shape, dtype=torch.bool, device=device)
     else:
-        target = labels != -100
+        if labels.numel() != shape.numel():
+            raise ValueError(f"labels hold {labels.numel()} tokens but the layer sees {shape.numel()}; "
+                             "the sparse patch needs labels shaped like input_ids")
+        target = (labels != -100).reshape(shape).to(device)
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
-        dense = dense.reshape(-1).to(device)
-        if dense.numel() != num_tokens:
-            raise ValueError(f"labels hold {dense.numel()} tokens but the layer sees {num_tokens}; "
-                             "the sparse patch needs labels shaped like input_ids")
-    return TokenSplit(dense.nonzero().squeeze(1), (~dense).nonzero().squeeze(1), num_tokens)
+    flat = dense.reshape(-1)
+    return TokenSplit(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), flat.numel(), ~dense)
 
 
 @dataclasses.dataclass
@@ -75,6 +87,7 @@ class SparseState:
         self.batch_id = 0
         self.split: TokenSplit | None = None
         self.handles: list = []      # hooks and patches to undo
+        self.layers: dict[int, LayerSparsity] = {}
         self.callback_attached = False
         self._warned: set[str] = set()
         self.reset_stats()
@@ -83,8 +96,9 @@ class SparseState:
     def active(self) -> bool:
         return self.enabled and self.training and self.split is not None
 
-    def begin_batch(self, labels: torch.Tensor | None, num_tokens: int, device: torch.device,
+    def begin_batch(self, labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
                     training: bool) -> None:
+        """Start a forward pass over token ids of ``shape`` ([batch, seq])."""
         self.batch_id += 1
         self.training = training
         if not (training and self.enabled):
@@ -97,10 +111,10 @@ class SparseState:
             self._warn_once("training without SparsityCallback: sparse from the first step, with no "
                             "dense warm-up and no statistics in the logs. Pass "
                             "callbacks=[sparse_unsloth.SparsityCallback(model)] to the trainer.")
-        self.split = token_split(labels, num_tokens, device, self.config.dense_output_tokens)
+        self.split = token_split(labels, shape, device, self.config.dense_output_tokens)
         self.stats["batches"] += 1
         self.stats["dense_tokens"] += self.split.dense_idx.numel()
-        self.stats["tokens"] += num_tokens
+        self.stats["tokens"] += self.split.num_tokens
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -143,12 +157,14 @@ class LayerSparsity:
         hit = self._cache.get(kind)
         if hit is not None and hit[0] == state.batch_id:
             return hit[1]
-        x = hidden.reshape(-1, hidden.shape[-1])
         if state.split.sparse_idx.numel() == 0:
             choice = None               # every token is an output token: nothing to skip
         else:
             start = time.perf_counter()
-            choice = choose(x[state.split.sparse_idx])
+            # Channel choice is discrete: no gradient flows through it, and recording a graph
+            # would make checkpointing's recompute (which hits the cache) save fewer tensors.
+            with torch.no_grad():
+                choice = choose(hidden.detach())
             state.stats["estimator_s"] += time.perf_counter() - start
         self._cache[kind] = (state.batch_id, choice)
         return choice
@@ -158,13 +174,16 @@ class LayerSparsity:
             return None
         state = self.state
 
-        def choose(x: torch.Tensor) -> MLPChoice:
+        def choose(hidden: torch.Tensor) -> MLPChoice:
+            split = state.split
+            x = (split.sequence_means(hidden) if state.config.ffn_seq_average
+                 else hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx])
             gate, up = state.factors[f"{self.layer}.gate_proj"], state.factors[f"{self.layer}.up_proj"]
             total = gate[1].shape[1]
             keep = kept_count(total, self.mlp_sparsity)
             state.stats["mlp_kept"] += keep
             state.stats["mlp_total"] += total
-            return MLPChoice(ffn_channels(x, gate, up, keep, state.config.ffn_seq_average))
+            return MLPChoice(ffn_channels(x, gate, up, keep))
 
         return self._cached("mlp", hidden, choose)
 
@@ -173,7 +192,8 @@ class LayerSparsity:
             return None
         state, geo = self.state, self.state.geometry
 
-        def choose(x: torch.Tensor) -> AttnChoice:
+        def choose(hidden: torch.Tensor) -> AttnChoice:
+            x = hidden.reshape(-1, hidden.shape[-1])[state.split.sparse_idx]
             keep = kept_count(geo.head_dim, self.attn_sparsity)
             f = state.factors
             q_idx, k_idx = qk_channels(x, f[f"{self.layer}.q_proj"], f[f"{self.layer}.k_proj"],

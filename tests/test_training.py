@@ -1,0 +1,61 @@
+"""Training glue: the callback's schedule and logs, and a short SFTTrainer run with the patch."""
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+import sparse_unsloth as su
+
+CONFIG = su.SparseConfig(mlp={0: 0.5, 1: 0.75}, self_attn={1: 0.5}, estimator_rank=4,
+                         dense_warmup_steps=4)
+
+
+def test_callback_switches_at_the_warmup_step(tmp_path):
+    model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
+                        progress=False)
+    callback = su.SparsityCallback(model)
+    state, control = TrainerState(max_steps=20), TrainerControl()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    callback.on_train_begin(args, state, control)
+    seen = []
+    for step in range(8):
+        state.global_step = step
+        callback.on_step_begin(args, state, control)
+        seen.append(su.sparse_state(model).enabled)
+    assert seen == [False] * 5 + [True] * 3                      # round(0.25 * 20) = 5 dense steps
+
+
+def test_callback_needs_a_sparse_model():
+    with pytest.raises(ValueError, match="call sparse_unsloth.sparsify"):
+        su.SparsityCallback(tiny_lora_model())
+
+
+def test_sft_trainer_trains_sparse_with_falling_loss(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
+    model = tiny_lora_model(layers=2, hidden=64, inter=96, heads=4, kv_heads=2, vocab=len(tokenizer),
+                            dtype=torch.float32, rank=8)
+    su.sparsify(model, CONFIG, progress=False)
+    seen_labels = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen_labels.append(kw.get("labels") is not None),
+                                    with_kwargs=True)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8,
+                     learning_rate=1e-2, logging_steps=2, report_to=[], save_strategy="no",
+                     use_cpu=True, bf16=False, seed=0, max_length=32)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(ARITHMETIC),
+                         processing_class=tokenizer, callbacks=[su.SparsityCallback(model)])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logs]
+    assert all(seen_labels)
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:2]) / 2, losses
+    assert losses[-1] < logs[2]["loss"]                            # and it keeps falling once sparse
+    assert [h["sparse/active"] for h in logs[:2]] == [0.0, 0.0]     # steps 2 and 4: warm-up (4 steps)
+    sparse_logs = logs[3:]
+    assert all(h["sparse/active"] == 1.0 for h in sparse_logs)
+    assert all(h["sparse/mlp_kept_frac"] == pytest.approx((48 + 24) / 192) for h in sparse_logs)
+    assert all(h["sparse/attn_kept_frac"] == 0.5 for h in sparse_logs)
+    assert all(0 < h["sparse/dense_token_frac"] < 1 for h in sparse_logs)
