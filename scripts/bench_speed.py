@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Training-step speed of sparse LoRA in Unsloth vs Unsloth's dense LoRA and HF PEFT LoRA (one GPU).
+
+Llama-3-8B shape (hidden 4096, intermediate 14336, 32 heads / 8 KV heads, 32 layers) with random
+bf16 weights and a local tokenizer (no hub); LoRA r=16, alpha 16 on all 7 projections; batch
+8 x 512 with labels -100 on the first 384 positions (128 output tokens a row); bf16 autocast;
+AdamW on the LoRA parameters; CUDA-event median over timed steps after warm-up.
+
+The driver runs two children one after the other:
+  peft     (unsloth never imported, transformers unpatched): builds and saves the model, then
+           times HF PEFT LoRA (sdpa, non-reentrant gradient checkpointing): the paper's baseline.
+  unsloth  FastLanguageModel.from_pretrained + get_peft_model (Unsloth's gradient checkpointing
+           and compiled decoder blocks), times the dense step, then sparsify(model, preset) and
+           times the sparse step in the same process; estimator time by CUDA events; a
+           torch.profiler pass of each (per-op summary).
+then writes the result JSON (DESIGN.md's format) and a PNG plot.
+
+    PYTHONUNBUFFERED=1 python scripts/bench_speed.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+for _k, _v in {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HID, INTER, HEADS, KV_HEADS, VOCAB, THETA = 4096, 14336, 32, 8, 128256, 500000.0
+BSZ, SEQ, CTX = 8, 512, 384
+RANK, ALPHA = 16, 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NAME = "speed_bf16_llama3-8b"
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared by the children
+# ---------------------------------------------------------------------------------------------
+def make_batch():
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(4, VOCAB, (BSZ, SEQ), generator=gen)
+    labels = ids.clone()
+    labels[:, :CTX] = -100
+    return ids.cuda(), labels.cuda()
+
+
+def make_step(model, opt, ids, labels):
+    import torch
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def time_steps(step, warmup: int, timed: int, on_step=None) -> dict:
+    """Median CUDA-event step time after ``warmup`` steps; ``on_step(i)`` runs after each timed step."""
+    import statistics
+
+    import torch
+
+    losses = [float(step()) for _ in range(warmup)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(timed):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(i)
+    med = statistics.median(times)
+    return {"step_s_median": round(med, 5), "step_s_min": round(min(times), 5),
+            "step_s_max": round(max(times), 5), "tokens_per_s": round(BSZ * SEQ / med, 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+            "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses]}
+
+
+def profile_steps(step, n: int = 2, top: int = 25) -> dict:
+    """Per-op GPU time per step (torch.profiler), the ``top`` ops by self CUDA time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((ev.key, t / 1e6 / n, ev.count // n))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return {"gpu_s_per_step": round(total, 5),
+            "top_ops": [{"op": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
+                         "calls_per_step": c} for k, t, c in rows[:top]]}
+
+
+def lora_params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# child 1: build + HF PEFT
+# ---------------------------------------------------------------------------------------------
+def build_model(model_dir: str, layers: int):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Sparse low-rank adaptation of a random model."] * 20,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                     eos_token="</s>", pad_token="<pad>")
+    hf_tok.model_max_length = 8192
+    hf_tok.save_pretrained(model_dir)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HID, intermediate_size=INTER, num_hidden_layers=layers,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=hf_tok.bos_token_id,
+                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
+                      rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.save_pretrained(model_dir, max_shard_size="5GB")
+    return model
+
+
+def child_peft(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if args.skip_peft and os.path.exists(os.path.join(args.model_dir, "config.json")):
+        return {}           # a rerun on a warm machine: the saved model is still there
+    model = build_model(args.model_dir, args.layers)
+    log("[peft] model built and saved")
+    if args.skip_peft:
+        return {}
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    ids, labels = make_batch()
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-4)
+    res = time_steps(make_step(model, opt, ids, labels), args.warmup, args.steps)
+    log(f"[peft] {res['step_s_median']} s/step")
+    return {"hf_peft_lora": res}
+
+
+# ---------------------------------------------------------------------------------------------
+# child 2: Unsloth dense, then sparse
+# ---------------------------------------------------------------------------------------------
+def random_factors(model, config):
+    """Estimator factors of the right shapes with random values (``--estimator random``).
+
+    The estimator's cost depends only on the shapes; an SVD of 98 projections of an 8B model
+    would take minutes of device time for numbers that random weights make meaningless anyway.
+    """
+    import torch
+
+    from sparse_unsloth.estimator import EstimatorFactors
+    from sparse_unsloth.estimator.factors import ESTIMATED_PROJS
+    from sparse_unsloth.patch.models import decoder_layers, frozen_linear
+
+    layers, r = decoder_layers(model), config.estimator_rank
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    factors = {}
+    for kind, projs in ESTIMATED_PROJS.items():
+        for i in config.sparse_layers(kind):
+            for p in projs:
+                out, inp = frozen_linear(getattr(getattr(layers[i], kind), p)).weight.shape
+                factors[f"{i}.{p}"] = (torch.randn(inp, r, device="cuda", generator=gen).bfloat16(),
+                                       torch.randn(r, out, device="cuda", generator=gen).bfloat16())
+    return EstimatorFactors(factors, r)
+
+
+class EstimatorTimer:
+    """CUDA-event time of every channel choice (cache lookups, token gather, scoring, top-k)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from sparse_unsloth.patch.state import LayerSparsity
+
+        self.pairs: list = []
+        original = LayerSparsity._cached
+        timer = self
+
+        def cached(ctl, kind, hidden, choose):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = original(ctl, kind, hidden, choose)
+            end.record()
+            timer.pairs.append((start, end))
+            return out
+
+        LayerSparsity._cached = cached
+
+    def pop_s(self) -> float:
+        total = sum(s.elapsed_time(e) for s, e in self.pairs) / 1e3
+        self.pairs.clear()
+        return total
+
+
+def child_unsloth(args) -> dict:
+    import torch
+    import unsloth  # noqa: F401  (before transformers, so that it patches it)
+    from unsloth import FastLanguageModel
+
+    import sparse_unsloth as su
+    from sparse_unsloth.config import load_config
+    from sparse_unsloth.patch import unsloth_fast
+
+    model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=SEQ, dtype=torch.bfloat16,
+                                                 load_in_4bit=False, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=RANK, lora_alpha=ALPHA, lora_dropout=0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
+    model.train()
+    ids, labels = make_batch()
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-4)
+    step = make_step(model, opt, ids, labels)
+    out: dict = {"fast_path_applies": unsloth_fast.applies(model)}
+    out["unsloth_dense_lora"] = time_steps(step, args.warmup, args.steps)
+    log(f"[unsloth] dense {out['unsloth_dense_lora']['step_s_median']} s/step")
+    profiles = {"unsloth_dense_lora": profile_steps(step)}
+
+    config = load_config(args.preset)
+    estimator = random_factors(model, config) if args.estimator == "random" else None
+    su.sparsify(model, config, estimator, progress=False)
+    state = su.sparse_state(model)
+    state.callback_attached = True       # no trainer here: sparse from the first step, as intended
+    timer = EstimatorTimer()
+    shares = []
+    sparse = time_steps(step, args.warmup, args.steps,
+                        on_step=lambda i: shares.append(timer.pop_s()))
+    sparse["estimator_s_median"] = round(sorted(shares)[len(shares) // 2], 5)
+    out["sparse"] = sparse
+    log(f"[unsloth] sparse {sparse['step_s_median']} s/step, estimator {sparse['estimator_s_median']} s")
+    profiles["sparse"] = profile_steps(step)
+    out["profiles"] = profiles
+    out["stats"] = state.pop_stats()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# driver: FLOP model, result file, plot
+# ---------------------------------------------------------------------------------------------
+def flop_model(config, layers: int, sparse: bool) -> dict:
+    """Training FLOPs of one step, the accounting of the baseline anchors' flop_model.
+
+    Frozen linears 3 x fwd (fwd, checkpoint recompute, input grad), LoRA 4 x fwd, attention
+    core 4.5 x fwd over causal pairs, lm_head fwd + dX on the 128 labelled rows a row (Unsloth's
+    fused CE). Sparse: context tokens use the kept fractions of the config's sparse layers.
+    """
+    from sparse_unsloth.estimator.select import kept_count
+
+    hd = HID // HEADS
+    dkv = KV_HEADS * hd
+    n_tok, n_ctx = BSZ * SEQ, BSZ * CTX
+    projs = {"q": (HID, HID, "self_attn"), "k": (HID, dkv, "self_attn"), "v": (HID, dkv, "self_attn"),
+             "o": (HID, HID, "self_attn"), "gate": (HID, INTER, "mlp"), "up": (HID, INTER, "mlp"),
+             "down": (INTER, HID, "mlp")}
+    c = {"frozen_attn_proj": 0.0, "frozen_ffn": 0.0, "lora": 0.0, "attn_core": 0.0}
+    core_fwd = 2 * 2 * BSZ * HEADS * SEQ * (SEQ + 1) / 2 * hd
+    for layer in range(layers):
+        for i, o, kind in projs.values():
+            keep = 1.0
+            s = config.sparsity(kind, layer) if sparse else 0.0
+            if s:
+                keep = (kept_count(INTER, s) / INTER if kind == "mlp" else kept_count(hd, s) / hd)
+            c["frozen_ffn" if kind == "mlp" else "frozen_attn_proj"] += 3 * 2 * (n_tok - n_ctx + n_ctx * keep) * i * o
+            c["lora"] += 4 * 2 * n_tok * RANK * (i + o)
+        c["attn_core"] += 4.5 * core_fwd
+    c["lm_head"] = 2 * 2 * (n_tok - n_ctx) * HID * VOCAB
+    c["total"] = sum(c.values())
+    return c
+
+
+def run_child(stage: str, args, out_dir: str) -> dict:
+    path = os.path.join(out_dir, f"bench_{stage}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--child-out", path,
+           "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator]
+    if args.skip_peft:
+        cmd.append("--skip-peft")
+    log(f"[driver] {' '.join(cmd)}")
+    rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [ROOT, os.environ.get("PYTHONPATH", "")])})
+    if rc != 0 or not os.path.exists(path):
+        log(f"[driver] stage {stage} failed (rc {rc})")
+        return {"error": f"stage {stage} failed with rc {rc}"}
+    with open(path) as f:
+        return json.load(f)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[driver] matplotlib missing: no plot")
+        return
+    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse") if "step_s_median" in result["runs"].get(n, {})]
+    vals = [result["runs"][n]["step_s_median"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#dd8452"][-len(names):])
+    ax.bar_label(bars, [f"{v:.3f} s" for v in vals])
+    ax.set_xlabel("median training step (s), lower is better")
+    ax.set_title(f"Llama-3-8B shape, bf16 LoRA r=16, 8x512, {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def driver(args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.model_dir, exist_ok=True)
+    peft = run_child("peft", args, args.out)
+    uns = run_child("unsloth", args, args.out)
+    runs = {k: v for k, v in {**peft, **uns}.items() if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse")}
+    from sparse_unsloth.config import load_config  # the driver imports torch only now
+
+    config = load_config(args.preset)
+    dense_f, sparse_f = flop_model(config, args.layers, False), flop_model(config, args.layers, True)
+    flop_fraction = sparse_f["total"] / dense_f["total"]
+    base, sp = runs.get("unsloth_dense_lora", {}), runs.get("sparse", {})
+    speedup = base["step_s_median"] / sp["step_s_median"] if "step_s_median" in sp and base else None
+    peft_run = runs.get("hf_peft_lora", {})
+    result = {
+        "name": NAME,
+        "command": "python scripts/bench_speed.py " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "device": uns.get("device", "unknown"),
+        "date": datetime.date.today().isoformat(),
+        "settings": {"batch": BSZ, "seq_len": SEQ, "output_tokens": SEQ - CTX, "lora_r": RANK, "lora_alpha": ALPHA,
+                     "preset": args.preset, "layers": args.layers, "dtype": "bf16", "warmup_steps": args.warmup,
+                     "timed_steps": args.steps, "estimator": args.estimator,
+                     "gradient_checkpointing": "unsloth (dense, sparse); non-reentrant (hf_peft_lora)",
+                     "block_compile": os.environ.get("UNSLOTH_BLOCK_COMPILE", "1 (default)")},
+        "baseline": "unsloth_dense_lora",
+        "runs": runs,
+        "speedup": round(speedup, 4) if speedup else None,
+        "speedup_vs_hf_peft": (round(peft_run["step_s_median"] / sp["step_s_median"], 4)
+                               if "step_s_median" in peft_run and "step_s_median" in sp else None),
+        "flop_fraction": round(flop_fraction, 4),
+        "speedup_over_flop_bound": round(speedup * flop_fraction, 4) if speedup else None,
+        "estimator_share": (round(sp["estimator_s_median"] / sp["step_s_median"], 4)
+                            if "estimator_s_median" in sp else None),
+        "memory_vs_dense": (round(sp["peak_mem_gib"] / base["peak_mem_gib"], 4)
+                            if "peak_mem_gib" in sp and "peak_mem_gib" in base else None),
+        "flops_TFLOP": {"dense": {k: round(v / 1e12, 3) for k, v in dense_f.items()},
+                        "sparse": {k: round(v / 1e12, 3) for k, v in sparse_f.items()}},
+        "targets": {"speedup": 1.5, "speedup_vs_hf_peft": 2.2, "estimator_share": 0.03, "memory_vs_dense": 1.05},
+        "profiles": uns.get("profiles"),
+        "sparse_stats": uns.get("stats"),
+        "fast_path_applies": uns.get("fast_path_applies"),
+        "errors": [r["error"] for r in (peft, uns) if "error" in r] or None,
+    }
+    path = os.path.join(args.out, f"{NAME}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(args.out, f"{NAME}.png"))
+    log(f"[driver] wrote {path}")
+    log(f"{'run':20} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}")
+    for name, r in runs.items():
+        if "step_s_median" in r:
+            log(f"{name:20} {r['step_s_median']:8.4f} {r['tokens_per_s']:9.0f} {r['peak_mem_gib']:9.2f}")
+    for key in ("speedup", "speedup_vs_hf_peft", "flop_fraction", "speedup_over_flop_bound", "estimator_share",
+                "memory_vs_dense"):
+        log(f"{key:24} {result[key]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--model-dir", default="/tmp/bench_llama3_8b_shape")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--preset", default="llama3-8b-math10k")
+    ap.add_argument("--estimator", choices=["random", "svd"], default="random",
+                    help="random-valued factors of the right shapes (same cost), or the SVD build")
+    ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
+    ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
+    ap.add_argument("--child-out", default=None)
+    args = ap.parse_args()
+    if args.stage == "driver":
+        driver(args)
+        return
+    import torch
+
+    res = child_peft(args) if args.stage == "peft" else child_unsloth(args)
+    res["device"] = torch.cuda.get_device_name(0)
+    with open(args.child_out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The Unsloth fast backend on a GPU: fused sparse Functions vs the oracle, the dense path
+bit-identical to Unsloth, and a short SFTTrainer run through FastLanguageModel.
+
+bf16 tolerance: the sparse Function's error against a float32 masked-dense oracle must be
+close to the error of Unsloth's own dense bf16 Function against a float32 dense oracle.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
+from sparse_unsloth.ops.reference import masked_linear
+from sparse_unsloth.ops.sparse_mm import LoRAProj
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _proj(gen, fout, fin, rank=16):
+    w = (torch.randn(fout, fin, device=DEV, generator=gen) / fin ** 0.5).bfloat16()
+    a = (torch.randn(rank, fin, device=DEV, generator=gen) / fin ** 0.5).requires_grad_()
+    b = (torch.randn(fout, rank, device=DEV, generator=gen) / rank ** 0.5).requires_grad_()
+    return LoRAProj(w, a, b, 2.0)
+
+
+def _choose(gen, n, k):
+    return torch.randperm(n, device=DEV, generator=gen)[:k].sort().values
+
+
+def _oracle_linear(x, p, idx, dense_idx, dim):
+    """float32 masked dense LoRA linear (the definition)."""
+    return (masked_linear(x, p.weight.float(), None, idx, dense_idx, dim)
+            + p.scale * (x @ p.lora_a.float().T) @ p.lora_b.float().T)
+
+
+def _grads(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad)
+
+
+def _check(got, want, label, bound):
+    for i, (g, w) in enumerate(zip(got, want)):
+        err = _rel(g, w)
+        assert err < bound, f"{label}[{i}]: rel err {err:.2e} >= {bound:.2e}"
+
+
+def _unsloth_dense_mlp_error(x, gate, up, down, dy):
+    """Unsloth's dense bf16 LoRA_MLP against float32: the error level bf16 itself costs."""
+    from unsloth.kernels import fast_lora
+    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
+
+    xb = x.detach().clone().requires_grad_()
+    args = []
+    for p in (gate, up, down):
+        args += [p.weight, None, p.lora_a, p.lora_b, p.scale]
+    out = fast_lora.LoRA_MLP.apply(xb, *args, swiglu_fg_kernel, swiglu_DWf_DW_dfg_kernel, False)
+    (gx,) = _grads(out, [xb], dy)
+    xf = x.detach().float().requires_grad_()
+    lin = [lambda t, p=p: F.linear(t, p.weight.float()) + p.scale * (t @ p.lora_a.float().T) @ p.lora_b.float().T
+           for p in (gate, up, down)]
+    ref = lin[2](F.silu(lin[0](xf)) * lin[1](xf))
+    (rx,) = _grads(ref, [xf], dy.float())
+    return max(_rel(out, ref), _rel(gx, rx))
+
+
+@pytest.mark.parametrize("batch,seq,hidden,inter,keep,dense", [
+    (2, 512, 4096, 14336, 143, 258), (3, 200, 1024, 2811, 29, 61), (1, 333, 512, 1377, 1377, 0)])
+def test_mlp_vs_oracle_bf16(batch, seq, hidden, inter, keep, dense):
+    gen = torch.Generator(device=DEV).manual_seed(inter + keep)
+    x = torch.randn(batch, seq, hidden, device=DEV, generator=gen).bfloat16().requires_grad_()
+    gate, up, down = _proj(gen, inter, hidden), _proj(gen, inter, hidden), _proj(gen, hidden, inter)
+    idx, dense_idx = _choose(gen, inter, keep), _choose(gen, batch * seq, dense)
+    dy = torch.randn(batch, seq, hidden, device=DEV, generator=gen).bfloat16()
+    loras = [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sparse_lora_mlp(x, gate, up, down, idx, dense_idx)
+    got = [out, *_grads(out, [x, *loras], dy)]
+    xf = x.detach().float().reshape(-1, hidden).requires_grad_()
+    h = F.silu(_oracle_linear(xf, gate, idx, dense_idx, 0)) * _oracle_linear(xf, up, idx, dense_idx, 0)
+    ref = _oracle_linear(h, down, idx, dense_idx, 1)
+    want = [ref, *_grads(ref, [xf, *loras], dy.float().reshape(-1, hidden))]
+    bound = 3 * _unsloth_dense_mlp_error(x, gate, up, down, dy) + 2e-3
+    _check(got, [w.view_as(g) for g, w in zip(got, want)], "mlp", bound)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,keep", [(32, 8, 128, 32), (12, 4, 64, 17), (8, 8, 32, 32)])
+def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep):
+    gen = torch.Generator(device=DEV).manual_seed(heads * kv_heads + keep)
+    batch, seq = 2, 384
+    hidden, dq, dkv, n = heads * head_dim, heads * head_dim, kv_heads * head_dim, batch * seq
+    x = torch.randn(batch, seq, hidden, device=DEV, generator=gen).bfloat16().requires_grad_()
+    a_in = torch.randn(batch, seq, dq, device=DEV, generator=gen).bfloat16().requires_grad_()
+    q, k, v, o = _proj(gen, dq, hidden), _proj(gen, dkv, hidden), _proj(gen, dkv, hidden), _proj(gen, hidden, dq)
+    # the estimator's layout: the same count of dims kept in every head
+    per_head = torch.stack([_choose(gen, head_dim, keep) for _ in range(kv_heads)])
+    kv_idx = (torch.arange(kv_heads, device=DEV)[:, None] * head_dim + per_head).flatten()
+    from sparse_unsloth.estimator.select import kv_to_q_channels
+    q_idx = kv_to_q_channels(kv_idx, heads, kv_heads, head_dim)
+    dense_idx = _choose(gen, n, n // 4)
+    grads = [torch.randn(batch, seq, c, device=DEV, generator=gen).bfloat16() for c in (dq, dkv, dkv, hidden)]
+    loras = [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)]
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = (*sparse_lora_qkv(x, q, k, v, q_idx, kv_idx, kv_idx, dense_idx),
+                sparse_lora_o(a_in, o, q_idx, dense_idx))
+    got = [*outs, *_grads(outs, [x, a_in, *loras], grads)]
+    xf = x.detach().float().reshape(n, -1).requires_grad_()
+    af = a_in.detach().float().reshape(n, -1).requires_grad_()
+    refs = [_oracle_linear(xf, p, i, dense_idx, 0) for p, i in ((q, q_idx), (k, kv_idx), (v, kv_idx))]
+    refs.append(_oracle_linear(af, o, q_idx, dense_idx, 1))
+    want = [*refs, *_grads(refs, [xf, af, *loras], [g.float().reshape(n, -1) for g in grads])]
+    _check(got, [w.view_as(g) for g, w in zip(got, want)], "attn", 2e-2)
+
+
+# ------------------------------ through Unsloth ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import unsloth  # noqa: F401  (before transformers' models are used)
+    from helpers import ARITHMETIC, tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
+    tok.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=689, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+TINY_CONFIG = {"name": "tiny-gpu", "estimator_rank": 8, "dense_output_tokens": True,
+               "sparsity": {"mlp": {"1-3": 0.9}, "self_attn": {"2-3": 0.5}}}
+
+
+def _unsloth_model(path):
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=256, load_in_4bit=False,
+                                                   dtype=torch.bfloat16, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=8, lora_alpha=16, lora_dropout=0, bias="none", random_state=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth")
+    return model, tok
+
+
+def _step(model, ids, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_inactive_is_bit_identical_and_active_is_sparse(tiny_dir):
+    import sparse_unsloth as su
+    from sparse_unsloth.patch import unsloth_fast
+
+    model, _ = _unsloth_model(tiny_dir)
+    assert unsloth_fast.applies(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
+    labels = ids.clone()
+    labels[:, :96] = -100
+    dense_loss, dense_grads = _step(model, ids, labels)
+    su.sparsify(model, TINY_CONFIG, progress=False)
+    state = su.sparse_state(model)
+    state.callback_attached = True
+    state.enabled = False
+    off_loss, off_grads = _step(model, ids, labels)
+    assert torch.equal(off_loss, dense_loss)
+    for name, g in dense_grads.items():
+        assert torch.equal(off_grads[name], g), name
+    state.enabled = True
+    sparse_loss, sparse_grads = _step(model, ids, labels)
+    assert state.stats["mlp_kept"] > 0 and state.stats["attn_kept"] > 0
+    assert not torch.equal(sparse_loss, dense_loss)
+    assert all(torch.isfinite(g).all() for g in sparse_grads.values())
+    su.unsparsify(model)
+    again_loss, _ = _step(model, ids, labels)
+    assert torch.equal(again_loss, dense_loss)
+
+
+def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path):
+    from datasets import Dataset
+    from helpers import ARITHMETIC
+    from trl import SFTConfig, SFTTrainer
+
+    import sparse_unsloth as su
+
+    model, tok = _unsloth_model(tiny_dir)
+    su.sparsify(model, {**TINY_CONFIG, "dense_warmup_ratio": 0.1}, progress=False)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
+                     logging_steps=1, report_to="none", save_strategy="no", bf16=True, max_length=64,
+                     disable_tqdm=True, seed=0, dataset_num_proc=1)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(ARITHMETIC),
+                         args=args, callbacks=[su.SparsityCallback(model)])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logs]
+    assert any(h.get("sparse/mlp_kept_frac", 0) > 0 for h in logs), logs[-1]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, losses
