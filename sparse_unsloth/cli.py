@@ -8,10 +8,11 @@ Modules import torch / transformers inside their functions, so ``--help`` stays 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # The one registry of command groups (another engineer adds train / bench here).
 COMMAND_MODULES = ("sparse_unsloth.cli_estimator",)
@@ -30,27 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    # Only our logger: the user's root logging config (and library chatter) stays untouched.
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool) -> Iterator[None]:
+    # Only our logger, and only while the command runs: the caller's logging config stays untouched
+    # (main() is also called in-process, by tests and notebooks).
     logger = logging.getLogger("sparse_unsloth")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sparse-unsloth``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, OSError) as err:  # our errors name the problem and the fix
-        if args.verbose:
-            raise
-        print(f"sparse-unsloth: error: {err}", file=sys.stderr)
-        return 1
+    with _logging_to_stderr(args.verbose):
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, RuntimeError, OSError) as err:  # our errors name the problem and the fix
+            if args.verbose:
+                raise
+            print(f"sparse-unsloth: error: {err}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """Shared pieces of the estimator cache tests: a real Hub server on 127.0.0.1 and tiny Llamas.
 
-Import the fixtures into a test module (``from hubtest import hub, cache_root``). The Hub client
-is pointed at the server per test through the environment, which sparse_unsloth reads at call
-time, so it does not matter who imported huggingface_hub first.
+The Hub client is pointed at the server per test through the environment (HF_ENDPOINT), which
+sparse_unsloth reads at call time, so it does not matter who imported huggingface_hub first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 
 import minihub
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -24,29 +24,26 @@ TOKEN = "test-token"
 MODEL_ID = "acme/tiny-llama"
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A minihub server (writes need TOKEN) with the client environment pointing at it."""
+@contextlib.contextmanager
+def local_hub(data_dir, monkeypatch) -> Iterator[minihub.MiniHub]:
+    """A minihub server (writes need TOKEN) with the client environment pointing at it.
+
+    Test modules wrap it in their own ``hub`` fixture (fixtures imported across modules trip ruff).
+    """
     import huggingface_hub.constants
 
-    srv = minihub.start(str(tmp_path / "hub-data"), token=TOKEN)
+    srv = minihub.start(str(data_dir), token=TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # tests/conftest.py turns offline mode on for every test; this module needs the (local) Hub.
+    # tests/conftest.py turns offline mode on for every test; these tests need the (local) Hub.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-@pytest.fixture
-def cache_root(tmp_path, monkeypatch):
-    """An empty local estimator cache."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("SPARSE_UNSLOTH_CACHE", str(root))
-    return root
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def dead_endpoint() -> str:
