@@ -86,7 +86,9 @@ def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
     if constants.is_offline_mode():  # skip the request (and its retries) that would fail anyway
         raise _as_hub_error(errors.OfflineModeIsEnabled(), repo_id, "pull")
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
-    info = _hub_call("pull", repo_id, api.model_info, repo_id, revision=revision)
+    # A bounded wait: on a machine without network this runs inside sparsify(), before training.
+    info = _hub_call("pull", repo_id, api.model_info, repo_id, revision=revision,
+                     timeout=constants.HF_HUB_ETAG_TIMEOUT)
     files = {s.rfilename for s in info.siblings or []}
     ours = hub_filename(rank)
 

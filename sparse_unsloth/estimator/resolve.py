@@ -9,7 +9,8 @@ The one resolver behind ``sparsify``, the CLI and the notebooks. Order:
    ``z-lab/<name>-SparseLoRA`` (converted, and checked against the weights).
 4. Build locally (SVD on the weights' device) when ``allow_build``; else raise with the fix.
 
-Whatever is pulled or built is written to the cache. Each step logs one line on the
+Whatever is pulled or built is written to the cache (when there is a model id to key it by:
+in-memory models without ``_name_or_path`` are not cached). Each step logs one line on the
 ``sparse_unsloth`` logger. Under torch.distributed, rank 0 resolves first and the other ranks
 then find its file in the cache (on a node-local cache each node's first rank does the work).
 """
@@ -141,11 +142,12 @@ def _load_cached(path: Path, rank: int, fingerprint: str) -> EstimatorFactors | 
 
 
 def _from_hub(repos: list[str], weights: Weights, rank: int, fingerprint: str, hub_revision: str | None,
-              token: str | None, endpoint: str | None, workdir: Path, reasons: list[str],
+              token: str | None, endpoint: str | None, workdir: Path | None, reasons: list[str],
               ) -> EstimatorFactors | None:
     for repo in repos:
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
+            if workdir is not None:  # download next to the cache file: same disk, no copy across
+                workdir.mkdir(parents=True, exist_ok=True)
             factors = pull_factors(repo, rank, fingerprint, weights, revision=hub_revision, token=token,
                                    endpoint=endpoint, workdir=workdir)
         except HubError as err:
@@ -200,7 +202,12 @@ def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, mod
              cache_dir: str | os.PathLike | None, allow_hub: bool, allow_build: bool, token: str | None,
              endpoint: str | None) -> EstimatorFactors:
     path = cache_path(model_id, rank, fingerprint, cache_dir)
-    factors = _load_cached(path, rank, fingerprint) if fingerprint else None
+    # No model id (an in-memory model) or no fingerprint: nothing safe to key a cache file by.
+    cacheable = bool(model_id and fingerprint)
+    if not cacheable:
+        log.info("estimator: not cached (no %s); pass model_id= to cache it",
+                 "model id" if not model_id else "fingerprint")
+    factors = _load_cached(path, rank, fingerprint) if cacheable else None
     if factors is not None:
         if not _missing(factors, keys):
             return factors
@@ -215,13 +222,13 @@ def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, mod
         log.info("estimator: no Hub repo to try (model id %r is not owner/name; pass hub_repo=)", model_id)
     else:
         factors = _from_hub(repos, weights, rank, fingerprint, hub_revision, token, endpoint,
-                            path.parent, reasons)
+                            path.parent if cacheable else None, reasons)
     if factors is not None:
         factors.model_id = factors.model_id or model_id
         factors.revision = factors.revision or revision
         factors = _complete(factors, weights, keys, allow_build, progress,
                             f"Hub repo {factors.extra.get('hub_repo')}")
-        if fingerprint:
+        if cacheable:
             _store(factors, path)
         return factors
     if not allow_build:
@@ -232,6 +239,6 @@ def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, mod
     log.info("estimator: building rank-%d factors locally for %d projections%s", rank, len(keys),
              " (the Hub had none usable)" if reasons else "")
     factors = build_estimator(weights, rank, fingerprint, model_id, revision, progress=progress)
-    if fingerprint:
+    if cacheable:
         _store(factors, path)
     return factors
