@@ -168,7 +168,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
-    for key, value in meta.items():
+    first = ["format", "format_version", "model_id", "revision", "rank", "fingerprint", "layers", "projections"]
+    for key, value in sorted(meta.items(), key=lambda kv: (first + [kv[0]]).index(kv[0])):
         if key == "projections":
             value = f"{len(json.loads(value))} ({', '.join(json.loads(value)[:4])}, ...)"
         print(f"{key:>16}: {value}")

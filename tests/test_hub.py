@@ -232,3 +232,19 @@ def test_explicit_repo_id_as_source(hub, model, tmp_path):
 
     files = {s.rfilename for s in HfApi(endpoint=hub.url).model_info("someone/estimators-for-tiny").siblings}
     assert {hub_filename(RANK), "README.md"} <= files
+
+
+def test_sparsify_resolves_through_the_hub(hub, model, tmp_path, monkeypatch):
+    import sparse_unsloth as su
+
+    monkeypatch.setenv("SPARSE_UNSLOTH_CACHE", str(tmp_path / "cache"))
+    built = _resolve(model, tmp_path / "a", allow_hub=False)
+    push_factors(built, REPO)
+    config = su.SparseConfig(mlp={1: 0.5}, self_attn={2: 0.5}, estimator_rank=RANK)
+    for estimator, model_id in ((REPO, None), (None, MODEL_ID)):  # named explicitly, or derived
+        su.sparsify(model, config, estimator, model_id=model_id, progress=False)
+        factors = su.sparse_state(model).factors
+        su.unsparsify(model)
+        for key in ("1.gate_proj", "2.q_proj"):
+            torch.testing.assert_close(factors[key][0], built[key][0])
+    assert cache_path(MODEL_ID, RANK, built.fingerprint, tmp_path / "cache").is_file()

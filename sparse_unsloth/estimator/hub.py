@@ -118,6 +118,17 @@ def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
     return factors
 
 
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
+
+
 def model_card(factors: EstimatorFactors, repo_id: str) -> str:
     """The README.md pushed next to the estimator file."""
     from .. import __version__
@@ -142,13 +153,13 @@ contextual sparsity). Not a model: it cannot generate text.
 | base model | `{base}` |
 | base model revision | `{factors.revision or 'unknown'}` |
 | rank | {factors.rank} |
-| layers | {layers[0] if layers else '-'}-{layers[-1] if layers else '-'} ({len(layers)} layers, {len(factors.factors)} projections) |
+| layers | {_ranges(layers)} ({len(layers)} layers, {len(factors.factors)} projections) |
 | file | `{hub_filename(factors.rank)}` |
 | format | `{FORMAT_NAME}` version {FORMAT_VERSION} (safetensors; metadata holds all of this table) |
 | weights fingerprint | `{factors.fingerprint}` |
 | built with | {built} |
 
-How it was built: for each frozen weight `W` (`[out, in]`, 4-bit weights dequantized first),
+How it was built: for each frozen weight `W` (`[out, in]`; a 4-bit weight is dequantized first),
 a float32 SVD `W = U S V^T`; stored `w1 = V_r S_r^1/2` (`[in, r]`) and `w2 = S_r^1/2 U_r^T`
 (`[r, out]`) as `{{layer}}.{{proj}}.w1/w2`, so `x @ w1 @ w2` approximates `x @ W.T`.
 The fingerprint hashes every weight's shape and a few sampled rows: sparse_unsloth refuses
