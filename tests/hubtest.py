@@ -105,3 +105,27 @@ def write_zlab_repo(directory, model, rank: int, layers: list[int], transpose_q:
                 for kind in ("mlp", "self_attn")}
     (directory / "config.json").write_text(json.dumps(
         {"base_model": base_model, "predictor_rank": rank, "modes": {"o1": {"layer_sparsity": sparsity}}}))
+
+
+def ddp_worker(rank: int, world: int, init_file: str, cache: str, out_dir: str) -> None:
+    """One torch.distributed rank resolving an estimator into a shared cache; logs to out_dir."""
+    import logging
+
+    import torch.distributed as dist
+
+    from sparse_unsloth.estimator.resolve import resolve_factors
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("sparse_unsloth")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    torch.manual_seed(0)
+    weight = torch.randn(32, 16)
+    factors = resolve_factors({"0.gate_proj": lambda: weight}, 4, "f" * 32, model_id=MODEL_ID,
+                              cache_dir=cache, allow_hub=False, progress=False)
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump({"log": records, "w1": factors["0.gate_proj"][0].tolist()}, f)
+    dist.destroy_process_group()

@@ -248,3 +248,18 @@ def test_sparsify_resolves_through_the_hub(hub, model, tmp_path, monkeypatch):
         for key in ("1.gate_proj", "2.q_proj"):
             torch.testing.assert_close(factors[key][0], built[key][0])
     assert cache_path(MODEL_ID, RANK, built.fingerprint, tmp_path / "cache").is_file()
+
+
+@pytest.mark.slow  # two spawned processes: ~10 s on 2 CPU cores
+def test_distributed_rank_zero_builds_the_others_load(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from hubtest import ddp_worker
+
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "cache"), str(tmp_path)), nprocs=2)
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert any("building rank-4 factors locally" in m for m in logs[0]["log"])
+    assert any("found in the local cache" in m for m in logs[1]["log"])
+    assert not any("building" in m for m in logs[1]["log"])
+    assert logs[0]["w1"] == logs[1]["w1"]
