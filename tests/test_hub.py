@@ -208,6 +208,8 @@ def test_zlab_repo_is_converted_and_checked(hub, model, tmp_path, logs):
     # layer 0 is not in the z-lab file: it is built and the union is cached
     full = _resolve(model, tmp_path / "b")
     assert full.layers() == [0, 1, 2]
+    # projections the model's needed weights do not cover cannot be checked, so they are dropped
+    assert _resolve(model, tmp_path / "c", layers=[2]).layers() == [2]
 
 
 def test_zlab_repo_of_another_model_refused(hub, model, tmp_path):

@@ -107,8 +107,7 @@ def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
             if weights is None:
                 raise HubError("unverifiable", f"{repo_id} is in the z-lab format, which carries no model "
                                                "fingerprint; pass the model's weights to verify it")
-            verify_against(factors, weights, repo_id)
-            factors.fingerprint = fingerprint or ""
+            verify_against(factors, weights, repo_id, fingerprint or "")
         else:
             others = sorted(f for f in files if f.startswith("estimator-rank"))
             raise HubError("not_found", f"Hub repo {repo_id} has no {ours}"

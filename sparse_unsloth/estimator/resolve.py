@@ -118,8 +118,7 @@ def _from_source(source: str | Path, weights: Weights, keys: list[str], rank: in
     """An explicit local file or z-lab directory: used as is, or an error."""
     if Path(source).is_dir() and is_zlab_dir(source):
         factors = load_zlab(source, rank, source=str(source))
-        verify_against(factors, weights, str(source))
-        factors.fingerprint = fingerprint
+        verify_against(factors, weights, str(source), fingerprint)
         log.info("estimator: converted the z-lab estimator in %s", source)
     else:
         factors = load_factors(source, rank, fingerprint or None)

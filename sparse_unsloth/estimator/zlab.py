@@ -108,14 +108,19 @@ def _orient(w1: torch.Tensor, w2: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 
 def verify_against(factors: EstimatorFactors, weights: Mapping[str, Callable[[], torch.Tensor]],
-                   where: str) -> None:
-    """Refuse factors that are not the rank-r SVD of these weights.
+                   where: str, fingerprint: str = "") -> None:
+    """Refuse factors that are not the rank-r SVD of these weights; else stamp ``fingerprint``.
+
+    Projections that ``weights`` does not cover cannot be checked and are dropped (the resolver
+    builds what is missing). Once stamped, a cached copy is checked by the cheap fingerprint
+    comparison like our own files.
 
     For the truncated SVD ``A = W V_r V_r^T`` each row ``a_j`` is the orthogonal projection of
     the row ``w_j`` of ``W``, so ``<w_j, a_j> = ||a_j||^2`` exactly; factors of another model (or
     the wrong orientation) give a ratio near 0. Only a few rows of each weight are checked.
     """
-    for key in sorted(set(weights) & set(factors.factors)):
+    checked = sorted(set(weights) & set(factors.factors))
+    for key in checked:
         weight = weights[key]().detach()
         w1, w2 = factors[key]
         out_dim, in_dim = weight.shape
@@ -132,3 +137,5 @@ def verify_against(factors: EstimatorFactors, weights: Mapping[str, Callable[[],
                 f"{where}: factors of {key} are not the rank-{factors.rank} SVD of this model's weight "
                 f"(projection ratio {ratio:.3f}, expected 1); they were made from other weights. Build "
                 "the estimator locally (allow_build=True) instead")
+    factors.factors = {key: factors.factors[key] for key in checked}
+    factors.fingerprint = fingerprint
