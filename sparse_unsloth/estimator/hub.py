@@ -34,7 +34,7 @@ def _endpoint(endpoint: str | None) -> str | None:
     return endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
-def _as_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
+def _as_hub_error(err: Exception, repo_id: str, action: str, url: str) -> HubError:
     """Classify a huggingface_hub / network exception (order matters: subclasses first)."""
     from huggingface_hub import errors
 
@@ -42,11 +42,12 @@ def _as_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
     if isinstance(err, errors.OfflineModeIsEnabled):
         return HubError("offline", f"cannot {action} {repo_id}: Hugging Face offline mode is on "
                                    "(HF_HUB_OFFLINE=1); unset it to use the Hub")
-    if isinstance(err, (errors.GatedRepoError,)) or (status in (401, 403)
-                                                      and not isinstance(err, errors.RepositoryNotFoundError)):
+    if isinstance(err, errors.GatedRepoError) or (status in (401, 403)
+                                                   and not isinstance(err, errors.RepositoryNotFoundError)):
+        access = "write" if action.startswith("push") else "read"
         return HubError("unauthorized", f"cannot {action} {repo_id}: the Hub refused the token (HTTP "
                                         f"{status}). Log in with `hf auth login` or set HF_TOKEN to a token "
-                                        "with write access to this repo, or pass another repo id")
+                                        f"with {access} access to this repo, or pass another repo id")
     if isinstance(err, errors.RepositoryNotFoundError):
         return HubError("not_found", f"Hub repo {repo_id} does not exist (or is private and the token "
                                      "cannot read it)")
@@ -55,18 +56,18 @@ def _as_hub_error(err: Exception, repo_id: str, action: str) -> HubError:
     if isinstance(err, errors.HfHubHTTPError) and status is not None and status < 500:
         return HubError("not_found" if status == 404 else "unauthorized",
                         f"cannot {action} {repo_id}: HTTP {status} from the Hub ({err})")
-    return HubError("unreachable", f"cannot {action} {repo_id}: the Hub ({_endpoint(None) or 'huggingface.co'}) "
+    return HubError("unreachable", f"cannot {action} {repo_id}: the Hub ({url}) "
                                    f"is unreachable ({type(err).__name__}: {err}). Check the network or "
                                    "HF_ENDPOINT, or work offline with a local estimator file")
 
 
-def _hub_call(action: str, repo_id: str, fn: Callable, *args, **kwargs):
+def _hub_call(action: str, repo_id: str, url: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except HubError:
         raise
     except Exception as err:  # every transport/HTTP error becomes a HubError
-        raise _as_hub_error(err, repo_id, action) from err
+        raise _as_hub_error(err, repo_id, action, url) from err
 
 
 def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
@@ -83,19 +84,19 @@ def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
     """
     from huggingface_hub import HfApi, constants, errors, hf_hub_download
 
-    if constants.is_offline_mode():  # skip the request (and its retries) that would fail anyway
-        raise _as_hub_error(errors.OfflineModeIsEnabled(), repo_id, "pull")
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
+    if constants.is_offline_mode():  # skip the request (and its retries) that would fail anyway
+        raise _as_hub_error(errors.OfflineModeIsEnabled(), repo_id, "pull", api.endpoint)
     # A bounded wait: on a machine without network this runs inside sparsify(), before training.
-    info = _hub_call("pull", repo_id, api.model_info, repo_id, revision=revision,
+    info = _hub_call("pull", repo_id, api.endpoint, api.model_info, repo_id, revision=revision,
                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
     files = {s.rfilename for s in info.siblings or []}
     ours = hub_filename(rank)
 
     def fetch(name: str, into: str) -> Path:
         # Pinned to the sha model_info saw, so the config and the weights come from one commit.
-        return Path(_hub_call("pull", repo_id, hf_hub_download, repo_id, name, revision=info.sha,
-                              local_dir=into, token=token, endpoint=_endpoint(endpoint)))
+        return Path(_hub_call("pull", repo_id, api.endpoint, hf_hub_download, repo_id, name,
+                              revision=info.sha, local_dir=into, token=token, endpoint=api.endpoint))
 
     with tempfile.TemporaryDirectory(dir=workdir, prefix="pull-") as tmp:
         if ours in files:
@@ -106,7 +107,7 @@ def pull_factors(repo_id: str, rank: int, fingerprint: str | None = None,
             factors = load_zlab(tmp, rank, source=repo_id, revision=info.sha or "")
             if weights is None:
                 raise HubError("unverifiable", f"{repo_id} is in the z-lab format, which carries no model "
-                                               "fingerprint; pass the model's weights to verify it")
+                                               "fingerprint; pass the model's weights to verify it (CLI: --verify)")
             verify_against(factors, weights, repo_id, fingerprint or "")
         else:
             others = sorted(f for f in files if f.startswith("estimator-rank"))
@@ -185,7 +186,7 @@ def push_factors(factors: EstimatorFactors | str | Path, repo_id: str, *, token:
     if not isinstance(factors, EstimatorFactors):
         factors = load_factors(factors)
     api = HfApi(endpoint=_endpoint(endpoint), token=token)
-    _hub_call("push to", repo_id, api.create_repo, repo_id, exist_ok=True, private=private)
+    _hub_call("push to", repo_id, api.endpoint, api.create_repo, repo_id, exist_ok=True, private=private)
     with tempfile.TemporaryDirectory(prefix="push-") as tmp:
         path = save_factors(factors, Path(tmp) / hub_filename(factors.rank))
         ops = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)),
@@ -193,5 +194,6 @@ def push_factors(factors: EstimatorFactors | str | Path, repo_id: str, *, token:
                                   path_or_fileobj=model_card(factors, repo_id).encode())]
         message = commit_message or f"sparse_unsloth estimator, rank {factors.rank}, " \
                                     f"fingerprint {factors.fingerprint[:12] or 'none'}"
-        info = _hub_call("push to", repo_id, api.create_commit, repo_id, ops, commit_message=message)
+        info = _hub_call("push to", repo_id, api.endpoint, api.create_commit, repo_id, ops,
+                         commit_message=message)
     return info.oid
