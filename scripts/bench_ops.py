@@ -47,6 +47,15 @@ def _fwd_bwd(fn, inputs, grads):
     return run
 
 
+def _variants(unsloth, ours, inputs, grads) -> dict:
+    """Eager and torch.compile'd (as inside Unsloth's compiled blocks) fwd + bwd times."""
+    out = {}
+    for name, fn in (("unsloth_dense", unsloth), ("sparse", ours)):
+        out[name] = _bench(_fwd_bwd(fn, inputs, grads))
+        out[name + "_compiled"] = _bench(_fwd_bwd(torch.compile(fn), inputs, grads))
+    return out
+
+
 def bench_mlp(gen, dense_idx):
     from unsloth.kernels import fast_lora
     from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
@@ -78,9 +87,7 @@ def bench_mlp(gen, dense_idx):
         (dh @ up.weight).addmm_(e, gate.weight)
         return g
 
-    return {"unsloth_dense": _bench(_fwd_bwd(unsloth, [x, *loras], [dy])),
-            "sparse": _bench(_fwd_bwd(ours, [x, *loras], [dy])),
-            "dense_rows_gemm_floor": _bench(floor)}
+    return {**_variants(unsloth, ours, [x, *loras], [dy]), "dense_rows_gemm_floor": _bench(floor)}
 
 
 def bench_attn(gen, dense_idx):
@@ -109,8 +116,7 @@ def bench_attn(gen, dense_idx):
         return (*sparse_lora_qkv(x, q, k, v, q_idx, kv_idx, kv_idx, dense_idx),
                 sparse_lora_o(a_in, o, q_idx, dense_idx))
 
-    return {"unsloth_dense": _bench(_fwd_bwd(unsloth, [x, a_in, *loras], grads)),
-            "sparse": _bench(_fwd_bwd(ours, [x, a_in, *loras], grads))}
+    return _variants(unsloth, ours, [x, a_in, *loras], grads)
 
 
 def main() -> None:
@@ -127,11 +133,14 @@ def main() -> None:
     for block in ("mlp", "attn_proj"):
         r = res[block]
         r["speedup"] = round(r["unsloth_dense"] / r["sparse"], 3)
+        r["speedup_compiled"] = round(r["unsloth_dense_compiled"] / r["sparse_compiled"], 3)
     print(json.dumps(res, indent=1))
-    print(f"{'block':10} {'unsloth ms':>11} {'sparse ms':>10} {'speedup':>8}")
+    print(f"{'block':10} {'mode':9} {'unsloth ms':>11} {'sparse ms':>10} {'speedup':>8}")
     for block in ("mlp", "attn_proj"):
         r = res[block]
-        print(f"{block:10} {1e3 * r['unsloth_dense']:11.3f} {1e3 * r['sparse']:10.3f} {r['speedup']:8.2f}")
+        for mode, sfx in (("eager", ""), ("compiled", "_compiled")):
+            print(f"{block:10} {mode:9} {1e3 * r['unsloth_dense' + sfx]:11.3f} {1e3 * r['sparse' + sfx]:10.3f} "
+                  f"{r['speedup' + sfx]:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

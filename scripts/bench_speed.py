@@ -98,24 +98,43 @@ def time_steps(step, warmup: int, timed: int, on_step=None) -> dict:
 
 
 def profile_steps(step, n: int = 2, top: int = 25) -> dict:
-    """Per-op GPU time per step (torch.profiler), the ``top`` ops by self CUDA time."""
+    """GPU kernel time per step (torch.profiler), the ``top`` kernels, and the host time per step.
+
+    Only device-side events count (kernels, memcpy), so nothing is counted twice; the GPU is
+    idle for ``step_s - gpu_s`` of a step (launch / host bound when large).
+    """
+    import time
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        if t > 0:
-            rows.append((ev.key, t / 1e6 / n, ev.count // n))
+    wall = (time.perf_counter() - start) / n
+    rows = [(ev.key, ev.self_device_time_total / 1e6 / n, ev.count // n)
+            for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    return {"gpu_s_per_step": round(total, 5),
-            "top_ops": [{"op": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
-                         "calls_per_step": c} for k, t, c in rows[:top]]}
+    return {"gpu_busy_s_per_step": round(total, 5), "wall_s_per_step_profiled": round(wall, 5),
+            "kernels_per_step": sum(r[2] for r in rows),
+            "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
+                             "calls_per_step": c} for k, t, c in rows[:top]]}
+
+
+def dynamo_counters() -> dict:
+    """Graph breaks and compiles so far (torch._dynamo's counters), then reset."""
+    from torch._dynamo.utils import counters
+
+    out = {"graph_breaks": sum(counters["graph_break"].values()),
+           "unique_graphs": counters["stats"].get("unique_graphs", 0),
+           "break_reasons": sorted(counters["graph_break"], key=lambda k: -counters["graph_break"][k])[:5]}
+    counters.clear()
+    return out
 
 
 def lora_params(model):
@@ -258,21 +277,29 @@ def child_unsloth(args) -> dict:
     log(f"[unsloth] dense {out['unsloth_dense_lora']['step_s_median']} s/step")
     profiles = {"unsloth_dense_lora": profile_steps(step)}
 
+    out["dynamo"] = {"unsloth_dense_lora": dynamo_counters()}
     config = load_config(args.preset)
     estimator = random_factors(model, config) if args.estimator == "random" else None
-    su.sparsify(model, config, estimator, progress=False)
-    state = su.sparse_state(model)
-    state.callback_attached = True       # no trainer here: sparse from the first step, as intended
     timer = EstimatorTimer()
-    shares = []
-    sparse = time_steps(step, args.warmup, args.steps,
-                        on_step=lambda i: shares.append(timer.pop_s()))
-    sparse["estimator_s_median"] = round(sorted(shares)[len(shares) // 2], 5)
-    out["sparse"] = sparse
-    log(f"[unsloth] sparse {sparse['step_s_median']} s/step, estimator {sparse['estimator_s_median']} s")
-    profiles["sparse"] = profile_steps(step)
+    for name, compiled in (("sparse", True), ("sparse_eager", False)):
+        unsloth_fast.COMPILE_SPARSE = compiled    # read by sparsify's patch_layer
+        su.sparsify(model, config, estimator, progress=False)
+        state = su.sparse_state(model)
+        state.callback_attached = True   # no trainer here: sparse from the first step, as intended
+        timer.pop_s()
+        shares: list[float] = []
+        res = time_steps(step, args.warmup, args.steps, on_step=lambda i, s=shares: s.append(timer.pop_s()))
+        res["estimator_s_median"] = round(sorted(shares)[len(shares) // 2], 5)
+        res["stats"] = state.pop_stats()
+        out[name] = res
+        log(f"[unsloth] {name} {res['step_s_median']} s/step, estimator {res['estimator_s_median']} s")
+        profiles[name] = profile_steps(step)
+        timer.pop_s()
+        out["dynamo"][name] = dynamo_counters()
+        su.unsparsify(model)
+        if not args.eager_too:
+            break
     out["profiles"] = profiles
-    out["stats"] = state.pop_stats()
     return out
 
 
@@ -315,8 +342,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--child-out", path,
            "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator]
-    if args.skip_peft:
-        cmd.append("--skip-peft")
+    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--eager-too", args.eager_too)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.environ.get("PYTHONPATH", "")])})
@@ -342,10 +368,11 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         log("[driver] matplotlib missing: no plot")
         return
-    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse") if "step_s_median" in result["runs"].get(n, {})]
+    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse_eager", "sparse")
+             if "step_s_median" in result["runs"].get(n, {})]
     vals = [result["runs"][n]["step_s_median"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#dd8452"][-len(names):])
+    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#e6b89c", "#dd8452"][-len(names):])
     ax.bar_label(bars, [f"{v:.3f} s" for v in vals])
     ax.set_xlabel("median training step (s), lower is better")
     ax.set_title(f"Llama-3-8B shape, bf16 LoRA r=16, 8x512, {result['device']}", fontsize=9)
@@ -358,7 +385,8 @@ def driver(args) -> None:
     os.makedirs(args.model_dir, exist_ok=True)
     peft = run_child("peft", args, args.out)
     uns = run_child("unsloth", args, args.out)
-    runs = {k: v for k, v in {**peft, **uns}.items() if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse")}
+    runs = {k: v for k, v in {**peft, **uns}.items()
+            if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse", "sparse_eager")}
     from sparse_unsloth.config import load_config  # the driver imports torch only now
 
     config = load_config(args.preset)
@@ -393,7 +421,7 @@ def driver(args) -> None:
                         "sparse": {k: round(v / 1e12, 3) for k, v in sparse_f.items()}},
         "targets": {"speedup": 1.5, "speedup_vs_hf_peft": 2.2, "estimator_share": 0.03, "memory_vs_dense": 1.05},
         "profiles": uns.get("profiles"),
-        "sparse_stats": uns.get("stats"),
+        "dynamo": uns.get("dynamo"),
         "fast_path_applies": uns.get("fast_path_applies"),
         "errors": [r["error"] for r in (peft, uns) if "error" in r] or None,
     }
@@ -422,6 +450,8 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["random", "svd"], default="random",
                     help="random-valued factors of the right shapes (same cost), or the SVD build")
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also time the sparse step with SPARSE_UNSLOTH_COMPILE=0 (Functions behind a graph break)")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
     ap.add_argument("--child-out", default=None)
     args = ap.parse_args()

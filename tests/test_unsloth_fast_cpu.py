@@ -65,7 +65,7 @@ def test_attention_functions_match_reference_ops(monkeypatch):
     _run(model, ids, labels)                              # sets this batch's split; flips layers
     layer = decoder_layers(model)[2]
     attn = layer.self_attn
-    assert attn.apply_qkv is unsloth_fast._sparse_qkv
+    assert attn.apply_qkv is unsloth_fast._TRACED["apply_qkv"]
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
     q, k, v = attn.apply_qkv(attn, x)
@@ -92,8 +92,8 @@ def test_inactive_and_undo_restore_originals(monkeypatch):
     model = _sparsify(base, WITH_ATTN, unsloth_fast, monkeypatch)
     ids, labels = _batch()
     _run(model, ids, labels)
-    assert layer.self_attn.apply_qkv is unsloth_fast._sparse_qkv
-    assert layer.mlp.forward.__func__ is unsloth_fast._sparse_mlp
+    assert layer.self_attn.apply_qkv is unsloth_fast._TRACED["apply_qkv"]
+    assert layer.mlp.forward.__func__ is unsloth_fast._TRACED["mlp"]
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)

@@ -31,6 +31,9 @@ class LoRAProj(NamedTuple):
 
 
 Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor]    # (X [N, K], M [K, C], idx)
+# cuBLAS takes its fast (tensor-core, 16-byte) kernels only when leading dimensions are
+# multiples of 8 bf16 elements; a kept count like 143 fell back to sm75 align-1 kernels.
+_ALIGN = 8
 
 
 def cast_like(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -68,12 +71,20 @@ def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return d_a, d_b, dy_b
 
 
+def _padded(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``idx`` padded to a multiple of ``_ALIGN`` (repeating its first entry), and its length."""
+    k = idx.numel()
+    extra = -k % _ALIGN
+    return (torch.cat([idx, idx[:1].expand(extra)]) if extra else idx), k
+
+
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor,
                dense_idx: torch.Tensor | None) -> torch.Tensor:
     """``out += x @ m`` where non-dense rows get only the output columns ``idx`` (in place)."""
     if has_rows(dense_idx):
         rows = torch.addmm(out.index_select(0, dense_idx), x.index_select(0, dense_idx), m)
-    out.index_add_(1, idx, x @ m.index_select(1, idx))
+    padded, k = _padded(idx)
+    out.index_add_(1, idx, (x @ m.index_select(1, padded))[:, :k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
@@ -85,13 +96,17 @@ def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None) -> torch.Te
     A fresh tensor: each term adds ``x[:, idx] @ m[idx]`` for every row, then the dense rows
     are replaced by their full products.
     """
-    (x0, m0, i0), *rest = terms
-    out = x0.index_select(1, i0) @ m0.index_select(0, i0)
-    for x, m, idx in rest:
-        out.addmm_(x.index_select(1, idx), m.index_select(0, idx))
+    out = None
+    for x, m, idx in terms:
+        padded, k = _padded(idx)
+        m_kept = m.index_select(0, padded)
+        m_kept[k:] = 0                         # the padding columns of x contribute nothing
+        x_kept = x.index_select(1, padded)
+        out = x_kept @ m_kept if out is None else out.addmm_(x_kept, m_kept)
     if has_rows(dense_idx):
-        rows = x0.index_select(0, dense_idx) @ m0
-        for x, m, _ in rest:
-            rows.addmm_(x.index_select(0, dense_idx), m)
+        rows = None
+        for x, m, _ in terms:
+            x_rows = x.index_select(0, dense_idx)
+            rows = x_rows @ m if rows is None else rows.addmm_(x_rows, m)
         out.index_copy_(0, dense_idx, rows)
     return out

@@ -8,15 +8,17 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-The sparse functions are ``torch.compiler.disable``d: they run the estimator (Python-side
-per-batch caching) and our autograd Functions eagerly, which splits the compiled block
-around them. They are module-level functions bound to each module, so every layer shares one
-function object (no per-layer recompiles). A projection without an active plain LoRA adapter
+The channel choice (the estimator with its Python-side per-batch cache) runs behind a graph
+break (``torch.compiler.disable``); our autograd Functions are traced into Unsloth's compiled
+block like Unsloth's own (``SPARSE_UNSLOTH_COMPILE=0`` runs them eagerly instead). The sparse
+functions are module-level functions bound to each module, so every layer shares one function
+object (no per-layer recompiles). A projection without an active plain LoRA adapter
 (adapters disabled or merged) falls back to the original for that call.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -34,6 +36,9 @@ _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
 _MISSING = object()
+# Let Dynamo trace the sparse Functions inside Unsloth's compiled blocks ("0": run them eagerly
+# behind a graph break). Read when a layer is patched.
+COMPILE_SPARSE = os.environ.get("SPARSE_UNSLOTH_COMPILE", "1") != "0"
 
 
 def _fast_lora():
@@ -96,8 +101,11 @@ def _lora(proj: nn.Module) -> LoRAProj | None:
 
 
 def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
-    """Unsloth's SwiGLU Triton kernels on CUDA (2-D adapters), the torch ones elsewhere."""
-    if not x.is_cuda:
+    """Unsloth's SwiGLU Triton kernels in eager CUDA (2-D adapters), the torch ones elsewhere.
+
+    Under torch.compile the torch ones: Inductor fuses them with their neighbours.
+    """
+    if not x.is_cuda or torch.compiler.is_compiling():
         return swiglu_forward, swiglu_backward
     from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
 
@@ -112,16 +120,6 @@ def _dense_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return original(x)
 
 
-@torch.compiler.disable
-def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    ctl: LayerSparsity = self.__dict__[_CTL]
-    choice = ctl.mlp_choice(x)
-    projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if choice is None or None in projs:
-        return _dense_mlp(self, x)
-    return sparse_lora_mlp(x, *projs, choice.idx, ctl.state.split.dense_idx, *_swiglu(x))
-
-
 def _dense_attn(attn: nn.Module, name: str) -> Callable:
     original = attn.__dict__[_ORIGINAL][name]
     if original is not _MISSING:
@@ -133,24 +131,50 @@ def _dense_attn(attn: nn.Module, name: str) -> Callable:
 
 
 @torch.compiler.disable
-def _sparse_qkv(self: nn.Module, x: torch.Tensor):
+def _pick_mlp(self: nn.Module, x: torch.Tensor):
+    """(kept channels, dense rows) for this batch, or None: the estimator, outside any graph."""
     ctl: LayerSparsity = self.__dict__[_CTL]
-    choice = ctl.attn_choice(x)
-    projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
-    if choice is None or None in projs:
-        return _dense_attn(self, "apply_qkv")(self, x)
-    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx,
-                           ctl.state.split.dense_idx)
+    choice = ctl.mlp_choice(x)
+    return None if choice is None else (choice.idx, ctl.state.split.dense_idx)
 
 
 @torch.compiler.disable
-def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _pick_attn(self: nn.Module, x: torch.Tensor):
     ctl: LayerSparsity = self.__dict__[_CTL]
-    choice = ctl.attn_choice(x)        # cached by apply_qkv for this batch
+    choice = ctl.attn_choice(x)        # apply_o gets the one apply_qkv cached for this batch
+    return None if choice is None else (choice, ctl.state.split.dense_idx)
+
+
+def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    picked = _pick_mlp(self, x)
+    projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    if picked is None or any(p is None for p in projs):
+        return _dense_mlp(self, x)
+    return sparse_lora_mlp(x, *projs, *picked, *_swiglu(x))
+
+
+def _sparse_qkv(self: nn.Module, x: torch.Tensor):
+    picked = _pick_attn(self, x)
+    projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
+    if picked is None or any(p is None for p in projs):
+        return _dense_attn(self, "apply_qkv")(self, x)
+    choice, dense_idx = picked
+    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx)
+
+
+def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    picked = _pick_attn(self, x)
     proj = _lora(self.o_proj)
-    if choice is None or proj is None:
+    if picked is None or proj is None:
         return _dense_attn(self, "apply_o")(self, x)
-    return sparse_lora_o(x, proj, choice.o_idx, ctl.state.split.dense_idx)
+    choice, dense_idx = picked
+    return sparse_lora_o(x, proj, choice.o_idx, dense_idx)
+
+
+# Traced: Dynamo compiles our Functions into Unsloth's decoder-block graphs (one break per
+# sparse block, at the estimator). Eager: the whole sparse function breaks the graph.
+_TRACED = {"mlp": _sparse_mlp, "apply_qkv": _sparse_qkv, "apply_o": _sparse_o}
+_EAGER = {name: torch.compiler.disable(fn) for name, fn in _TRACED.items()}
 
 
 def _set(module: nn.Module, name: str, value) -> None:
@@ -163,15 +187,16 @@ def _set(module: nn.Module, name: str, value) -> None:
 
 def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> list[Callable]:
     """Make one decoder layer's Unsloth fused LoRA functions sparse; returns the undo callables."""
+    fns = _TRACED if COMPILE_SPARSE else _EAGER
     switches: list[tuple[nn.Module, str, object]] = []    # (module, attribute, sparse value)
     if ctl.mlp_sparsity:
         mlp = layer.mlp
         _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
-        switches.append((mlp, _mlp_slot(mlp), types.MethodType(_sparse_mlp, mlp)))
+        switches.append((mlp, _mlp_slot(mlp), types.MethodType(fns["mlp"], mlp)))
     if ctl.attn_sparsity:
         attn = layer.self_attn
         _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
-        switches += [(attn, "apply_qkv", _sparse_qkv), (attn, "apply_o", _sparse_o)]
+        switches += [(attn, "apply_qkv", fns["apply_qkv"]), (attn, "apply_o", fns["apply_o"])]
     for module, name, _ in switches:
         module.__dict__[_CTL] = ctl
         module.__dict__.setdefault(_ORIGINAL, {})[name] = module.__dict__.get(name, _MISSING)
