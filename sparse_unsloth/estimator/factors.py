@@ -8,7 +8,7 @@ Factors are keyed ``"{layer}.{proj}"`` (e.g. ``"3.gate_proj"``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm

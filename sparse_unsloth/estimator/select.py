@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 def kept_count(channels: int, sparsity: float) -> int:
     """How many of ``channels`` survive ``sparsity`` (at least one)."""
-    return max(1, int(round(channels * (1.0 - sparsity))))
+    return max(1, round(channels * (1.0 - sparsity)))
 
 
 def _low_rank(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

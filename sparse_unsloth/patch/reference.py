@@ -8,7 +8,7 @@ LoRA branch (dropout, scaling, several adapters) runs as it always does, dense.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,8 +14,14 @@ from ..estimator.factors import EstimatorFactors
 from ..estimator.resolve import resolve_factors
 from ..estimator.store import fingerprint
 from . import reference
-from .models import (attention_geometry, check_supported, decoder_layers, estimated_weights,
-                     frozen_linear, model_config)
+from .models import (
+    attention_geometry,
+    check_supported,
+    decoder_layers,
+    estimated_weights,
+    frozen_linear,
+    model_config,
+)
 from .state import LayerSparsity, SparseState
 
 STATE_ATTR = "_sparse_unsloth"

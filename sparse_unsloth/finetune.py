@@ -1,0 +1,172 @@
+"""One LoRA fine-tune through TRL's SFTTrainer, dense or sparse: the glue the CLI, the main job
+and the accuracy benchmarks share.
+
+TRL 1.15's SFTTrainer computes its loss with a fused LM head that is a Triton kernel; without a
+GPU that kernel cannot run (Triton's CPU interpreter takes minutes a step at a 49k vocabulary),
+so on CPU the loss comes from the model's own forward, as in ``transformers.Trainer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from .callbacks import SparsityCallback
+from .config import SparseConfig, load_config
+from .patch import sparsify
+
+ALL_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_PROJS
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a run did: per-step wall times, losses, the held-out loss and where the adapter is."""
+
+    steps: int
+    train_s: float
+    step_s: list[float]
+    losses: list[tuple[int, float]]
+    tokens: int
+    sparse_steps: int
+    eval_loss: float | None
+    adapter_dir: str | None
+    sparse_logs: list[dict[str, float]]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_s if self.train_s else 0.0
+
+    def median_step_s(self, first: int = 0) -> float:
+        """Median wall time of the steps from ``first`` on (e.g. only the sparse phase)."""
+        return statistics.median(self.step_s[first:]) if self.step_s[first:] else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of each optimizer step and the tokens it trained on."""
+
+    def __init__(self) -> None:
+        self.step_s: list[float] = []
+        self.tokens = 0
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_s.append(time.perf_counter() - self._start)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matmuls are fast on this CPU (AMX or AVX-512 BF16); else train in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def load_lora_model(model_path: str, lora: LoraSettings, dtype: torch.dtype | None = None,
+                    device: str | None = None):
+    """A causal LM from a local folder (or Hub id) with a fresh PEFT LoRA adapter on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" or cpu_supports_bf16() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def sft_trainer_class(on_gpu: bool):
+    """TRL's SFTTrainer, or on CPU one whose loss skips TRL's Triton LM head (see module doc)."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if on_gpu:
+        return SFTTrainer
+
+    class CPUSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CPUSFTTrainer
+
+
+def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
+             sparse: str | Path | SparseConfig | None = None, eval_rows: list[dict] | None = None,
+             max_steps: int = 100, batch_size: int = 8, learning_rate: float = 2e-4,
+             max_length: int = 512, seed: int = 0, logging_steps: int = 10,
+             estimator: Any = None, save_adapter: bool = True, progress: bool = True) -> FinetuneResult:
+    """Train ``model`` (a PEFT LoRA model) on prompt/completion rows with TRL's SFTTrainer.
+
+    ``sparse``: a preset name, YAML path or SparseConfig to train sparse (the model is sparsified
+    here and a :class:`SparsityCallback` added); None trains dense. The held-out loss on
+    ``eval_rows`` is computed dense (the model in eval mode), as the adapter will be used.
+    """
+    from trl import SFTConfig
+
+    callbacks: list[TrainerCallback] = [timer := _StepTimer()]
+    if sparse is not None:
+        sparsify(model, load_config(sparse), estimator, progress=progress)
+        callbacks.append(sparsity := SparsityCallback(model))
+    on_gpu = next(model.parameters()).is_cuda
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="constant",
+        warmup_steps=0, logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed,
+        data_seed=seed, bf16=bf16, use_cpu=not on_gpu, max_length=max_length,
+        disable_tqdm=not progress, dataloader_num_workers=0, eval_strategy="no",
+    )
+    trainer = sft_trainer_class(on_gpu)(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+                         processing_class=tokenizer, callbacks=callbacks)
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    logs = trainer.state.log_history
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    adapter_dir = None
+    if save_adapter:
+        adapter_dir = str(Path(output_dir) / "adapter")
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+    steps = trainer.state.global_step
+    epoch_tokens = tokens / max(len(trainer.train_dataset), 1)
+    return FinetuneResult(
+        steps=steps, train_s=train_s, step_s=timer.step_s,
+        losses=[(h["step"], h["loss"]) for h in logs if "loss" in h],
+        tokens=int(epoch_tokens * batch_size * steps),
+        sparse_steps=steps - sparsity.warmup_steps if sparse is not None else 0,
+        eval_loss=eval_loss, adapter_dir=adapter_dir,
+        sparse_logs=[{k: v for k, v in h.items() if k.startswith("sparse/")} for h in logs
+                     if any(k.startswith("sparse/") for k in h)],
+    )
