@@ -51,3 +51,25 @@ def test_mixed_dtype_computes_in_activation_dtype():
     w = torch.randn(6, 8, dtype=torch.float64)
     out = sparse_in_linear(x, w, None, torch.tensor([0, 3, 7]), torch.tensor([2]))
     assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("op,dim", [(sparse_out_linear, 0), (sparse_in_linear, 1)])
+def test_weight_function_is_called_in_each_pass(op, dim):
+    """A 4-bit weight is given as its dequantization: called in forward and again in backward."""
+    w = torch.randn(6, 8, dtype=torch.float64)
+    calls = []
+
+    def dequantize():
+        calls.append(1)
+        return w
+
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    idx, dense_idx = torch.tensor([1, 2, 5]), torch.tensor([0, 3])
+    out = op(x, dequantize, None, idx, dense_idx)
+    assert len(calls) == 1
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert len(calls) == 2
+    ref = masked_linear(x, w, None, idx, dense_idx, dim)
+    (rx,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)

@@ -9,12 +9,22 @@ Equivalently: the dense layer with the dropped channels masked out, for the spar
 
 Only the index tensors are saved for backward, so backward slices the same channels that
 forward used; the weight gets no gradient (it is frozen). ``x`` is 2-D ``[tokens, features]``.
+``weight`` is a tensor or a function returning one (a 4-bit weight's dequantization): a
+function is called again in backward, so no dequantized copy lives between the passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+Weight = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def _get(weight: Weight) -> torch.Tensor:
+    return weight() if callable(weight) else weight
 
 
 def _check_frozen(weight: torch.Tensor) -> None:
@@ -31,7 +41,8 @@ def _as(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class _SparseOutLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, idx, dense_idx):
+    def forward(ctx, x, weight_src, bias, idx, dense_idx):
+        weight = _get(weight_src)
         _check_frozen(weight)
         out = x.new_zeros(x.shape[0], weight.shape[0])
         out[:, idx] = x @ _as(weight[idx], x).T
@@ -39,12 +50,14 @@ class _SparseOutLinear(torch.autograd.Function):
             out[dense_idx] = x[dense_idx] @ _as(weight, x).T
         if bias is not None:
             out += bias
-        ctx.save_for_backward(weight, idx, dense_idx)
+        ctx.weight_src = weight_src
+        ctx.save_for_backward(idx, dense_idx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, idx, dense_idx = ctx.saved_tensors
+        idx, dense_idx = ctx.saved_tensors
+        weight = _get(ctx.weight_src)
         grad_x = grad_out[:, idx] @ _as(weight[idx], grad_out)
         if dense_idx is not None and dense_idx.numel():
             grad_x[dense_idx] = grad_out[dense_idx] @ _as(weight, grad_out)
@@ -53,20 +66,23 @@ class _SparseOutLinear(torch.autograd.Function):
 
 class _SparseInLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, idx, dense_idx):
+    def forward(ctx, x, weight_src, bias, idx, dense_idx):
+        weight = _get(weight_src)
         _check_frozen(weight)
         out = x[:, idx] @ _as(weight[:, idx], x).T
         if dense_idx is not None and dense_idx.numel():
             out[dense_idx] = x[dense_idx] @ _as(weight, x).T
         if bias is not None:
             out += bias
-        ctx.save_for_backward(weight, idx, dense_idx)
+        ctx.weight_src = weight_src
+        ctx.save_for_backward(idx, dense_idx)
         ctx.in_features = x.shape[1]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, idx, dense_idx = ctx.saved_tensors
+        idx, dense_idx = ctx.saved_tensors
+        weight = _get(ctx.weight_src)
         grad_x = grad_out.new_zeros(grad_out.shape[0], ctx.in_features)
         grad_x[:, idx] = grad_out @ _as(weight[:, idx], grad_out)
         if dense_idx is not None and dense_idx.numel():
@@ -74,25 +90,26 @@ class _SparseInLinear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def sparse_out_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def sparse_out_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
                       idx: torch.Tensor, dense_idx: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + b`` with output channels outside ``idx`` zero for non-dense rows."""
     return _SparseOutLinear.apply(x, weight, bias, idx, dense_idx)
 
 
-def sparse_in_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def sparse_in_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
                      idx: torch.Tensor, dense_idx: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + b`` reading only input channels ``idx`` for non-dense rows."""
     return _SparseInLinear.apply(x, weight, bias, idx, dense_idx)
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def masked_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
                   idx: torch.Tensor, dense_idx: torch.Tensor | None, dim: int) -> torch.Tensor:
     """The definition both functions must match: the dense linear with channels masked per row.
 
     ``dim`` 0 masks output channels (rows of W), 1 input channels. Costs a full weight per row;
     for tests only.
     """
+    weight = _get(weight)
     keep = torch.zeros(weight.shape[dim], dtype=torch.bool, device=weight.device)
     keep[idx] = True
     sparse_w = weight * (keep[:, None] if dim == 0 else keep[None, :])

@@ -33,7 +33,7 @@ def _patch_linear(linear: nn.Module, slot: _Slot, op: Callable, ctl: LayerSparsi
         if slot.idx is None:
             return original(x)
         flat = x.reshape(-1, x.shape[-1])
-        out = op(flat, get_weight(), linear.bias, slot.idx, ctl.state.split.dense_idx)
+        out = op(flat, get_weight, linear.bias, slot.idx, ctl.state.split.dense_idx)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     linear.forward = forward
