@@ -47,12 +47,29 @@ def _fwd_bwd(fn, inputs, grads):
     return run
 
 
+def _kernels(run, top: int = 14) -> list:
+    """GPU time of each kernel of one call (torch.profiler), the ``top`` ones, in microseconds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = [(ev.key[:90], round(ev.self_device_time_total, 1), ev.count) for ev in prof.key_averages()
+            if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
 def _variants(unsloth, ours, inputs, grads) -> dict:
     """Eager and torch.compile'd (as inside Unsloth's compiled blocks) fwd + bwd times."""
     out = {}
     for name, fn in (("unsloth_dense", unsloth), ("sparse", ours)):
         out[name] = _bench(_fwd_bwd(fn, inputs, grads))
         out[name + "_compiled"] = _bench(_fwd_bwd(torch.compile(fn), inputs, grads))
+    out["sparse_kernels_us"] = _kernels(_fwd_bwd(ours, inputs, grads))
+    out["unsloth_kernels_us"] = _kernels(_fwd_bwd(unsloth, inputs, grads))
     return out
 
 

@@ -97,6 +97,49 @@ def time_steps(step, warmup: int, timed: int, on_step=None) -> dict:
             "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses]}
 
 
+KERNEL_CATEGORIES = (
+    ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("attention_core", ("sdpa", "flash", "fmha", "attention")),
+    ("memcpy", ("memcpy", "memset")),
+    ("index_gather_scatter", ("index", "gather", "scatter")),
+    ("sort_topk", ("sort", "topk", "radix")),
+    ("optimizer", ("optimizer", "adam", "foreach")),
+    ("triton_fused", ("triton_", "_fg_kernel", "_dwf_", "rms_layernorm", "rope")),
+    ("elementwise_reduce", ("elementwise", "reduce", "vectorized")),
+)
+
+
+def sync_points(step) -> dict:
+    """Where one step synchronizes the host with the GPU (torch's sync debug mode), by source line."""
+    import collections
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return dict(where.most_common(12))
+
+
+def sync_free_sequence_means(split, hidden):
+    """TokenSplit.sequence_means without the boolean-mask gather that synchronizes per call.
+
+    A sequence without context tokens gets a zero row instead of no row: the estimator scores
+    channels by an L2 norm over rows, and a zero row scores nothing (silu(0) * 0 = 0), so the
+    chosen channels are the same.
+    """
+    mask = split.sparse_mask.to(hidden.dtype).unsqueeze(-1)
+    x = hidden.reshape(*split.sparse_mask.shape, hidden.shape[-1])
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     """GPU kernel time per step (torch.profiler), the ``top`` kernels, and the host time per step.
 
@@ -120,8 +163,13 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
             for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
+    cats: dict[str, float] = {}
+    for key, t, _ in rows:
+        cat = next((c for c, words in KERNEL_CATEGORIES if any(w in key.lower() for w in words)), "other")
+        cats[cat] = cats.get(cat, 0.0) + t
     return {"gpu_busy_s_per_step": round(total, 5), "wall_s_per_step_profiled": round(wall, 5),
             "kernels_per_step": sum(r[2] for r in rows),
+            "categories_s_per_step": {c: round(t, 5) for c, t in sorted(cats.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
                              "calls_per_step": c} for k, t, c in rows[:top]]}
 
@@ -278,10 +326,16 @@ def child_unsloth(args) -> dict:
     profiles = {"unsloth_dense_lora": profile_steps(step)}
 
     out["dynamo"] = {"unsloth_dense_lora": dynamo_counters()}
+    if args.estimator_sync_fix:
+        from sparse_unsloth.patch.state import TokenSplit
+
+        TokenSplit.sequence_means = sync_free_sequence_means
     config = load_config(args.preset)
     estimator = random_factors(model, config) if args.estimator == "random" else None
     timer = EstimatorTimer()
-    for name, compiled in (("sparse", True), ("sparse_eager", False)):
+    other = "eager" if args.sparse_mode == "compiled" else "compiled"
+    modes = (("sparse", args.sparse_mode == "compiled"), (f"sparse_{other}", other == "compiled"))
+    for name, compiled in modes:
         unsloth_fast.COMPILE_SPARSE = compiled    # read by sparsify's patch_layer
         su.sparsify(model, config, estimator, progress=False)
         state = su.sparse_state(model)
@@ -294,10 +348,11 @@ def child_unsloth(args) -> dict:
         out[name] = res
         log(f"[unsloth] {name} {res['step_s_median']} s/step, estimator {res['estimator_s_median']} s")
         profiles[name] = profile_steps(step)
+        res["sync_points"] = sync_points(step)
         timer.pop_s()
         out["dynamo"][name] = dynamo_counters()
         su.unsparsify(model)
-        if not args.eager_too:
+        if not args.other_mode_too:
             break
     out["profiles"] = profiles
     return out
@@ -342,7 +397,9 @@ def run_child(stage: str, args, out_dir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--child-out", path,
            "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator]
-    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--eager-too", args.eager_too)) if on]
+    cmd += ["--sparse-mode", args.sparse_mode]
+    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-mode-too", args.other_mode_too),
+                                  ("--no-estimator-sync-fix", not args.estimator_sync_fix)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.environ.get("PYTHONPATH", "")])})
@@ -368,11 +425,11 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         log("[driver] matplotlib missing: no plot")
         return
-    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse_eager", "sparse")
+    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse_eager", "sparse_compiled", "sparse")
              if "step_s_median" in result["runs"].get(n, {})]
     vals = [result["runs"][n]["step_s_median"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#e6b89c", "#dd8452"][-len(names):])
+    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#e6b89c", "#e6b89c", "#dd8452"][-len(names):])
     ax.bar_label(bars, [f"{v:.3f} s" for v in vals])
     ax.set_xlabel("median training step (s), lower is better")
     ax.set_title(f"Llama-3-8B shape, bf16 LoRA r=16, 8x512, {result['device']}", fontsize=9)
@@ -386,7 +443,7 @@ def driver(args) -> None:
     peft = run_child("peft", args, args.out)
     uns = run_child("unsloth", args, args.out)
     runs = {k: v for k, v in {**peft, **uns}.items()
-            if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse", "sparse_eager")}
+            if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse", "sparse_eager", "sparse_compiled")}
     from sparse_unsloth.config import load_config  # the driver imports torch only now
 
     config = load_config(args.preset)
@@ -403,7 +460,8 @@ def driver(args) -> None:
         "date": datetime.date.today().isoformat(),
         "settings": {"batch": BSZ, "seq_len": SEQ, "output_tokens": SEQ - CTX, "lora_r": RANK, "lora_alpha": ALPHA,
                      "preset": args.preset, "layers": args.layers, "dtype": "bf16", "warmup_steps": args.warmup,
-                     "timed_steps": args.steps, "estimator": args.estimator,
+                     "timed_steps": args.steps, "estimator": args.estimator, "sparse_mode": args.sparse_mode,
+                     "estimator_sync_fix": args.estimator_sync_fix,
                      "gradient_checkpointing": "unsloth (dense, sparse); non-reentrant (hf_peft_lora)",
                      "block_compile": os.environ.get("UNSLOTH_BLOCK_COMPILE", "1 (default)")},
         "baseline": "unsloth_dense_lora",
@@ -450,8 +508,11 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["random", "svd"], default="random",
                     help="random-valued factors of the right shapes (same cost), or the SVD build")
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
-    ap.add_argument("--eager-too", action="store_true",
-                    help="also time the sparse step with SPARSE_UNSLOTH_COMPILE=0 (Functions behind a graph break)")
+    ap.add_argument("--sparse-mode", choices=["eager", "compiled"], default="eager",
+                    help="the sparse Functions eager behind a graph break, or traced into Unsloth's blocks")
+    ap.add_argument("--other-mode-too", action="store_true", help="also time the other --sparse-mode")
+    ap.add_argument("--no-estimator-sync-fix", dest="estimator_sync_fix", action="store_false",
+                    help="keep TokenSplit.sequence_means as shipped (it synchronizes once per sparse MLP)")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
     ap.add_argument("--child-out", default=None)
     args = ap.parse_args()

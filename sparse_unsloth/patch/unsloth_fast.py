@@ -8,9 +8,10 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-The channel choice (the estimator with its Python-side per-batch cache) runs behind a graph
-break (``torch.compiler.disable``); our autograd Functions are traced into Unsloth's compiled
-block like Unsloth's own (``SPARSE_UNSLOTH_COMPILE=0`` runs them eagerly instead). The sparse
+The channel choice (the estimator with its Python-side per-batch cache) always runs behind a
+graph break (``torch.compiler.disable``). Our autograd Functions run eagerly behind that break
+by default (measured faster on an H100 than traced: benchmarks/NOTES.md);
+``SPARSE_UNSLOTH_COMPILE=1`` traces them into Unsloth's compiled block like Unsloth's own. The sparse
 functions are module-level functions bound to each module, so every layer shares one function
 object (no per-layer recompiles). A projection without an active plain LoRA adapter
 (adapters disabled or merged) falls back to the original for that call.
@@ -36,9 +37,9 @@ _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
 _MISSING = object()
-# Let Dynamo trace the sparse Functions inside Unsloth's compiled blocks ("0": run them eagerly
-# behind a graph break). Read when a layer is patched.
-COMPILE_SPARSE = os.environ.get("SPARSE_UNSLOTH_COMPILE", "1") != "0"
+# Let Dynamo trace the sparse Functions inside Unsloth's compiled blocks ("1"), or run them
+# eagerly behind a graph break (default). Read when a layer is patched.
+COMPILE_SPARSE = os.environ.get("SPARSE_UNSLOTH_COMPILE", "0") == "1"
 
 
 def _fast_lora():
