@@ -411,6 +411,9 @@ def run_child(stage: str, args, out_dir: str) -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, or $BENCH_COMMIT where the tree travelled without its history (the device)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
