@@ -333,10 +333,10 @@ def child_unsloth(args) -> dict:
     config = load_config(args.preset)
     estimator = random_factors(model, config) if args.estimator == "random" else None
     timer = EstimatorTimer()
-    other = "eager" if args.sparse_mode == "compiled" else "compiled"
-    modes = (("sparse", args.sparse_mode == "compiled"), (f"sparse_{other}", other == "compiled"))
-    for name, compiled in modes:
-        unsloth_fast.COMPILE_SPARSE = compiled    # read by sparsify's patch_layer
+    others = [m for m in unsloth_fast.MODES if m != args.sparse_mode] if args.other_modes_too else []
+    for mode in [args.sparse_mode, *others]:
+        name = "sparse" if mode == args.sparse_mode else f"sparse_{mode}"
+        unsloth_fast.MODE = mode          # read by sparsify's patch_layer
         su.sparsify(model, config, estimator, progress=False)
         state = su.sparse_state(model)
         state.callback_attached = True   # no trainer here: sparse from the first step, as intended
@@ -352,8 +352,6 @@ def child_unsloth(args) -> dict:
         timer.pop_s()
         out["dynamo"][name] = dynamo_counters()
         su.unsparsify(model)
-        if not args.other_mode_too:
-            break
     out["profiles"] = profiles
     return out
 
@@ -398,7 +396,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator]
     cmd += ["--sparse-mode", args.sparse_mode]
-    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-mode-too", args.other_mode_too),
+    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too),
                                   ("--no-estimator-sync-fix", not args.estimator_sync_fix)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -428,11 +426,13 @@ def plot(result: dict, path: str) -> None:
     except ImportError:
         log("[driver] matplotlib missing: no plot")
         return
-    names = [n for n in ("hf_peft_lora", "unsloth_dense_lora", "sparse_eager", "sparse_compiled", "sparse")
-             if "step_s_median" in result["runs"].get(n, {})]
+    order = ["hf_peft_lora", "unsloth_dense_lora", *sorted(k for k in result["runs"] if k.startswith("sparse_")),
+             "sparse"]
+    names = [n for n in order if "step_s_median" in result["runs"].get(n, {})]
     vals = [result["runs"][n]["step_s_median"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    bars = ax.barh(names, vals, color=["#999999", "#4c72b0", "#e6b89c", "#e6b89c", "#dd8452"][-len(names):])
+    colors = {"hf_peft_lora": "#999999", "unsloth_dense_lora": "#4c72b0", "sparse": "#dd8452"}
+    bars = ax.barh(names, vals, color=[colors.get(n, "#e6b89c") for n in names])
     ax.bar_label(bars, [f"{v:.3f} s" for v in vals])
     ax.set_xlabel("median training step (s), lower is better")
     ax.set_title(f"Llama-3-8B shape, bf16 LoRA r=16, 8x512, {result['device']}", fontsize=9)
@@ -446,7 +446,7 @@ def driver(args) -> None:
     peft = run_child("peft", args, args.out)
     uns = run_child("unsloth", args, args.out)
     runs = {k: v for k, v in {**peft, **uns}.items()
-            if k in ("hf_peft_lora", "unsloth_dense_lora", "sparse", "sparse_eager", "sparse_compiled")}
+            if k in ("hf_peft_lora", "unsloth_dense_lora") or k.startswith("sparse")}
     from sparse_unsloth.config import load_config  # the driver imports torch only now
 
     config = load_config(args.preset)
@@ -511,9 +511,9 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["random", "svd"], default="random",
                     help="random-valued factors of the right shapes (same cost), or the SVD build")
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
-    ap.add_argument("--sparse-mode", choices=["eager", "compiled"], default="eager",
-                    help="the sparse Functions eager behind a graph break, or traced into Unsloth's blocks")
-    ap.add_argument("--other-mode-too", action="store_true", help="also time the other --sparse-mode")
+    ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break", "traced"], default="eager-block",
+                    help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
+    ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
     ap.add_argument("--no-estimator-sync-fix", dest="estimator_sync_fix", action="store_false",
                     help="keep TokenSplit.sequence_means as shipped (it synchronizes once per sparse MLP)")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")

@@ -23,7 +23,7 @@ WITH_ATTN = su.SparseConfig(mlp={1: 0.5}, self_attn={1: 0.5, 2: 0.75}, estimator
 
 
 def _fns():
-    return unsloth_fast._TRACED if unsloth_fast.COMPILE_SPARSE else unsloth_fast._EAGER
+    return unsloth_fast._TRACED if unsloth_fast.MODE == "traced" else unsloth_fast._EAGER
 
 
 def _batch(vocab=101, batch=3, seq=11, seed=1, context=6):

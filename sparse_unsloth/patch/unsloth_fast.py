@@ -8,10 +8,10 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-The channel choice (the estimator with its Python-side per-batch cache) always runs behind a
-graph break (``torch.compiler.disable``). Our autograd Functions run eagerly behind that break
-by default (measured faster on an H100 than traced: benchmarks/NOTES.md);
-``SPARSE_UNSLOTH_COMPILE=1`` traces them into Unsloth's compiled block like Unsloth's own. The sparse
+The channel choice (the estimator with its Python-side per-batch cache) always runs outside
+any graph (``torch.compiler.disable``). ``MODE`` (env ``SPARSE_UNSLOTH_MODE``) says how the
+rest of a sparse layer runs while sparse: Unsloth's stock eager layer forward (default), its
+compiled block broken around our functions, or our Functions traced into that block. The sparse
 functions are module-level functions bound to each module, so every layer shares one function
 object (no per-layer recompiles). A projection without an active plain LoRA adapter
 (adapters disabled or merged) falls back to the original for that call.
@@ -37,9 +37,14 @@ _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
 _MISSING = object()
-# Let Dynamo trace the sparse Functions inside Unsloth's compiled blocks ("1"), or run them
-# eagerly behind a graph break (default). Read when a layer is patched.
-COMPILE_SPARSE = os.environ.get("SPARSE_UNSLOTH_COMPILE", "0") == "1"
+# How a sparse layer runs while sparse (read when a layer is patched; benchmarks/NOTES.md):
+#   "eager-block": the layer leaves Unsloth's compiled region (its stock eager forward) and runs
+#                  our Functions eagerly: no graph fragments, no recompiles.
+#   "graph-break": the compiled region breaks around our eagerly run sparse functions.
+#   "traced":      Dynamo traces our Functions into the compiled region (a break at the estimator).
+MODES = ("eager-block", "graph-break", "traced")
+MODE = os.environ.get("SPARSE_UNSLOTH_MODE", "eager-block")
+_BLOCK_MODE = "_unsloth_block_mode"     # Unsloth's per-layer compile switch (_block_compile.py)
 
 
 def _fast_lora():
@@ -188,8 +193,13 @@ def _set(module: nn.Module, name: str, value) -> None:
 
 def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> list[Callable]:
     """Make one decoder layer's Unsloth fused LoRA functions sparse; returns the undo callables."""
-    fns = _TRACED if COMPILE_SPARSE else _EAGER
+    if MODE not in MODES:
+        raise ValueError(f"SPARSE_UNSLOTH_MODE={MODE!r}; use one of {MODES}")
+    fns = _TRACED if MODE == "traced" else _EAGER
     switches: list[tuple[nn.Module, str, object]] = []    # (module, attribute, sparse value)
+    block = sys.modules.get("unsloth.models._block_compile")
+    if MODE == "eager-block" and block is not None:
+        switches.append((layer, _BLOCK_MODE, block._OFF))
     if ctl.mlp_sparsity:
         mlp = layer.mlp
         _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
