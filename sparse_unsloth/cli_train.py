@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "N rows (default: %(default)s; 0: none)")
     run.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order (default: %(default)s)")
     run.add_argument("--logging-steps", type=_positive, default=10, help="log every N steps (default: %(default)s)")
-    run.add_argument("--output-dir", default="sparse-unsloth-run", help="where the adapter and summary go "
+    run.add_argument("--output-dir", default="outputs/sparse-unsloth-run", help="where the adapter and summary go "
                                                                        "(default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     gpu = p.add_argument_group("GPU")

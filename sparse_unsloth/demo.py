@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shipped GSM8K test rows for the held-out loss (default: %(default)s)")
     p.add_argument("--config", default=PRESET, help="sparsity preset or YAML (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="sparse-unsloth-demo",
+    p.add_argument("--output-dir", default="outputs/sparse-unsloth-demo",
                    help="where the sparse run's adapter is saved (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

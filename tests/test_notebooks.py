@@ -56,4 +56,4 @@ def test_cpu_notebook_runs_end_to_end(tmp_path):
     assert "trainable params" in text
     assert re.search(r"^dense .*held-out \d+\.\d{4}\s+sparse steps 0/4$", text, re.MULTILINE), text
     assert re.search(r"^sparse .*held-out \d+\.\d{4}\s+sparse steps 4/4$", text, re.MULTILINE), text
-    assert (tmp_path / "smollm2_cpu_sparse" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "outputs" / "smollm2_cpu_sparse" / "adapter" / "adapter_config.json").is_file()
