@@ -121,6 +121,8 @@ def test_dense_run_has_no_sparse_steps(tmp_path, tiny_model_dir, arithmetic_json
     (["--dataset", "{bad}"], "row 1: 'prompt' and 'completion' must both be"),
     (["--model", "{tiny}", "--config", "dense", "--unsloth"], "--unsloth needs a CUDA GPU"),
     (["--model", "{tiny}", "--config", "{deep}"], r"layer\(s\) \[40\] sparse, but the model has 2"),
+    (["--model", "{tiny}", "--config", "{ok}", "--estimator", "none.safetensors"],
+     "estimator file none.safetensors does not exist"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, tiny_model_dir, capsys):
     if "--unsloth" in argv and torch.cuda.is_available():
@@ -129,7 +131,9 @@ def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, tiny_model_di
     bad.write_text(json.dumps(ARITHMETIC[0]) + "\n" + json.dumps({"prompt": "x", "completion": 3}) + "\n")
     deep = tmp_path / "deep.yaml"
     deep.write_text("sparsity:\n  mlp: {'40': 0.5}\n")      # the tiny model has 2 layers
-    argv = [a.format(tiny=tiny_model_dir, bad=bad, deep=deep) for a in argv]
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(CONFIG_YAML)
+    argv = [a.format(tiny=tiny_model_dir, bad=bad, deep=deep, ok=ok) for a in argv]
     code, _out, err = _train(capsys, *argv, "--output-dir", str(tmp_path / "out"))
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
