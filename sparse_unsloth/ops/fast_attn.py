@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_mm import LoRAProj, add_lora_, cast_like, keep_cols_, keep_rows, lora_grads, lora_out
+from .sparse_mm import (
+    LoRAProj,
+    add_lora_,
+    cast_like,
+    has_rows,
+    keep_cols_,
+    keep_rows,
+    kept_channels,
+    lora_grads,
+    lora_out,
+)
 
 
 class _SparseLoRAQKV(torch.autograd.Function):
@@ -21,27 +31,29 @@ class _SparseLoRAQKV(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         weights = tuple(cast_like(w, x2) for w in (q_w, k_w, v_w))
-        loras = ((q_a, q_b, q_s), (k_a, k_b, k_s), (v_a, v_b, v_s))
-        idxs = (q_idx, k_idx, v_idx)
-        outs = [keep_cols_(lora_out(x2, a, b, s), x2, w.t(), i, dense_idx).view(*shape[:-1], -1)
-                for w, (a, b, s), i in zip(weights, loras, idxs)]
+        loras = tuple(cast_like(t, x2) for t in (q_a, q_b, k_a, k_b, v_a, v_b))
+        kepts = tuple(kept_channels(i) for i in (q_idx, k_idx, v_idx))
+        x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
+        outs = [keep_cols_(lora_out(x2, a, b, s), x2, w.t(), kept, dense_idx, x_rows).view(*shape[:-1], -1)
+                for w, a, b, s, kept in zip(weights, loras[0::2], loras[1::2], (q_s, k_s, v_s), kepts)]
         ctx.weights = weights
         ctx.scales = (q_s, k_s, v_s)
-        ctx.save_for_backward(x2, q_a, q_b, k_a, k_b, v_a, v_b, q_idx, k_idx, v_idx, dense_idx)
+        ctx.save_for_backward(x2, *loras, *(t for kept in kepts for t in (kept.idx, kept.padded)), dense_idx)
         ctx.in_shape = shape
         return tuple(outs)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dq, dk, dv):
-        x, q_a, q_b, k_a, k_b, v_a, v_b, q_idx, k_idx, v_idx, dense_idx = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
+        loras, idx_pairs, dense_idx = rest[:6], rest[6:12], rest[12]
+        kepts = [kept_channels(i, p) for i, p in zip(idx_pairs[0::2], idx_pairs[1::2])]
         grads = [d.reshape(-1, d.shape[-1]).to(x.dtype) for d in (dq, dk, dv)]
-        loras = ((q_a, q_b), (k_a, k_b), (v_a, v_b))
-        lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, loras, ctx.scales)]
-        dx = keep_rows([(d, w, i) for d, w, i in zip(grads, ctx.weights, (q_idx, k_idx, v_idx))],
-                       dense_idx)
-        for (_, _, dyb), (a, _) in zip(lora_g, loras):
-            dx.addmm_(dyb, a.to(x.dtype))
+        pairs = list(zip(loras[0::2], loras[1::2]))
+        lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, pairs, ctx.scales)]
+        dx = keep_rows(list(zip(grads, ctx.weights, kepts)), dense_idx)
+        for (_, _, dyb), (a, _) in zip(lora_g, pairs):
+            dx.addmm_(dyb, a)
         out: list = [dx.view(ctx.in_shape)]
         for d_a, d_b, _ in lora_g:
             out += [None, d_a, d_b, None]
@@ -54,20 +66,21 @@ class _SparseLoRAO(torch.autograd.Function):
     def forward(ctx, x, w, a, b, s, idx, dense_idx):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        w = cast_like(w, x2)
-        out = keep_rows([(x2, w.t(), idx)], dense_idx)
+        w, a, b = cast_like(w, x2), cast_like(a, x2), cast_like(b, x2)
+        kept = kept_channels(idx)
+        out = keep_rows([(x2, w.t(), kept)], dense_idx)
         add_lora_(out, x2, a, b, s)
         ctx.weight, ctx.scale = w, s
-        ctx.save_for_backward(x2, a, b, idx, dense_idx)
+        ctx.save_for_backward(x2, a, b, idx, kept.padded, dense_idx)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, a, b, idx, dense_idx = ctx.saved_tensors
+        x, a, b, idx, padded, dense_idx = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         d_a, d_b, dyb = lora_grads(x, dy2, a, b, ctx.scale)
-        dx = keep_cols_(dyb @ a.to(x.dtype), dy2, ctx.weight, idx, dense_idx)
+        dx = keep_cols_(dyb @ a, dy2, ctx.weight, kept_channels(idx, padded), dense_idx)
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, None, None
 
 

@@ -20,7 +20,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .sparse_mm import LoRAProj, add_lora_, cast_like, keep_cols_, keep_rows, lora_grads, lora_out
+from .sparse_mm import (
+    LoRAProj,
+    add_lora_,
+    cast_like,
+    has_rows,
+    keep_cols_,
+    keep_rows,
+    kept_channels,
+    lora_grads,
+    lora_out,
+)
 
 
 def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -44,39 +54,45 @@ class _SparseLoRAMLP(torch.autograd.Function):
                 down_b, down_s, idx, dense_idx, act_forward, act_backward):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        gate_w, up_w, down_w = cast_like(gate_w, x2), cast_like(up_w, x2), cast_like(down_w, x2)
-        e = keep_cols_(lora_out(x2, gate_a, gate_b, gate_s), x2, gate_w.t(), idx, dense_idx)
-        g = keep_cols_(lora_out(x2, up_a, up_b, up_s), x2, up_w.t(), idx, dense_idx)
+        # Casts, index padding and the dense rows of x once per call (each launch costs host time).
+        gate_w, up_w, down_w, ga, gb, ua, ub, da, db = (
+            cast_like(t, x2) for t in (gate_w, up_w, down_w, gate_a, gate_b, up_a, up_b, down_a, down_b))
+        kept = kept_channels(idx)
+        x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
+        e = keep_cols_(lora_out(x2, ga, gb, gate_s), x2, gate_w.t(), kept, dense_idx, x_rows)
+        g = keep_cols_(lora_out(x2, ua, ub, up_s), x2, up_w.t(), kept, dense_idx, x_rows)
+        del x_rows
         h = act_forward(e, g)
-        out = keep_rows([(h, down_w.t(), idx)], dense_idx)
-        add_lora_(out, h, down_a, down_b, down_s)
+        out = keep_rows([(h, down_w.t(), kept)], dense_idx)
+        add_lora_(out, h, da, db, down_s)
         ctx.weights = (gate_w, up_w, down_w)
         ctx.scales = (gate_s, up_s, down_s)
         ctx.act_backward = act_backward
-        ctx.save_for_backward(x2, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b, idx, dense_idx)
+        ctx.save_for_backward(x2, e, g, ga, gb, ua, ub, da, db, idx, kept.padded, dense_idx)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b, idx, dense_idx = ctx.saved_tensors
+        x, e, g, ga, gb, ua, ub, da, db, idx, padded, dense_idx = ctx.saved_tensors
         gate_w, up_w, down_w = ctx.weights
         gate_s, up_s, down_s = ctx.scales
+        kept = kept_channels(idx, padded)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
 
         # dh = dy @ down (context rows: kept columns only) + down's LoRA (all of h).
-        d_down_a_in = (dy2 @ down_b.to(x.dtype)).mul_(down_s)
-        dh = keep_cols_(d_down_a_in @ down_a.to(x.dtype), dy2, down_w, idx, dense_idx)
+        d_down_a_in = (dy2 @ db).mul_(down_s)
+        dh = keep_cols_(d_down_a_in @ da, dy2, down_w, kept, dense_idx)
         h, d_up, d_gate = ctx.act_backward(dh, e, g)
         del dh, e, g
         d_down_a = d_down_a_in.t() @ h
-        d_down_b = dy2.t() @ (h @ down_a.to(x.dtype).t()).mul_(down_s)
+        d_down_b = dy2.t() @ (h @ da.t()).mul_(down_s)
         del h, d_down_a_in
 
-        d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, up_a, up_b, up_s)
-        d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, gate_a, gate_b, gate_s)
-        dx = keep_rows([(d_up, up_w, idx), (d_gate, gate_w, idx)], dense_idx)
-        dx.addmm_(up_dyb, up_a.to(x.dtype)).addmm_(gate_dyb, gate_a.to(x.dtype))
+        d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, ua, ub, up_s)
+        d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
+        dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx)
+        dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
                 d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None)
 

@@ -30,7 +30,7 @@ class LoRAProj(NamedTuple):
     scale: float
 
 
-Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor]    # (X [N, K], M [K, C], idx)
+Term = tuple[torch.Tensor, torch.Tensor, "Kept"]           # (X [N, K], M [K, C], kept channels)
 # cuBLAS takes its fast (tensor-core, 16-byte) kernels only when leading dimensions are
 # multiples of 8 bf16 elements; a kept count like 143 fell back to sm75 align-1 kernels.
 _ALIGN = 8
@@ -49,59 +49,69 @@ def has_rows(dense_idx: torch.Tensor | None) -> bool:
     return dense_idx is not None and dense_idx.numel() > 0
 
 
+class Kept(NamedTuple):
+    """Kept channels: sorted ``idx``, the same padded to a multiple of ``_ALIGN`` (repeating its
+    first entry, so that the gathered operands keep 16-byte leading dimensions), and their count."""
+
+    idx: torch.Tensor
+    padded: torch.Tensor
+    k: int
+
+
+def kept_channels(idx: torch.Tensor, padded: torch.Tensor | None = None) -> Kept:
+    """``Kept`` for ``idx``; pass ``padded`` when it was made before (backward)."""
+    if padded is None:
+        extra = -idx.numel() % _ALIGN
+        padded = torch.cat([idx, idx[:1].expand(extra)]) if extra else idx
+    return Kept(idx, padded, idx.numel())
+
+
 def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r]), a fresh tensor."""
-    xa = x @ a.to(x.dtype).t()
-    return xa.mul_(s) @ b.to(x.dtype).t()
+    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh."""
+    return (x @ a.t()).mul_(s) @ b.t()
 
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
               ) -> torch.Tensor:
     """``out += s * (x @ a.T) @ b.T`` in place."""
-    return out.addmm_(x @ a.to(x.dtype).t(), b.to(x.dtype).t(), alpha=s)
+    return out.addmm_(x @ a.t(), b.t(), alpha=s)
 
 
 def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dA, dB, dy @ b * s) of ``y = s * (x @ a.T) @ b.T``; the last feeds the input gradient."""
-    a, b = a.to(x.dtype), b.to(x.dtype)
     dy_b = (dy @ b).mul_(s)                      # [N, r]
     d_a = dy_b.t() @ x                           # [r, in]
     d_b = dy.t() @ (x @ a.t()).mul_(s)           # [out, r]
     return d_a, d_b, dy_b
 
 
-def _padded(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``idx`` padded to a multiple of ``_ALIGN`` (repeating its first entry), and its length."""
-    k = idx.numel()
-    extra = -k % _ALIGN
-    return (torch.cat([idx, idx[:1].expand(extra)]) if extra else idx), k
+def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
+               dense_idx: torch.Tensor | None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += x @ m`` where non-dense rows get only the output columns ``kept`` (in place).
 
-
-def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, idx: torch.Tensor,
-               dense_idx: torch.Tensor | None) -> torch.Tensor:
-    """``out += x @ m`` where non-dense rows get only the output columns ``idx`` (in place)."""
+    ``x_rows``: ``x``'s dense rows when the caller already gathered them.
+    """
     if has_rows(dense_idx):
-        rows = torch.addmm(out.index_select(0, dense_idx), x.index_select(0, dense_idx), m)
-    padded, k = _padded(idx)
-    out.index_add_(1, idx, (x @ m.index_select(1, padded))[:, :k])
+        x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
+        rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
+    out.index_add_(1, kept.idx, (x @ m.index_select(1, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
 
 
 def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None) -> torch.Tensor:
-    """``sum x @ m`` over the terms, non-dense rows reading only the input channels ``idx``.
+    """``sum x @ m`` over the terms, non-dense rows reading only the input channels kept.
 
     A fresh tensor: each term adds ``x[:, idx] @ m[idx]`` for every row, then the dense rows
     are replaced by their full products.
     """
     out = None
-    for x, m, idx in terms:
-        padded, k = _padded(idx)
-        m_kept = m.index_select(0, padded)
-        m_kept[k:] = 0                         # the padding columns of x contribute nothing
-        x_kept = x.index_select(1, padded)
+    for x, m, kept in terms:
+        m_kept = m.index_select(0, kept.padded)
+        m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
+        x_kept = x.index_select(1, kept.padded)
         out = x_kept @ m_kept if out is None else out.addmm_(x_kept, m_kept)
     if has_rows(dense_idx):
         rows = None
