@@ -390,6 +390,24 @@ def flop_model(config, layers: int, sparse: bool) -> dict:
     return c
 
 
+def where_time_goes(result: dict) -> dict:
+    """Against the targets: how far off, and the dense vs sparse step split into GPU kernel time
+    by category and GPU idle time (host-bound launches), from the profiles."""
+    runs, prof = result["runs"], result.get("profiles") or {}
+    out = {}
+    if result.get("speedup"):
+        out["missed_by"] = {"speedup": round(result["targets"]["speedup"] / result["speedup"], 3),
+                            "estimator_share": round(result["estimator_share"] / result["targets"]["estimator_share"], 3)}
+    for name in ("unsloth_dense_lora", "sparse"):
+        p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
+        if not p or not step:
+            continue
+        out[name] = {"step_s": step, "gpu_kernel_s": p["gpu_busy_s_per_step"],
+                     "gpu_idle_s": round(max(step - p["gpu_busy_s_per_step"], 0.0), 5),
+                     "kernel_launches": p["kernels_per_step"], "by_category_s": p["categories_s_per_step"]}
+    return out
+
+
 def run_child(stage: str, args, out_dir: str) -> dict:
     path = os.path.join(out_dir, f"bench_{stage}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--child-out", path,
@@ -486,6 +504,7 @@ def driver(args) -> None:
         "fast_path_applies": uns.get("fast_path_applies"),
         "errors": [r["error"] for r in (peft, uns) if "error" in r] or None,
     }
+    result["where_time_goes"] = where_time_goes(result)
     path = os.path.join(args.out, f"{NAME}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
