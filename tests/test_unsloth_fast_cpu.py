@@ -121,3 +121,19 @@ def test_dropout_refused(monkeypatch):
                                                                                    "down_proj"]))
     with pytest.raises(ValueError, match="lora_dropout=0"):
         _sparsify(model, MLP_ONLY, unsloth_fast, monkeypatch)
+
+
+def test_padding_free_batch_matches_reference_backend(monkeypatch):
+    """A padding-free batch: one flattened row, output tokens scattered through it."""
+    base = tiny_lora_model()
+    ids, labels = _batch()
+    ids, labels = ids.reshape(1, -1), labels.reshape(1, -1)
+    # MLP only: Hugging Face's attention does not call apply_qkv / apply_o
+    fast = _sparsify(copy.deepcopy(base), MLP_ONLY, unsloth_fast, monkeypatch)
+    ref = _sparsify(copy.deepcopy(base), MLP_ONLY, su.patch.reference, monkeypatch)
+    loss, grads = _run(fast, ids, labels)
+    ref_loss, ref_grads = _run(ref, ids, labels)
+    assert su.sparse_state(fast).split.dense_idx.numel() == 3 * 6     # 5 labels + the shift, 3 rows
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
