@@ -128,18 +128,6 @@ def sync_points(step) -> dict:
     return dict(where.most_common(12))
 
 
-def sync_free_sequence_means(split, hidden):
-    """TokenSplit.sequence_means without the boolean-mask gather that synchronizes per call.
-
-    A sequence without context tokens gets a zero row instead of no row: the estimator scores
-    channels by an L2 norm over rows, and a zero row scores nothing (silu(0) * 0 = 0), so the
-    chosen channels are the same.
-    """
-    mask = split.sparse_mask.to(hidden.dtype).unsqueeze(-1)
-    x = hidden.reshape(*split.sparse_mask.shape, hidden.shape[-1])
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     """GPU kernel time per step (torch.profiler), the ``top`` kernels, and the host time per step.
 
@@ -326,10 +314,6 @@ def child_unsloth(args) -> dict:
     profiles = {"unsloth_dense_lora": profile_steps(step)}
 
     out["dynamo"] = {"unsloth_dense_lora": dynamo_counters()}
-    if args.estimator_sync_fix:
-        from sparse_unsloth.patch.state import TokenSplit
-
-        TokenSplit.sequence_means = sync_free_sequence_means
     config = load_config(args.preset)
     estimator = random_factors(model, config) if args.estimator == "random" else None
     timer = EstimatorTimer()
@@ -414,8 +398,8 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator]
     cmd += ["--sparse-mode", args.sparse_mode]
-    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too),
-                                  ("--no-estimator-sync-fix", not args.estimator_sync_fix)) if on]
+    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too))
+            if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.environ.get("PYTHONPATH", "")])})
@@ -482,7 +466,6 @@ def driver(args) -> None:
         "settings": {"batch": BSZ, "seq_len": SEQ, "output_tokens": SEQ - CTX, "lora_r": RANK, "lora_alpha": ALPHA,
                      "preset": args.preset, "layers": args.layers, "dtype": "bf16", "warmup_steps": args.warmup,
                      "timed_steps": args.steps, "estimator": args.estimator, "sparse_mode": args.sparse_mode,
-                     "estimator_sync_fix": args.estimator_sync_fix,
                      "gradient_checkpointing": "unsloth (dense, sparse); non-reentrant (hf_peft_lora)",
                      "block_compile": os.environ.get("UNSLOTH_BLOCK_COMPILE", "1 (default)")},
         "baseline": "unsloth_dense_lora",
@@ -533,8 +516,6 @@ def main() -> None:
     ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break", "traced"], default="eager-block",
                     help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
     ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
-    ap.add_argument("--no-estimator-sync-fix", dest="estimator_sync_fix", action="store_false",
-                    help="keep TokenSplit.sequence_means as shipped (it synchronizes once per sparse MLP)")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
     ap.add_argument("--child-out", default=None)
     args = ap.parse_args()

@@ -3,8 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from sparse_unsloth.estimator.factors import svd_factors
-from sparse_unsloth.estimator.select import (ffn_channels, kept_count, kv_to_q_channels, qk_channels,
-                                             vo_channels)
+from sparse_unsloth.estimator.select import (
+    ffn_channels,
+    kept_count,
+    kv_to_q_channels,
+    qk_channels,
+    vo_channels,
+)
 
 
 def _factors(out, inp, gen):

@@ -46,6 +46,6 @@ def test_sequence_means_average_each_rows_context_tokens():
     split = token_split(labels, labels.shape, torch.device("cpu"))
     hidden = torch.arange(24, dtype=torch.float64).view(3, 4, 2)
     # row 0: tokens 0-1 are context (2 predicts the label at 3); row 1: token 0 only;
-    # row 2: every token is an output token, so it has no mean
-    expected = torch.stack([hidden[0, :2].mean(0), hidden[1, :1].mean(0)])
+    # row 2: every token is an output token, so its row is zero (it scores no channel)
+    expected = torch.stack([hidden[0, :2].mean(0), hidden[1, :1].mean(0), torch.zeros(2, dtype=torch.float64)])
     torch.testing.assert_close(split.sequence_means(hidden), expected)

@@ -28,15 +28,15 @@ class TokenSplit:
     sparse_mask: torch.Tensor    # [sequences, tokens]: True at context tokens
 
     def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean hidden state of each sequence's context tokens (sequences without any dropped).
+        """Mean hidden state of each sequence's context tokens; zero for a sequence without any.
 
+        A zero row scores no channel (silu(0) * 0 = 0 under an L2 norm over rows), so it needs
+        no filtering, and filtering would make the host wait for the GPU in every sparse MLP.
         A padding-free batch arrives as one flattened row, so its packed sequences share one mean.
         """
         mask = self.sparse_mask.to(hidden.dtype).unsqueeze(-1)
         x = hidden.reshape(*self.sparse_mask.shape, hidden.shape[-1])
-        counts = mask.sum(1)
-        means = (x * mask).sum(1) / counts.clamp(min=1)
-        return means[counts.squeeze(-1) > 0]
+        return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
