@@ -121,6 +121,8 @@ def test_dropout_refused(monkeypatch):
                                                                                    "down_proj"]))
     with pytest.raises(ValueError, match="lora_dropout=0"):
         _sparsify(model, MLP_ONLY, unsloth_fast, monkeypatch)
+    assert su.sparse_state(model) is None                # nothing left patched
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
 
 
 def test_padding_free_batch_matches_reference_backend(monkeypatch):
@@ -137,3 +139,21 @@ def test_padding_free_batch_matches_reference_backend(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_unsloth_fused_model_the_fast_path_cannot_take_is_refused(monkeypatch):
+    """Unsloth's fused functions bypass the base linears: the reference backend would train dense."""
+    import sys
+    import types
+
+    fake = types.ModuleType("unsloth.kernels.fast_lora")
+    fake.apply_lora_mlp_swiglu = lambda self, x: x
+    fake.apply_lora_qkv = fake.apply_lora_o = lambda self, x: x
+    monkeypatch.setitem(sys.modules, "unsloth.kernels.fast_lora", fake)
+    model = tiny_lora_model()
+    for layer in decoder_layers(model):
+        layer.mlp.forward = types.MethodType(fake.apply_lora_mlp_swiglu, layer.mlp)
+    assert unsloth_fast.fused(model) and not unsloth_fast.applies(model)   # CPU weights
+    with pytest.raises(NotImplementedError, match="needs 16-bit base weights on a CUDA GPU"):
+        su.sparsify(model, MLP_ONLY, progress=False)
+    assert su.sparse_state(model) is None

@@ -13,7 +13,7 @@ from ..config import MODULE_KINDS, ConfigError, SparseConfig, load_config
 from ..estimator.factors import EstimatorFactors
 from ..estimator.resolve import resolve_factors
 from ..estimator.store import fingerprint
-from . import reference
+from . import reference, unsloth_fast
 from .models import (
     attention_geometry,
     check_supported,
@@ -58,11 +58,17 @@ def _begin_batch_hook(state: SparseState):
 
 def _backend(model: nn.Module):
     """Unsloth's fused GPU path when Unsloth patched this model on a GPU, else the reference."""
-    try:
-        from . import unsloth_fast
-    except ImportError:
-        return reference
-    return unsloth_fast if unsloth_fast.applies(model) else reference
+    if unsloth_fast.applies(model):
+        return unsloth_fast
+    if unsloth_fast.fused(model):
+        # Unsloth's fused functions never call the base linears the reference backend patches:
+        # going on would train dense while reporting sparse.
+        weight = frozen_linear(decoder_layers(model)[0].mlp.down_proj).weight
+        raise NotImplementedError(
+            "Unsloth's fused LoRA kernels run this model, but the sparse fast path needs 16-bit base "
+            f"weights on a CUDA GPU (these are {weight.dtype} on {weight.device}); 4-bit QLoRA is not "
+            "supported yet: load with load_in_4bit=False, or train dense")
+    return reference
 
 
 def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseConfig,
@@ -82,6 +88,7 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     layers = decoder_layers(model)
     config = load_config(config, num_layers=len(layers))
     _check_layers(config, len(layers))
+    backend = _backend(model)
     every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
     needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
     name = model_id or getattr(model_config(model), "_name_or_path", "") or ""
@@ -91,12 +98,16 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     ref = frozen_linear(layers[0].mlp.down_proj).weight
     dtype = ref.dtype if ref.is_floating_point() else torch.bfloat16
     state = SparseState(config, factors.to(ref.device, dtype), attention_geometry(model))
-    backend = _backend(model)
-    for i, layer in enumerate(layers):
-        ctl = LayerSparsity(state, i)
-        if ctl.mlp_sparsity or ctl.attn_sparsity:
-            state.layers[i] = ctl
-            state.handles += backend.patch_layer(layer, ctl)
+    try:
+        for i, layer in enumerate(layers):
+            ctl = LayerSparsity(state, i)
+            if ctl.mlp_sparsity or ctl.attn_sparsity:
+                state.layers[i] = ctl
+                state.handles += backend.patch_layer(layer, ctl)
+    except Exception:
+        for undo in reversed(state.handles):      # a layer refused: leave the model as it was
+            undo()
+        raise
     state.handles.append(model.register_forward_pre_hook(_begin_batch_hook(state), with_kwargs=True).remove)
     setattr(model, STATE_ATTR, state)
     return model

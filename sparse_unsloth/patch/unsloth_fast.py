@@ -65,20 +65,21 @@ def _plain_weight(proj: nn.Module) -> bool:
     return weight.is_floating_point() and getattr(weight, "quant_state", None) is None
 
 
-def applies(model: nn.Module) -> bool:
-    """True when Unsloth bound its fused LoRA functions into ``model`` and the weights are on CUDA.
-
-    4-bit / 8-bit base weights are left to the reference backend.
-    """
+def fused(model: nn.Module) -> bool:
+    """True when Unsloth bound its fused LoRA functions into ``model``'s layers (its GPU path)."""
     fl = _fast_lora()
     if fl is None:
         return False
-    layers = decoder_layers(model)
-    fused = any(_func(layer.mlp.__dict__.get(_mlp_slot(layer.mlp))) is fl.apply_lora_mlp_swiglu
-                or layer.self_attn.__dict__.get("apply_qkv") is fl.apply_lora_qkv
-                or layer.self_attn.__dict__.get("apply_o") is fl.apply_lora_o for layer in layers)
-    down = layers[0].mlp.down_proj
-    return fused and frozen_linear(down).weight.is_cuda and _plain_weight(down)
+    return any(_func(layer.mlp.__dict__.get(_mlp_slot(layer.mlp))) is fl.apply_lora_mlp_swiglu
+               or layer.self_attn.__dict__.get("apply_qkv") is fl.apply_lora_qkv
+               or layer.self_attn.__dict__.get("apply_o") is fl.apply_lora_o
+               for layer in decoder_layers(model))
+
+
+def applies(model: nn.Module) -> bool:
+    """True when Unsloth's fused path runs ``model`` with 16-bit base weights on CUDA."""
+    down = frozen_linear(decoder_layers(model)[0].mlp.down_proj)
+    return fused(model) and down.weight.is_cuda and _plain_weight(down)
 
 
 def _check_plain_lora(projs: list[nn.Module]) -> None:
