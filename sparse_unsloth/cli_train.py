@@ -128,6 +128,11 @@ def _rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.unsloth and torch.cuda.is_available():
+        import unsloth  # noqa: F401  Unsloth patches transformers/peft/trl, so it comes before them
+
     from .finetune import LoraSettings, finetune, load_model, resolve_model
 
     if args.model != SHIPPED_MODEL:
