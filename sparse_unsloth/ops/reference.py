@@ -39,6 +39,14 @@ def _as(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return weight if weight.dtype == like.dtype else weight.to(like.dtype)
 
 
+def _dense_rows_(out: torch.Tensor, rows_in: torch.Tensor, weight: torch.Tensor,
+                 dense_idx: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite the dense rows of ``out`` with ``rows_in[dense_idx] @ weight`` (all channels)."""
+    if dense_idx is not None and dense_idx.numel():
+        out[dense_idx] = rows_in[dense_idx] @ _as(weight, rows_in)
+    return out
+
+
 class _SparseOutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_src, bias, idx, dense_idx):
@@ -46,8 +54,7 @@ class _SparseOutLinear(torch.autograd.Function):
         _check_frozen(weight)
         out = x.new_zeros(x.shape[0], weight.shape[0])
         out[:, idx] = x @ _as(weight[idx], x).T
-        if dense_idx is not None and dense_idx.numel():
-            out[dense_idx] = x[dense_idx] @ _as(weight, x).T
+        _dense_rows_(out, x, weight.T, dense_idx)
         if bias is not None:
             out += bias
         ctx.weight_src = weight_src
@@ -59,9 +66,7 @@ class _SparseOutLinear(torch.autograd.Function):
         idx, dense_idx = ctx.saved_tensors
         weight = _get(ctx.weight_src)
         grad_x = grad_out[:, idx] @ _as(weight[idx], grad_out)
-        if dense_idx is not None and dense_idx.numel():
-            grad_x[dense_idx] = grad_out[dense_idx] @ _as(weight, grad_out)
-        return grad_x, None, None, None, None
+        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, None, None, None
 
 
 class _SparseInLinear(torch.autograd.Function):
@@ -69,9 +74,7 @@ class _SparseInLinear(torch.autograd.Function):
     def forward(ctx, x, weight_src, bias, idx, dense_idx):
         weight = _get(weight_src)
         _check_frozen(weight)
-        out = x[:, idx] @ _as(weight[:, idx], x).T
-        if dense_idx is not None and dense_idx.numel():
-            out[dense_idx] = x[dense_idx] @ _as(weight, x).T
+        out = _dense_rows_(x[:, idx] @ _as(weight[:, idx], x).T, x, weight.T, dense_idx)
         if bias is not None:
             out += bias
         ctx.weight_src = weight_src
@@ -85,9 +88,7 @@ class _SparseInLinear(torch.autograd.Function):
         weight = _get(ctx.weight_src)
         grad_x = grad_out.new_zeros(grad_out.shape[0], ctx.in_features)
         grad_x[:, idx] = grad_out @ _as(weight[:, idx], grad_out)
-        if dense_idx is not None and dense_idx.numel():
-            grad_x[dense_idx] = grad_out[dense_idx] @ _as(weight, grad_out)
-        return grad_x, None, None, None, None
+        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, None, None, None
 
 
 def sparse_out_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,

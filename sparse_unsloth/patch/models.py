@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..estimator.factors import ESTIMATED_PROJS
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -86,7 +88,5 @@ def weight_getter(linear: nn.Module) -> Callable[[], torch.Tensor]:
 def estimated_weights(layers: nn.ModuleList, which: Mapping[str, Iterable[int]],
                       ) -> dict[str, Callable[[], torch.Tensor]]:
     """``"{layer}.{proj}" -> weight getter`` for the projections the estimator scores."""
-    from ..estimator.factors import ESTIMATED_PROJS
-
     return {f"{i}.{p}": weight_getter(frozen_linear(getattr(getattr(layers[i], kind), p)))
             for kind, idx in which.items() for i in idx for p in ESTIMATED_PROJS[kind]}

@@ -24,8 +24,11 @@ class TokenSplit:
 
     dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
     sparse_idx: torch.Tensor     # context rows: the estimator scores them
-    num_tokens: int
     sparse_mask: torch.Tensor    # [sequences, tokens]: True at context tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.sparse_mask.numel()
 
     def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state of each sequence's context tokens; zero for a sequence without any.
@@ -58,7 +61,7 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
     flat = dense.reshape(-1)
-    return TokenSplit(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), flat.numel(), ~dense)
+    return TokenSplit(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), ~dense)
 
 
 @dataclasses.dataclass
