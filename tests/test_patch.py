@@ -40,7 +40,7 @@ def _mask_frozen(model, state):
     """Zero the dropped channels of the frozen weights, as the layers' choices say."""
     layers = decoder_layers(model)
     for i, ctl in state.layers.items():
-        mlp, attn = ctl._cache.get("mlp", (0, None))[1], ctl._cache.get("attn", (0, None))[1]
+        mlp, attn = (state.current.choices.get((i, kind)) for kind in ("mlp", "attn"))
         plan = []
         if mlp is not None:
             plan += [("mlp", "gate_proj", 0, mlp.idx), ("mlp", "up_proj", 0, mlp.idx),
@@ -65,7 +65,7 @@ def test_sparse_model_equals_masked_dense_model(model_type):
     loss, gx, grads = _run(sparse, embeds, labels)
     state = su.sparse_state(sparse)
     assert sorted(state.layers) == [0, 1, 2]
-    assert len(state.layers[2]._cache["mlp"][1].idx) == 8          # round(77 * 0.1)
+    assert len(state.current.choices[2, "mlp"].idx) == 8          # round(77 * 0.1)
 
     masked = copy.deepcopy(base)
     _mask_frozen(masked, state)

@@ -54,11 +54,10 @@ def test_4bit_sparse_equals_masked_dequantized_model(tmp_path):
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     # Same channels chosen, from the same (dequantized) weights
-    for i, ctl in su.sparse_state(q4).layers.items():
-        other = su.sparse_state(full).layers[i]
-        for kind in ctl._cache:
-            assert all(torch.equal(a, b) for a, b in zip(vars(ctl._cache[kind][1]).values(),
-                                                           vars(other._cache[kind][1]).values()))
+    choices, other = su.sparse_state(q4).current.choices, su.sparse_state(full).current.choices
+    assert sorted(choices) == sorted(other) == [(0, "mlp"), (1, "attn"), (1, "mlp")]
+    for key, choice in choices.items():
+        assert all(torch.equal(a, b) for a, b in zip(vars(choice).values(), vars(other[key]).values()))
     (loss4, grads4), (loss_ref, grads_ref) = results
     torch.testing.assert_close(loss4, loss_ref, rtol=1e-5, atol=1e-5)
     for name, g in grads4.items():

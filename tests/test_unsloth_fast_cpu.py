@@ -22,10 +22,6 @@ MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 2: 0.9}, estimator_rank=3)
 WITH_ATTN = su.SparseConfig(mlp={1: 0.5}, self_attn={1: 0.5, 2: 0.75}, estimator_rank=3)
 
 
-def _fns():
-    return unsloth_fast._TRACED if unsloth_fast.MODE == "traced" else unsloth_fast._EAGER
-
-
 def _batch(vocab=101, batch=3, seq=11, seed=1, context=6):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
@@ -69,11 +65,12 @@ def test_attention_functions_match_reference_ops(monkeypatch):
     _run(model, ids, labels)                              # sets this batch's split; flips layers
     layer = decoder_layers(model)[2]
     attn = layer.self_attn
-    assert attn.apply_qkv is _fns()["apply_qkv"]
+    assert isinstance(attn.apply_qkv, unsloth_fast.AttnFunction)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
     q, k, v = attn.apply_qkv(attn, x)
-    choice = su.sparse_state(model).layers[2].attn_choice(x)
+    state = su.sparse_state(model)
+    choice = state.layers[2].attn_choice(x, state.current)
     dense_idx = su.sparse_state(model).split.dense_idx
     x2 = x.reshape(-1, 48)
     for out, name, idx in ((q, "q_proj", choice.q_idx), (k, "k_proj", choice.k_idx), (v, "v_proj", choice.v_idx)):
@@ -96,8 +93,8 @@ def test_inactive_and_undo_restore_originals(monkeypatch):
     model = _sparsify(base, WITH_ATTN, unsloth_fast, monkeypatch)
     ids, labels = _batch()
     _run(model, ids, labels)
-    assert layer.self_attn.apply_qkv is _fns()["apply_qkv"]
-    assert layer.mlp.forward.__func__ is _fns()["mlp"]
+    assert isinstance(layer.self_attn.apply_qkv, unsloth_fast.AttnFunction)
+    assert isinstance(layer.mlp.forward, unsloth_fast.MLPForward)
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)

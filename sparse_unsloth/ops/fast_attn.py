@@ -1,7 +1,7 @@
 """Fused sparse LoRA attention projections: Q/K/V from one input, and O.
 
 What Unsloth's LoRA_QKV and LoRA_W do (save the input and the LoRA factors, LoRA gradients
-by hand), except that the context rows see only the kept output channels of the frozen
+by hand), plus the base layers' biases (Qwen2's q/k/v; trainable ones get their gradient), except that the context rows see only the kept output channels of the frozen
 q/k/v weights (``q_idx``/``k_idx``/``v_idx``) and only the kept input channels of the frozen
 o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are dense.
 """
@@ -12,7 +12,9 @@ import torch
 
 from .sparse_mm import (
     LoRAProj,
+    add_bias_,
     add_lora_,
+    bias_grad,
     cast_like,
     has_rows,
     keep_cols_,
@@ -26,7 +28,7 @@ from .sparse_mm import (
 class _SparseLoRAQKV(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s, v_w, v_a, v_b, v_s,
+    def forward(ctx, x, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias,
                 q_idx, k_idx, v_idx, dense_idx):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -34,9 +36,13 @@ class _SparseLoRAQKV(torch.autograd.Function):
         loras = tuple(cast_like(t, x2) for t in (q_a, q_b, k_a, k_b, v_a, v_b))
         kepts = tuple(kept_channels(i) for i in (q_idx, k_idx, v_idx))
         x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
-        outs = [keep_cols_(lora_out(x2, a, b, s), x2, w.t(), kept, dense_idx, x_rows).view(*shape[:-1], -1)
-                for w, a, b, s, kept in zip(weights, loras[0::2], loras[1::2], (q_s, k_s, v_s), kepts)]
+        biases = (q_bias, k_bias, v_bias)
+        outs = [add_bias_(keep_cols_(lora_out(x2, a, b, s), x2, w.t(), kept, dense_idx, x_rows), bias)
+                .view(*shape[:-1], -1)
+                for w, a, b, s, bias, kept in zip(weights, loras[0::2], loras[1::2], (q_s, k_s, v_s), biases,
+                                                  kepts)]
         ctx.weights = weights
+        ctx.biases = biases
         ctx.scales = (q_s, k_s, v_s)
         ctx.save_for_backward(x2, *loras, *(t for kept in kepts for t in (kept.idx, kept.padded)), dense_idx)
         ctx.in_shape = shape
@@ -55,22 +61,22 @@ class _SparseLoRAQKV(torch.autograd.Function):
         for (_, _, dyb), (a, _) in zip(lora_g, pairs):
             dx.addmm_(dyb, a)
         out: list = [dx.view(ctx.in_shape)]
-        for d_a, d_b, _ in lora_g:
-            out += [None, d_a, d_b, None]
+        for (d_a, d_b, _), d, bias, needed in zip(lora_g, grads, ctx.biases, ctx.needs_input_grad[5::5]):
+            out += [None, d_a, d_b, None, bias_grad(d, bias, needed)]
         return (*out, None, None, None, None)
 
 
 class _SparseLoRAO(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w, a, b, s, idx, dense_idx):
+    def forward(ctx, x, w, a, b, s, bias, idx, dense_idx):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         w, a, b = cast_like(w, x2), cast_like(a, x2), cast_like(b, x2)
         kept = kept_channels(idx)
         out = keep_rows([(x2, w.t(), kept)], dense_idx)
-        add_lora_(out, x2, a, b, s)
-        ctx.weight, ctx.scale = w, s
+        add_bias_(add_lora_(out, x2, a, b, s), bias)
+        ctx.weight, ctx.scale, ctx.bias = w, s, bias
         ctx.save_for_backward(x2, a, b, idx, kept.padded, dense_idx)
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -81,7 +87,8 @@ class _SparseLoRAO(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         d_a, d_b, dyb = lora_grads(x, dy2, a, b, ctx.scale)
         dx = keep_cols_(dyb @ a, dy2, ctx.weight, kept_channels(idx, padded), dense_idx)
-        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, None, None
+        d_bias = bias_grad(dy2, ctx.bias, ctx.needs_input_grad[5])
+        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None
 
 
 def sparse_lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor,

@@ -105,4 +105,7 @@ def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAPro
 
     ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none).
     """
-    return _SparseLoRAMLP.apply(x, *gate, *up, *down, idx, dense_idx, act_forward, act_backward)
+    if any(p.bias is not None for p in (gate, up, down)):
+        raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
+                         "keep their MLP layers dense")
+    return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward)

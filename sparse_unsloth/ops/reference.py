@@ -8,7 +8,9 @@ Equivalently: the dense layer with the dropped channels masked out, for the spar
 * :func:`sparse_in_linear` drops input channels (columns of ``W``): down, o.
 
 Only the index tensors are saved for backward, so backward slices the same channels that
-forward used; the weight gets no gradient (it is frozen). ``x`` is 2-D ``[tokens, features]``.
+forward used; the weight gets no gradient (it is frozen); a trainable bias (PEFT's
+``bias="all"`` / ``"lora_only"``) gets its full gradient, as the bias is never masked.
+``x`` is 2-D ``[tokens, features]``.
 ``weight`` is a tensor or a function returning one (a 4-bit weight's dequantization): a
 function is called again in backward, so no dequantized copy lives between the passes.
 """
@@ -47,6 +49,10 @@ def _dense_rows_(out: torch.Tensor, rows_in: torch.Tensor, weight: torch.Tensor,
     return out
 
 
+def _bias_grad(ctx, grad_out: torch.Tensor) -> torch.Tensor | None:
+    return grad_out.sum(0) if ctx.needs_input_grad[2] else None
+
+
 class _SparseOutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_src, bias, idx, dense_idx):
@@ -66,7 +72,7 @@ class _SparseOutLinear(torch.autograd.Function):
         idx, dense_idx = ctx.saved_tensors
         weight = _get(ctx.weight_src)
         grad_x = grad_out[:, idx] @ _as(weight[idx], grad_out)
-        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, None, None, None
+        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, _bias_grad(ctx, grad_out), None, None
 
 
 class _SparseInLinear(torch.autograd.Function):
@@ -88,7 +94,7 @@ class _SparseInLinear(torch.autograd.Function):
         weight = _get(ctx.weight_src)
         grad_x = grad_out.new_zeros(grad_out.shape[0], ctx.in_features)
         grad_x[:, idx] = grad_out @ _as(weight[:, idx], grad_out)
-        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, None, None, None
+        return _dense_rows_(grad_x, grad_out, weight, dense_idx), None, _bias_grad(ctx, grad_out), None, None
 
 
 def sparse_out_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,

@@ -22,12 +22,14 @@ import torch
 
 
 class LoRAProj(NamedTuple):
-    """A frozen weight ``[out, in]`` and its LoRA branch ``s * B @ A`` (A ``[r, in]``, B ``[out, r]``)."""
+    """A frozen weight ``[out, in]``, its LoRA branch ``s * B @ A`` (A ``[r, in]``, B ``[out, r]``)
+    and the base layer's bias (None, frozen, or trainable: it is never masked)."""
 
     weight: torch.Tensor
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None
 
 
 Term = tuple[torch.Tensor, torch.Tensor, "Kept"]           # (X [N, K], M [K, C], kept channels)
@@ -64,6 +66,16 @@ def kept_channels(idx: torch.Tensor, padded: torch.Tensor | None = None) -> Kept
         extra = -idx.numel() % _ALIGN
         padded = torch.cat([idx, idx[:1].expand(extra)]) if extra else idx
     return Kept(idx, padded, idx.numel())
+
+
+def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out += bias`` in place (no-op without a bias)."""
+    return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+def bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    """The gradient of a bias added to every row of ``dy``'s output, when autograd wants it."""
+    return dy.sum(0).to(bias.dtype) if needed and bias is not None else None
 
 
 def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

@@ -42,8 +42,11 @@ def _check_layers(config: SparseConfig, num_layers: int) -> None:
                 "or edit the layer ranges")
 
 
-def _begin_batch_hook(state: SparseState):
-    def hook(model: nn.Module, args: tuple, kwargs: dict) -> None:
+class BeginBatch:
+    """Model forward pre-hook: the token split (and the record) of each forward."""
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        state: SparseState = model.__dict__[STATE_ATTR]
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
@@ -51,9 +54,29 @@ def _begin_batch_hook(state: SparseState):
             state.begin_batch(None, torch.Size([0, 0]), torch.device("cpu"), False)
             return
         shape = ref.shape if ids is not None else ref.shape[:-1]
-        state.begin_batch(kwargs.get("labels"), shape, ref.device, model.training)
+        state.begin_batch(kwargs.get("labels"), shape, ref.device, model.training,
+                          kwargs.get("attention_mask"))
 
-    return hook
+
+class TagOutputs:
+    """Model forward hook: the outputs a backward may start from name their forward's record."""
+
+    def __call__(self, model: nn.Module, _args: tuple, _kwargs: dict, output):
+        state: SparseState = model.__dict__[STATE_ATTR]
+
+        def tag(value):
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                return state.tag(value)
+            if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+                return tuple(tag(v) for v in value)
+            return value
+
+        if isinstance(output, Mapping):          # a transformers ModelOutput
+            for key in ("loss", "logits", "hidden_states", "last_hidden_state"):
+                if output.get(key) is not None:
+                    output[key] = tag(output[key])
+            return output
+        return tag(output)
 
 
 def _backend(model: nn.Module):
@@ -95,30 +118,33 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     factors = resolve_factors(needed, config.estimator_rank, fingerprint(every), source=estimator,
                               model_id=name, progress=progress,
                               revision=getattr(model_config(model), "_commit_hash", None) or "")
-    ref = frozen_linear(layers[0].mlp.down_proj).weight
-    dtype = ref.dtype if ref.is_floating_point() else torch.bfloat16
-    state = SparseState(config, factors.to(ref.device, dtype), attention_geometry(model))
+    state = SparseState(config, factors, attention_geometry(model))
     try:
         for i, layer in enumerate(layers):
             ctl = LayerSparsity(state, i)
             if ctl.mlp_sparsity or ctl.attn_sparsity:
                 state.layers[i] = ctl
-                state.handles += backend.patch_layer(layer, ctl)
+                backend.patch_layer(layer, ctl)
     except Exception:
-        for undo in reversed(state.handles):      # a layer refused: leave the model as it was
-            undo()
+        _unpatch_layers(layers)                   # a layer refused: leave the model as it was
         raise
-    state.handles.append(model.register_forward_pre_hook(_begin_batch_hook(state), with_kwargs=True).remove)
+    model.register_forward_pre_hook(BeginBatch(), with_kwargs=True)
+    model.register_forward_hook(TagOutputs(), with_kwargs=True)
     setattr(model, STATE_ATTR, state)
     return model
 
 
+def _unpatch_layers(layers: nn.ModuleList) -> None:
+    for layer in layers:
+        reference.unpatch_layer(layer)
+        unsloth_fast.unpatch_layer(layer)
+
+
 def unsparsify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify`: the model computes exactly as before it."""
-    state = sparse_state(model)
-    if state is None:
+    if sparse_state(model) is None:
         raise RuntimeError("this model is not sparsified")
-    for undo in reversed(state.handles):
-        undo()
+    _unpatch_layers(decoder_layers(model))
+    reference.remove_hooks(model, (BeginBatch, TagOutputs))
     delattr(model, STATE_ATTR)
     return model

@@ -1,7 +1,14 @@
-"""Per-model and per-layer sparse state: the token split of the batch, the channel choices.
+"""Per-model and per-layer sparse state: each forward's token split and channel choices.
 
-Channel choices are cached per batch, so gradient checkpointing's recompute and the backward
-pass use exactly the channels the forward pass used, and the estimator runs once per batch.
+Every training forward gets a :class:`BatchRecord` (its token split, the channels each layer
+chose). A checkpointed layer recomputed in backward must use the record of the forward whose
+graph is being differentiated, not the latest forward: TRL's DPO/KTO reference pass, an EMA
+teacher or any other forward of the same model may run in between. The model's outputs carry
+a tag (an identity autograd node); when backward reaches it, it names the record that the
+recomputes of this backward pass use, until the pass ends.
+
+State lives on objects that the patched modules reach through their own attributes, so that
+``copy.deepcopy``, ``.to()`` and pickling of a sparse model behave as on an unpatched one.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from typing import Any
 
 import torch
 
@@ -20,15 +28,12 @@ from .models import AttentionGeometry
 
 @dataclasses.dataclass
 class TokenSplit:
-    """Rows of the flattened ``[batch * seq, hidden]`` activations that stay dense."""
+    """Rows of the flattened ``[batch * seq, hidden]`` activations: which stay dense, which vote."""
 
     dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
-    sparse_idx: torch.Tensor     # context rows: the estimator scores them
-    sparse_mask: torch.Tensor    # [sequences, tokens]: True at context tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return self.sparse_mask.numel()
+    sparse_idx: torch.Tensor     # context rows that are real tokens: the estimator scores them
+    sparse_mask: torch.Tensor    # [sequences, tokens]: True at those rows
+    num_tokens: int              # real (non-padding) tokens
 
     def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state of each sequence's context tokens; zero for a sequence without any.
@@ -43,25 +48,35 @@ class TokenSplit:
 
 
 def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
-                dense_output_tokens: bool = True) -> TokenSplit:
-    """Output tokens dense, context tokens sparse.
+                dense_output_tokens: bool = True, attention_mask: torch.Tensor | None = None,
+                ) -> TokenSplit:
+    """Output tokens dense, context tokens sparse, padding neither dense nor voting.
 
     A position is an output token when its label is not -100, or when the next position's is
-    (its hidden state predicts that label after the causal shift). Works from the mask alone, so
-    padding side and padding-free (flattened) batches need nothing special; a boundary between
-    two packed sequences at most keeps one extra row dense.
+    (its hidden state predicts that label after the causal shift). Works from the masks alone,
+    so padding side and padding-free (flattened) batches need nothing special; a boundary
+    between two packed sequences at most keeps one extra row dense. Padding (``attention_mask``
+    0) is computed sparse, which is cheapest, and never scores channels: no real token attends
+    to it, so neither its values nor its count change the result.
     """
+    real = torch.ones(shape, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.shape != shape:
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match the "
+                             f"input ids {tuple(shape)}; the sparse patch reads padding from a 2-D mask")
+        real = attention_mask.to(device) != 0
     if labels is None or not dense_output_tokens:
         dense = torch.zeros(shape, dtype=torch.bool, device=device)
     else:
         if labels.numel() != shape.numel():
             raise ValueError(f"labels hold {labels.numel()} tokens but the layer sees {shape.numel()}; "
                              "the sparse patch needs labels shaped like input_ids")
-        target = (labels != -100).reshape(shape).to(device)
+        target = (labels != -100).reshape(shape).to(device) & real
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
-    flat = dense.reshape(-1)
-    return TokenSplit(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1), ~dense)
+    votes = ~dense & real
+    return TokenSplit(dense.reshape(-1).nonzero().squeeze(1), votes.reshape(-1).nonzero().squeeze(1),
+                      votes, int(real.sum()))
 
 
 @dataclasses.dataclass
@@ -77,8 +92,34 @@ class AttnChoice:
     o_idx: torch.Tensor
 
 
+class BatchRecord:
+    """One sparse training forward: its token split and the channels each layer chose for it."""
+
+    def __init__(self, split: TokenSplit) -> None:
+        self.split = split
+        self.choices: dict[tuple[int, str], MLPChoice | AttnChoice | None] = {}
+        self.counted: set[tuple[int, str]] = set()    # (layer, kind) whose sparse work was counted
+
+
+class _TagOutput(torch.autograd.Function):
+    """Identity whose backward tells the state which forward this backward pass differentiates."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, state: SparseState, record: BatchRecord | None):
+        ctx.state, ctx.record = state, record
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.state.enter_backward(ctx.record)
+        return grad, None, None
+
+
+_NO_BACKWARD = object()      # no tagged output reached in the backward pass running now
+
+
 class SparseState:
-    """Everything the patched layers share: config, factors, switch, this batch's tokens."""
+    """Everything the patched layers share: config, factors, switch, statistics, the records."""
 
     def __init__(self, config: SparseConfig, factors: EstimatorFactors, geometry: AttentionGeometry,
                  ) -> None:
@@ -86,26 +127,55 @@ class SparseState:
         self.factors = factors
         self.geometry = geometry
         self.enabled = True          # the callback turns this off for the dense warm-up
-        self.training = False        # set per forward from the model's mode
-        self.batch_id = 0
-        self.split: TokenSplit | None = None
-        self.handles: list = []      # hooks and patches to undo
         self.layers: dict[int, LayerSparsity] = {}
         self.callback_attached = False
-        self._warned: set[str] = set()
+        self.sparse_batches_total = 0        # never reset: the callback counts sparse steps by it
+        self._transient()
         self.reset_stats()
+
+    def _transient(self) -> None:
+        # What no copy or pickle should carry: the forward in flight, the backward's record,
+        # factors cast for a device/dtype, the warnings already given.
+        self.current: BatchRecord | None = None
+        self._backward: Any = _NO_BACKWARD
+        self._cast: dict[tuple[torch.device, torch.dtype], EstimatorFactors] = {}
+        self._warned: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("current", "_backward", "_cast", "_warned"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._transient()
+
+    def __deepcopy__(self, memo: dict) -> SparseState:
+        import copy
+
+        clone = SparseState.__new__(SparseState)
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+    @property
+    def split(self) -> TokenSplit | None:
+        """The token split of the forward in flight (None when it runs dense)."""
+        return None if self.current is None else self.current.split
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.training and self.split is not None
+        return self.current is not None
 
     def begin_batch(self, labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
-                    training: bool) -> None:
+                    training: bool, attention_mask: torch.Tensor | None = None) -> None:
         """Start a forward pass over token ids of ``shape`` ([batch, seq])."""
-        self.batch_id += 1
-        self.training = training
-        if not (training and self.enabled):
-            self.split = None
+        self.current = None
+        if not training:
+            return
+        self.stats["forwards"] += 1
+        if not self.enabled:
             return
         if labels is None and self.config.dense_output_tokens:
             self._warn_once("no labels reached the model, so every token is treated as a context "
@@ -114,24 +184,75 @@ class SparseState:
             self._warn_once("training without SparsityCallback: sparse from the first step, with no "
                             "dense warm-up and no statistics in the logs. Pass "
                             "callbacks=[sparse_unsloth.SparsityCallback(model)] to the trainer.")
-        self.split = token_split(labels, shape, device, self.config.dense_output_tokens)
-        self.stats["batches"] += 1
-        self.stats["dense_tokens"] += self.split.dense_idx.numel()
-        self.stats["tokens"] += self.split.num_tokens
+        if attention_mask is not None and attention_mask.shape != shape:
+            self._warn_once(f"an attention mask of shape {tuple(attention_mask.shape)} (not [batch, seq]) "
+                            "reached the model: padding cannot be told from context tokens, so pad "
+                            "tokens vote in the channel choice. Pass a 2-D attention_mask.")
+            attention_mask = None
+        self.current = BatchRecord(token_split(labels, shape, device, self.config.dense_output_tokens,
+                                               attention_mask))
+
+    def tag(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (a model output), tagged with the current forward's record for backward."""
+        return _TagOutput.apply(out, self, self.current)
+
+    def enter_backward(self, record: BatchRecord | None) -> None:
+        if self._backward is _NO_BACKWARD:
+            torch.autograd.Variable._execution_engine.queue_callback(self._leave_backward)
+        self._backward = record
+
+    def _leave_backward(self) -> None:
+        self._backward = _NO_BACKWARD
+
+    def record_for_call(self) -> BatchRecord | None:
+        """The record a patched layer computes with now: in backward (a checkpointed layer's
+        recompute), the one of the forward being differentiated; else the forward in flight."""
+        if torch._C._current_graph_task_id() == -1:
+            return self.current
+        if self._backward is _NO_BACKWARD:
+            raise RuntimeError(
+                "sparse_unsloth: a checkpointed layer is being recomputed in a backward pass that did "
+                "not start from this model's outputs (loss, logits or hidden states), so the channels "
+                "its forward used are unknown. Call backward on a tensor computed from the model's "
+                "outputs, or turn gradient checkpointing off.")
+        return self._backward
+
+    def factors_like(self, hidden: torch.Tensor) -> EstimatorFactors:
+        """The factors on ``hidden``'s device and dtype (cast once; the model may have moved)."""
+        key = (hidden.device, hidden.dtype)
+        if key not in self._cast:
+            self._cast[key] = self.factors.to(hidden.device, hidden.dtype)
+        return self._cast[key]
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(f"sparse_unsloth: {message}", stacklevel=4)
 
+    def count_sparse(self, record: BatchRecord, layer: int, kind: str, kept: int, total: int) -> None:
+        """Count a layer's sparse work once per forward, when it really ran sparse."""
+        if (layer, kind) in record.counted:
+            return
+        if not record.counted:
+            s = self.stats
+            s["batches"] += 1
+            s["dense_tokens"] += record.split.dense_idx.numel()
+            s["tokens"] += record.split.num_tokens
+            self.sparse_batches_total += 1
+        record.counted.add((layer, kind))
+        self.stats[f"{kind}_kept"] += kept
+        self.stats[f"{kind}_total"] += total
+
     def reset_stats(self) -> None:
-        self.stats = {"batches": 0, "dense_tokens": 0, "tokens": 0, "estimator_s": 0.0,
+        self.stats = {"batches": 0, "forwards": 0, "dense_tokens": 0, "tokens": 0, "estimator_s": 0.0,
                       "mlp_kept": 0, "mlp_total": 0, "attn_kept": 0, "attn_total": 0}
 
     def pop_stats(self) -> dict[str, float]:
-        """Averages since the last call, as trainer log entries."""
+        """Averages since the last call, as trainer log entries (only what ran sparse counts)."""
         s = self.stats
-        out = {"sparse/active": float(self.enabled)}
+        # Share of the training forwards that really ran sparse: 0 in the warm-up, and 0 where
+        # nothing could be sparse (every token an output token, adapters disabled on the fast path).
+        out = {"sparse/active": s["batches"] / s["forwards"] if s["forwards"] else 0.0}
         if s["batches"]:
             out["sparse/dense_token_frac"] = s["dense_tokens"] / max(s["tokens"], 1)
             out["sparse/estimator_ms"] = 1e3 * s["estimator_s"] / s["batches"]
@@ -144,67 +265,70 @@ class SparseState:
 
 
 class LayerSparsity:
-    """Channel choices of one decoder layer, cached for the current batch."""
+    """How sparse one decoder layer is, and its channel choice for a forward's record."""
 
     def __init__(self, state: SparseState, layer: int) -> None:
         self.state = state
         self.layer = layer
         self.mlp_sparsity = state.config.sparsity("mlp", layer)
         self.attn_sparsity = state.config.sparsity("self_attn", layer)
-        self._cache: dict[str, tuple[int, object]] = {}
 
-    def _cached(self, kind: str, hidden: torch.Tensor, choose):
-        state = self.state
-        if not state.active:
-            return None
-        hit = self._cache.get(kind)
-        if hit is not None and hit[0] == state.batch_id:
-            return hit[1]
-        if state.split.sparse_idx.numel() == 0:
-            choice = None               # every token is an output token: nothing to skip
+    def _cached(self, kind: str, hidden: torch.Tensor, choose, record: BatchRecord):
+        key = (self.layer, kind)
+        if key in record.choices:
+            return record.choices[key]
+        if record.split.sparse_idx.numel() == 0:
+            choice = None               # every real token is an output token: nothing to skip
         else:
             start = time.perf_counter()
             # Channel choice is discrete: no gradient flows through it, and recording a graph
             # would make checkpointing's recompute (which hits the cache) save fewer tensors.
             with torch.no_grad():
-                choice = choose(hidden.detach())
-            state.stats["estimator_s"] += time.perf_counter() - start
-        self._cache[kind] = (state.batch_id, choice)
+                choice = choose(hidden.detach(), record.split)
+            self.state.stats["estimator_s"] += time.perf_counter() - start
+        record.choices[key] = choice
         return choice
 
-    def mlp_choice(self, hidden: torch.Tensor) -> MLPChoice | None:
-        if not self.mlp_sparsity:
+    def mlp_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> MLPChoice | None:
+        if not self.mlp_sparsity or record is None:
             return None
         state = self.state
 
-        def choose(hidden: torch.Tensor) -> MLPChoice:
-            split = state.split
+        def choose(hidden: torch.Tensor, split: TokenSplit) -> MLPChoice:
             x = (split.sequence_means(hidden) if state.config.ffn_seq_average
                  else hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx])
-            gate, up = state.factors[f"{self.layer}.gate_proj"], state.factors[f"{self.layer}.up_proj"]
-            total = gate[1].shape[1]
-            keep = kept_count(total, self.mlp_sparsity)
-            state.stats["mlp_kept"] += keep
-            state.stats["mlp_total"] += total
-            return MLPChoice(ffn_channels(x, gate, up, keep))
+            f = state.factors_like(hidden)
+            gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
+            return MLPChoice(ffn_channels(x, gate, up, self.mlp_kept(gate[1].shape[1])))
 
-        return self._cached("mlp", hidden, choose)
+        return self._cached("mlp", hidden, choose, record)
 
-    def attn_choice(self, hidden: torch.Tensor) -> AttnChoice | None:
-        if not self.attn_sparsity:
+    def mlp_kept(self, channels: int) -> int:
+        return kept_count(channels, self.mlp_sparsity)
+
+    def attn_kept(self) -> int:
+        return kept_count(self.state.geometry.head_dim, self.attn_sparsity)
+
+    def attn_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> AttnChoice | None:
+        if not self.attn_sparsity or record is None:
             return None
         state, geo = self.state, self.state.geometry
 
-        def choose(hidden: torch.Tensor) -> AttnChoice:
-            x = hidden.reshape(-1, hidden.shape[-1])[state.split.sparse_idx]
-            keep = kept_count(geo.head_dim, self.attn_sparsity)
-            f = state.factors
+        def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
+            x = hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx]
+            keep = self.attn_kept()
+            f = state.factors_like(hidden)
             q_idx, k_idx = qk_channels(x, f[f"{self.layer}.q_proj"], f[f"{self.layer}.k_proj"],
                                        geo.num_heads, geo.num_kv_heads, geo.head_dim, keep)
             v_idx, o_idx = vo_channels(x, f[f"{self.layer}.v_proj"], geo.num_heads,
                                        geo.num_kv_heads, geo.head_dim, keep)
-            state.stats["attn_kept"] += keep
-            state.stats["attn_total"] += geo.head_dim
             return AttnChoice(q_idx, k_idx, v_idx, o_idx)
 
-        return self._cached("attn", hidden, choose)
+        return self._cached("attn", hidden, choose, record)
+
+    def count(self, record: BatchRecord, kind: str, channels: int) -> None:
+        """Record that this layer's ``kind`` ("mlp" or "attn") really ran sparse for ``record``."""
+        if kind == "mlp":
+            self.state.count_sparse(record, self.layer, kind, self.mlp_kept(channels), channels)
+        else:
+            self.state.count_sparse(record, self.layer, kind, self.attn_kept(), self.state.geometry.head_dim)

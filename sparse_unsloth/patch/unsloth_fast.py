@@ -19,9 +19,9 @@ object (no per-layer recompiles). A projection without an active plain LoRA adap
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
-import types
 from collections.abc import Callable
 
 import torch
@@ -31,12 +31,27 @@ from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
 from ..ops.fast_mlp import sparse_lora_mlp, swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj
 from .models import decoder_layers, frozen_linear
+from .reference import remove_hooks
 from .state import LayerSparsity
 
 _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
+_SPARSE = "_sparse_unsloth_sparse"
+_SWITCHES = "_sparse_unsloth_switches"
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
-_MISSING = object()
+
+
+class _Missing:
+    """"The class attribute" (no instance attribute was set): copies and pickles as itself."""
+
+    def __deepcopy__(self, memo: dict) -> _Missing:
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 # How a sparse layer runs while sparse (read when a layer is patched; benchmarks/NOTES.md):
 #   "eager-block": the layer leaves Unsloth's compiled region (its stock eager forward) and runs
 #                  our Functions eagerly: no graph fragments, no recompiles.
@@ -82,9 +97,10 @@ def applies(model: nn.Module) -> bool:
     return fused(model) and down.weight.is_cuda and _plain_weight(down)
 
 
-def _check_plain_lora(projs: list[nn.Module]) -> None:
+def _check_plain_lora(projs: list[nn.Module], biases: bool) -> None:
     for proj in projs:
         dropout = getattr(proj, "lora_dropout", {})
+        base = frozen_linear(proj)
         plain = (hasattr(proj, "lora_A") and len(proj.active_adapters) == 1
                  and all(isinstance(d, nn.Identity) for d in dropout.values())
                  and all(b.bias is None for b in proj.lora_B.values())
@@ -94,6 +110,15 @@ def _check_plain_lora(projs: list[nn.Module]) -> None:
                 "sparse_unsloth's Unsloth fast path needs plain LoRA on every projection of a sparse "
                 "layer: one active adapter, lora_dropout=0, no LoRA bias, no DoRA, unquantized base "
                 f"weights ({type(proj).__name__} does not qualify). Use lora_dropout=0 and bias='none'.")
+        if base.weight.requires_grad:
+            raise ValueError(
+                f"the base weight under {type(proj).__name__} is trainable, but the sparse path computes "
+                "no gradient for base weights; freeze it (do not list these projections in "
+                "modules_to_save) or train dense")
+        if base.bias is not None and not biases:
+            raise ValueError(
+                "the sparse fast path does not take MLP biases (mlp_bias=True); train this model "
+                "with its MLP layers dense (no `mlp` entry in the sparsity config)")
 
 
 def _lora(proj: nn.Module) -> LoRAProj | None:
@@ -103,8 +128,9 @@ def _lora(proj: nn.Module) -> LoRAProj | None:
     name = proj.active_adapters[0]
     if name not in proj.lora_A:
         return None
-    return LoRAProj(frozen_linear(proj).weight, proj.lora_A[name].weight, proj.lora_B[name].weight,
-                    proj.scaling[name])
+    base = frozen_linear(proj)
+    return LoRAProj(base.weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name],
+                    base.bias)
 
 
 def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
@@ -139,40 +165,51 @@ def _dense_attn(attn: nn.Module, name: str) -> Callable:
 
 @torch.compiler.disable
 def _pick_mlp(self: nn.Module, x: torch.Tensor):
-    """(kept channels, dense rows) for this batch, or None: the estimator, outside any graph."""
+    """(kept channels, dense rows) for this forward, or None: the estimator, outside any graph.
+
+    Called only when the sparse function will run, so the statistics count what ran sparse.
+    """
     ctl: LayerSparsity = self.__dict__[_CTL]
-    choice = ctl.mlp_choice(x)
-    return None if choice is None else (choice.idx, ctl.state.split.dense_idx)
+    record = ctl.state.record_for_call()
+    choice = ctl.mlp_choice(x, record)
+    if choice is None:
+        return None
+    ctl.count(record, "mlp", frozen_linear(self.gate_proj).weight.shape[0])
+    return choice.idx, record.split.dense_idx
 
 
 @torch.compiler.disable
 def _pick_attn(self: nn.Module, x: torch.Tensor):
     ctl: LayerSparsity = self.__dict__[_CTL]
-    choice = ctl.attn_choice(x)        # apply_o gets the one apply_qkv cached for this batch
-    return None if choice is None else (choice, ctl.state.split.dense_idx)
+    record = ctl.state.record_for_call()
+    choice = ctl.attn_choice(x, record)        # apply_o gets the one apply_qkv cached for this forward
+    if choice is None:
+        return None
+    ctl.count(record, "attn", 0)
+    return choice, record.split.dense_idx
 
 
 def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    picked = _pick_mlp(self, x)
     projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if picked is None or any(p is None for p in projs):
+    picked = None if any(p is None for p in projs) else _pick_mlp(self, x)
+    if picked is None:
         return _dense_mlp(self, x)
     return sparse_lora_mlp(x, *projs, *picked, *_swiglu(x))
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
-    picked = _pick_attn(self, x)
     projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
-    if picked is None or any(p is None for p in projs):
+    picked = None if any(p is None for p in projs) else _pick_attn(self, x)
+    if picked is None:
         return _dense_attn(self, "apply_qkv")(self, x)
     choice, dense_idx = picked
     return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx)
 
 
 def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    picked = _pick_attn(self, x)
     proj = _lora(self.o_proj)
-    if picked is None or proj is None:
+    picked = None if proj is None else _pick_attn(self, x)
+    if picked is None:
         return _dense_attn(self, "apply_o")(self, x)
     choice, dense_idx = picked
     return sparse_lora_o(x, proj, choice.o_idx, dense_idx)
@@ -184,6 +221,52 @@ _TRACED = {"mlp": _sparse_mlp, "apply_qkv": _sparse_qkv, "apply_o": _sparse_o}
 _EAGER = {name: torch.compiler.disable(fn) for name, fn in _TRACED.items()}
 
 
+def _fns() -> dict[str, Callable]:
+    return _TRACED if MODE == "traced" else _EAGER
+
+
+class AttnFunction:
+    """Our ``apply_qkv`` / ``apply_o``: Unsloth calls them as ``self.apply_qkv(self, x)``.
+
+    An object naming its function rather than the function itself, so a model holding it
+    pickles (the eager variants are wrappers that pickle cannot find by name).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, x: torch.Tensor):
+        return _fns()[self.name](module, x)
+
+
+class MLPForward:
+    """Our MLP ``forward``, bound to its module the way a method is, but copied with it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _fns()["mlp"](self.module, x)
+
+    def __deepcopy__(self, memo: dict) -> MLPForward:
+        return MLPForward(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self):
+        return MLPForward, (self.module,)
+
+
+class Flip:
+    """Decoder-layer pre-hook: our sparse functions while this forward (or the forward a
+    recompute belongs to) runs sparse, Unsloth's exact originals otherwise."""
+
+    def __call__(self, layer: nn.Module, _args: tuple) -> None:
+        active = layer.__dict__[_CTL].state.record_for_call() is not None
+        for module_name, name in layer.__dict__[_SWITCHES]:
+            module = getattr(layer, module_name) if module_name else layer
+            value = module.__dict__[_SPARSE][name] if active else module.__dict__[_ORIGINAL][name]
+            _set(module, name, value)
+
+
 def _set(module: nn.Module, name: str, value) -> None:
     # Instance attributes, as Unsloth sets them; _MISSING means "the class attribute".
     if value is _MISSING:
@@ -192,40 +275,46 @@ def _set(module: nn.Module, name: str, value) -> None:
         module.__dict__[name] = value
 
 
-def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> list[Callable]:
-    """Make one decoder layer's Unsloth fused LoRA functions sparse; returns the undo callables."""
+def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
+    """Make one decoder layer's Unsloth fused LoRA functions sparse."""
     if MODE not in MODES:
         raise ValueError(f"SPARSE_UNSLOTH_MODE={MODE!r}; use one of {MODES}")
-    fns = _TRACED if MODE == "traced" else _EAGER
-    switches: list[tuple[nn.Module, str, object]] = []    # (module, attribute, sparse value)
+    switches: list[tuple[str, str, object]] = []    # (submodule, attribute, sparse value)
     block = sys.modules.get("unsloth.models._block_compile")
     if MODE == "eager-block" and block is not None:
-        switches.append((layer, _BLOCK_MODE, block._OFF))
+        switches.append(("", _BLOCK_MODE, block._OFF))
     if ctl.mlp_sparsity:
         mlp = layer.mlp
-        _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj])
-        switches.append((mlp, _mlp_slot(mlp), types.MethodType(fns["mlp"], mlp)))
+        _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj], biases=False)
+        switches.append(("mlp", _mlp_slot(mlp), MLPForward(mlp)))
     if ctl.attn_sparsity:
         attn = layer.self_attn
-        _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
-        switches += [(attn, "apply_qkv", fns["apply_qkv"]), (attn, "apply_o", fns["apply_o"])]
-    for module, name, _ in switches:
+        # Q/K/V biases (Qwen2) are added by our functions; Unsloth leaves such a QKV unfused,
+        # and its original_apply_qkv stays the dense fallback.
+        _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj], biases=True)
+        switches += [("self_attn", "apply_qkv", AttnFunction("apply_qkv")),
+                     ("self_attn", "apply_o", AttnFunction("apply_o"))]
+    for module_name, name, sparse in switches:
+        module = getattr(layer, module_name) if module_name else layer
         module.__dict__[_CTL] = ctl
         module.__dict__.setdefault(_ORIGINAL, {})[name] = module.__dict__.get(name, _MISSING)
+        module.__dict__.setdefault(_SPARSE, {})[name] = sparse
+    layer.__dict__[_CTL] = ctl
+    layer.__dict__[_SWITCHES] = [(module_name, name) for module_name, name, _ in switches]
+    layer.register_forward_pre_hook(Flip())
 
-    def flip(_layer: nn.Module, _args: tuple) -> None:
-        active = ctl.state.active
-        for module, name, sparse in switches:
-            _set(module, name, sparse if active else module.__dict__[_ORIGINAL][name])
 
-    handle = layer.register_forward_pre_hook(flip)
-
-    def undo() -> None:
-        handle.remove()
-        for module, name, _ in switches:
-            _set(module, name, module.__dict__[_ORIGINAL][name])
-        for module, _, _ in switches:
-            module.__dict__.pop(_CTL, None)
-            module.__dict__.pop(_ORIGINAL, None)
-
-    return [undo]
+def unpatch_layer(layer: nn.Module) -> None:
+    """Undo :func:`patch_layer`: Unsloth's originals back (a no-op on a layer it did not patch)."""
+    switches = layer.__dict__.pop(_SWITCHES, None)
+    if switches is None:
+        return
+    remove_hooks(layer, (Flip,))
+    for module_name, name in switches:
+        module = getattr(layer, module_name) if module_name else layer
+        _set(module, name, module.__dict__[_ORIGINAL][name])
+    for module_name, _ in switches:
+        module = getattr(layer, module_name) if module_name else layer
+        for key in (_CTL, _ORIGINAL, _SPARSE):
+            module.__dict__.pop(key, None)
+    layer.__dict__.pop(_CTL, None)
