@@ -15,7 +15,9 @@ class SparsityCallback(TrainerCallback):
 
         trainer = SFTTrainer(model=model, ..., callbacks=[SparsityCallback(model)])
 
-    Logged keys: ``sparse/active`` (1 in the sparse phase), ``sparse/mlp_kept_frac`` and
+    Logged keys: ``sparse/active`` (the share of training forwards since the last log that really
+    ran sparse: 0 in the warm-up, and 0 where nothing could be, e.g. every token a loss token),
+    ``sparse/mlp_kept_frac`` and
     ``sparse/attn_kept_frac`` (channels kept for context tokens in the sparse layers),
     ``sparse/dense_token_frac`` (output tokens computed dense), ``sparse/estimator_ms``
     (estimator wall time per forward pass, host side).
@@ -28,6 +30,8 @@ class SparsityCallback(TrainerCallback):
                              "sparse_unsloth.sparsify(model, config) first")
         self.state.callback_attached = True
         self.warmup_steps = 0
+        self.sparse_steps = 0        # optimizer steps in which some layer really ran sparse
+        self._seen = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs) -> None:
@@ -38,6 +42,11 @@ class SparsityCallback(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs) -> None:
         self.state.enabled = state.global_step >= self.warmup_steps
+        self._seen = self.state.sparse_batches_total
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs) -> None:
+        self.sparse_steps += self.state.sparse_batches_total > self._seen
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict | None = None, **kwargs) -> None:

@@ -159,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def format_summary(result, eval_rows: int) -> str:
     """A few human lines about a :class:`~sparse_unsloth.finetune.FinetuneResult`."""
-    warmup = result.steps - result.sparse_steps
+    warmup = result.warmup_steps
     lines = [(f"trained {result.steps} steps in {result.train_s:.1f} s "
               f"(median {result.median_step_s():.2f} s/step, {result.tokens_per_s:.0f} tokens/s)")]
     if result.sparse_steps:
@@ -171,6 +171,10 @@ def format_summary(result, eval_rows: int) -> str:
                      f"({100 * result.sparse_steps / result.steps:.0f}%) after {warmup} dense warm-up steps, "
                      f"median {result.median_step_s(warmup):.2f} s/step"
                      + (f"; channels kept for context tokens: {detail}" if detail else ""))
+    elif result.sparse:
+        lines.append(f"  sparse:   0 of {result.steps} steps ran sparse after {warmup} dense warm-up steps: "
+                     "no batch had context tokens (tokens without a label), so every token was computed "
+                     "dense. Use prompt/completion rows.")
     else:
         lines.append("  sparse:   0 steps (dense run)")
     if result.losses:

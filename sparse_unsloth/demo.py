@@ -84,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, FinetuneResult]:
         dense = _run(args, None, tmp)
     print(f"\n[2/2] sparse LoRA (preset {args.config})", flush=True)
     sparse = _run(args, args.config, args.output_dir)
-    warmup = sparse.steps - sparse.sparse_steps
+    warmup = sparse.warmup_steps
     first = min(max(SKIP_STEPS, warmup), sparse.steps - 1)
     dense_step = dense.median_step_s(min(SKIP_STEPS, dense.steps - 1))
     rel = sparse.eval_loss / dense.eval_loss - 1

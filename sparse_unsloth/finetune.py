@@ -44,7 +44,9 @@ class FinetuneResult:
     step_s: list[float]
     losses: list[tuple[int, float]]
     tokens: int
-    sparse_steps: int
+    sparse: bool                 # trained with a sparsity config
+    sparse_steps: int            # steps in which some layer really ran sparse
+    warmup_steps: int            # dense warm-up steps the config asked for
     eval_loss: float | None
     adapter_dir: str | None
     sparse_logs: list[dict[str, float]]
@@ -260,7 +262,8 @@ def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
         steps=steps, train_s=train_s, step_s=timer.step_s,
         losses=[(h["step"], h["loss"]) for h in logs if "loss" in h],
         tokens=int(epoch_tokens * batch_size * steps),
-        sparse_steps=max(steps - sparsity.warmup_steps, 0) if sparse is not None else 0,
+        sparse=sparse is not None, sparse_steps=sparsity.sparse_steps if sparse is not None else 0,
+        warmup_steps=min(sparsity.warmup_steps, steps) if sparse is not None else 0,
         eval_loss=eval_loss, adapter_dir=adapter_dir,
         sparse_logs=[{k: v for k, v in h.items() if k.startswith("sparse/")} for h in logs
                      if any(k.startswith("sparse/") for k in h)],

@@ -11,16 +11,46 @@ ALL_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 def tiny_lora_model(model_type: str = "llama", layers: int = 3, hidden: int = 48, inter: int = 77,
                     heads: int = 6, kv_heads: int = 2, vocab: int = 101, dtype=torch.float64,
-                    seed: int = 0, rank: int = 4):
-    """A random causal LM with LoRA on all 7 projections; LoRA B is random so its grads matter."""
+                    seed: int = 0, rank: int = 4, lora_bias: str = "none"):
+    """A random causal LM with LoRA on all 7 projections; LoRA B is random so its grads matter.
+
+    Base-layer biases (Qwen2's q/k/v) are drawn large, so that dropping one would show.
+    """
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, hidden_size=hidden, intermediate_size=inter,
                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
                                   num_hidden_layers=layers, vocab_size=vocab,
                                   max_position_embeddings=128, head_dim=hidden // heads)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_PROJS, init_lora_weights=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_PROJS, init_lora_weights=False,
+                      bias=lora_bias)
     return get_peft_model(model, lora)
+
+
+def mask_dropped_channels(model, state) -> None:
+    """Zero the frozen weights' channels that the last forward dropped: the masked dense model."""
+    from sparse_unsloth.patch.models import decoder_layers, frozen_linear
+
+    layers = decoder_layers(model)
+    for i in state.layers:
+        mlp, attn = (state.current.choices.get((i, kind)) for kind in ("mlp", "attn"))
+        plan = []
+        if mlp is not None:
+            plan += [("mlp", "gate_proj", 0, mlp.idx), ("mlp", "up_proj", 0, mlp.idx),
+                     ("mlp", "down_proj", 1, mlp.idx)]
+        if attn is not None:
+            plan += [("self_attn", "q_proj", 0, attn.q_idx), ("self_attn", "k_proj", 0, attn.k_idx),
+                     ("self_attn", "v_proj", 0, attn.v_idx), ("self_attn", "o_proj", 1, attn.o_idx)]
+        for kind, proj, dim, idx in plan:
+            w = frozen_linear(getattr(getattr(layers[i], kind), proj)).weight
+            keep = torch.zeros(w.shape[dim], dtype=torch.bool)
+            keep[idx] = True
+            with torch.no_grad():
+                w.mul_(keep[:, None] if dim == 0 else keep[None, :])
 
 
 def tiny_tokenizer(texts: list[str]):
@@ -39,3 +69,27 @@ def tiny_tokenizer(texts: list[str]):
 # Prompt-completion rows with a short, learnable answer (the parity of a + b).
 ARITHMETIC = [{"prompt": f"Question: is {a} plus {b} even or odd?\nAnswer:",
                "completion": " even" if (a + b) % 2 == 0 else " odd"} for a in range(12) for b in range(12)]
+
+
+def token_batch(vocab: int = 101, batch: int = 3, seq: int = 11, context: int = 6, seed: int = 1):
+    """Random ids and labels with the first ``context`` tokens of each row masked (-100)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels = ids.clone()
+    labels[:, :context] = -100
+    return ids, labels
+
+
+def train_step(model, **inputs):
+    """Loss and every trainable parameter's gradient of one training forward/backward."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_grads(got: dict, want: dict, rtol: float = 1e-9, atol: float = 1e-11) -> None:
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=rtol, atol=atol, msg=name)

@@ -22,11 +22,13 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _proj(gen, fout, fin, rank=16):
+def _proj(gen, fout, fin, rank=16, bias=False):
     w = (torch.randn(fout, fin, device=DEV, generator=gen) / fin ** 0.5).bfloat16()
     a = (torch.randn(rank, fin, device=DEV, generator=gen) / fin ** 0.5).requires_grad_()
     b = (torch.randn(fout, rank, device=DEV, generator=gen) / rank ** 0.5).requires_grad_()
-    return LoRAProj(w, a, b, 2.0)
+    # a trainable bias (Qwen2's q/k/v with LoRA bias="all"), large enough that dropping it shows
+    bb = torch.randn(fout, device=DEV, generator=gen).bfloat16().requires_grad_() if bias else None
+    return LoRAProj(w, a, b, 2.0, bb)
 
 
 def _choose(gen, n, k):
@@ -35,7 +37,8 @@ def _choose(gen, n, k):
 
 def _oracle_linear(x, p, idx, dense_idx, dim):
     """float32 masked dense LoRA linear (the definition)."""
-    return (masked_linear(x, p.weight.float(), None, idx, dense_idx, dim)
+    bias = None if p.bias is None else p.bias.float()
+    return (masked_linear(x, p.weight.float(), bias, idx, dense_idx, dim)
             + p.scale * (x @ p.lora_a.float().T) @ p.lora_b.float().T)
 
 
@@ -89,14 +92,16 @@ def test_mlp_vs_oracle_bf16(batch, seq, hidden, inter, keep, dense):
     _check(got, [w.view_as(g) for g, w in zip(got, want)], "mlp", bound)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,keep", [(32, 8, 128, 32), (12, 4, 64, 17), (8, 8, 32, 32)])
-def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,keep,bias", [
+    (32, 8, 128, 32, False), (12, 4, 64, 17, False), (8, 8, 32, 32, False), (14, 2, 64, 16, True)])
+def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep, bias):
     gen = torch.Generator(device=DEV).manual_seed(heads * kv_heads + keep)
     batch, seq = 2, 384
     hidden, dq, dkv, n = heads * head_dim, heads * head_dim, kv_heads * head_dim, batch * seq
     x = torch.randn(batch, seq, hidden, device=DEV, generator=gen).bfloat16().requires_grad_()
     a_in = torch.randn(batch, seq, dq, device=DEV, generator=gen).bfloat16().requires_grad_()
-    q, k, v, o = _proj(gen, dq, hidden), _proj(gen, dkv, hidden), _proj(gen, dkv, hidden), _proj(gen, hidden, dq)
+    q, k, v = _proj(gen, dq, hidden, bias=bias), _proj(gen, dkv, hidden, bias=bias), _proj(gen, dkv, hidden, bias=bias)
+    o = _proj(gen, hidden, dq)
     # the estimator's layout: the same count of dims kept in every head
     per_head = torch.stack([_choose(gen, head_dim, keep) for _ in range(kv_heads)])
     kv_idx = (torch.arange(kv_heads, device=DEV)[:, None] * head_dim + per_head).flatten()
@@ -105,6 +110,7 @@ def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep):
     dense_idx = _choose(gen, n, n // 4)
     grads = [torch.randn(batch, seq, c, device=DEV, generator=gen).bfloat16() for c in (dq, dkv, dkv, hidden)]
     loras = [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)]
+    loras += [p.bias for p in (q, k, v) if p.bias is not None]
 
     with torch.autocast("cuda", dtype=torch.bfloat16):
         outs = (*sparse_lora_qkv(x, q, k, v, q_idx, kv_idx, kv_idx, dense_idx),
@@ -215,3 +221,74 @@ def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path):
     assert any(h.get("sparse/mlp_kept_frac", 0) > 0 for h in logs), logs[-1]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, losses
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A Qwen2-shaped model (q/k/v biases, GQA 14/2), biases large enough that dropping them shows."""
+    import unsloth  # noqa: F401
+    from helpers import ARITHMETIC, tiny_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    tok = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
+    tok.save_pretrained(path)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=448, intermediate_size=1200, num_hidden_layers=3,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 1.0)
+    model.to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+def test_qwen2_biases_kept_on_the_fast_path(tiny_qwen2_dir):
+    """Every channel kept: the sparse attention must equal Unsloth's dense one, biases included."""
+    import sparse_unsloth as su
+    from sparse_unsloth.patch import unsloth_fast
+
+    model, _ = _unsloth_model(tiny_qwen2_dir)
+    assert unsloth_fast.applies(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 200, (2, 96), generator=gen).to(DEV)
+    labels = ids.clone()
+    labels[:, :64] = -100
+    dense_loss, dense_grads = _step(model, ids, labels)
+    # sparsity 1e-3 keeps all 64 dims of every head: sparse machinery, dense result
+    su.sparsify(model, {"name": "all-kept", "estimator_rank": 8, "sparsity": {"self_attn": {"all": 0.001}}},
+                progress=False)
+    state = su.sparse_state(model)
+    state.callback_attached = True
+    loss, grads = _step(model, ids, labels)
+    assert state.stats["attn_kept"] == state.stats["attn_total"] > 0        # it ran sparse
+    torch.testing.assert_close(loss, dense_loss, rtol=2e-2, atol=2e-2)
+    for name, g in dense_grads.items():
+        assert _rel(grads[name], g) < 5e-2, name
+
+
+def test_interleaved_forward_does_not_change_the_recompute(tiny_dir):
+    """A DPO-style reference pass (adapters off, no_grad, train mode) between forward and backward."""
+    import sparse_unsloth as su
+
+    model, _ = _unsloth_model(tiny_dir)
+    su.sparsify(model, TINY_CONFIG, progress=False)
+    su.sparse_state(model).callback_attached = True
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
+    labels = ids.clone()
+    labels[:, :96] = -100
+    other = torch.randint(4, 200, (2, 64), generator=gen).to(DEV)
+    _, plain = _step(model, ids, labels)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+        with torch.no_grad(), model.disable_adapter():
+            model(input_ids=other, labels=other)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert _rel(p.grad, plain[name]) < 1e-2, name

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_lora_model
+from helpers import mask_dropped_channels, tiny_lora_model
 
 import sparse_unsloth as su
 from sparse_unsloth.ops import reference as ops
 from sparse_unsloth.patch import reference as backend
-from sparse_unsloth.patch.models import UnsupportedModelError, decoder_layers, frozen_linear
+from sparse_unsloth.patch.models import UnsupportedModelError
 
 CONFIG = su.SparseConfig(mlp={0: 0.6, 2: 0.9}, self_attn={1: 0.5, 2: 0.75}, estimator_rank=3,
                          dense_output_tokens=False)
@@ -36,26 +36,6 @@ def _run(model, embeds, labels):
     return loss.detach(), x.grad, grads
 
 
-def _mask_frozen(model, state):
-    """Zero the dropped channels of the frozen weights, as the layers' choices say."""
-    layers = decoder_layers(model)
-    for i, ctl in state.layers.items():
-        mlp, attn = (state.current.choices.get((i, kind)) for kind in ("mlp", "attn"))
-        plan = []
-        if mlp is not None:
-            plan += [("mlp", "gate_proj", 0, mlp.idx), ("mlp", "up_proj", 0, mlp.idx),
-                     ("mlp", "down_proj", 1, mlp.idx)]
-        if attn is not None:
-            plan += [("self_attn", "q_proj", 0, attn.q_idx), ("self_attn", "k_proj", 0, attn.k_idx),
-                     ("self_attn", "v_proj", 0, attn.v_idx), ("self_attn", "o_proj", 1, attn.o_idx)]
-        for kind, proj, dim, idx in plan:
-            w = frozen_linear(getattr(getattr(layers[i], kind), proj)).weight
-            keep = torch.zeros(w.shape[dim], dtype=torch.bool)
-            keep[idx] = True
-            with torch.no_grad():
-                w.mul_(keep[:, None] if dim == 0 else keep[None, :])
-
-
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_sparse_model_equals_masked_dense_model(model_type):
     base = tiny_lora_model(model_type)
@@ -68,7 +48,7 @@ def test_sparse_model_equals_masked_dense_model(model_type):
     assert len(state.current.choices[2, "mlp"].idx) == 8          # round(77 * 0.1)
 
     masked = copy.deepcopy(base)
-    _mask_frozen(masked, state)
+    mask_dropped_channels(masked, state)
     ref_loss, ref_gx, ref_grads = _run(masked, embeds, labels)
     _, dense_gx, _ = _run(base, embeds, labels)
     assert (gx - dense_gx).abs().max() > 1e-4 * dense_gx.abs().max()   # sparsity changed something

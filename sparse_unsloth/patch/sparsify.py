@@ -61,22 +61,17 @@ class BeginBatch:
 class TagOutputs:
     """Model forward hook: the outputs a backward may start from name their forward's record."""
 
-    def __call__(self, model: nn.Module, _args: tuple, _kwargs: dict, output):
+    def __call__(self, model: nn.Module, _args: tuple, _kwargs: dict, output) -> None:
         state: SparseState = model.__dict__[STATE_ATTR]
-
-        def tag(value):
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                return state.tag(value)
-            if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
-                return tuple(tag(v) for v in value)
-            return value
-
-        if isinstance(output, Mapping):          # a transformers ModelOutput
-            for key in ("loss", "logits", "hidden_states", "last_hidden_state"):
-                if output.get(key) is not None:
-                    output[key] = tag(output[key])
-            return output
-        return tag(output)
+        # Every tensor: the loss, logits and hidden states, and whatever else a trainer computes
+        # its loss from (TRL's fused LM head returns log_probs).
+        values = list(output.values()) if isinstance(output, Mapping) else [output]
+        while values:
+            value = values.pop()
+            if isinstance(value, tuple):
+                values += value
+            elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                state.tag(value)
 
 
 def _backend(model: nn.Module):

@@ -4,8 +4,8 @@ Every training forward gets a :class:`BatchRecord` (its token split, the channel
 chose). A checkpointed layer recomputed in backward must use the record of the forward whose
 graph is being differentiated, not the latest forward: TRL's DPO/KTO reference pass, an EMA
 teacher or any other forward of the same model may run in between. The model's outputs carry
-a tag (an identity autograd node); when backward reaches it, it names the record that the
-recomputes of this backward pass use, until the pass ends.
+a tag (a pre-hook on their autograd nodes); when backward reaches one, it names the record
+that the recomputes of this backward pass use, until the pass ends.
 
 State lives on objects that the patched modules reach through their own attributes, so that
 ``copy.deepcopy``, ``.to()`` and pickling of a sparse model behave as on an unpatched one.
@@ -101,18 +101,18 @@ class BatchRecord:
         self.counted: set[tuple[int, str]] = set()    # (layer, kind) whose sparse work was counted
 
 
-class _TagOutput(torch.autograd.Function):
-    """Identity whose backward tells the state which forward this backward pass differentiates."""
+class _EnterBackward:
+    """Pre-hook of a model output's autograd node: backward reached this forward's outputs.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, state: SparseState, record: BatchRecord | None):
-        ctx.state, ctx.record = state, record
-        return x.view_as(x)
+    A hook on the node, not an identity Function: the output stays the same tensor, so in-place
+    updates like the Trainer's ``loss *= scale`` keep working and nothing is copied.
+    """
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.state.enter_backward(ctx.record)
-        return grad, None, None
+    def __init__(self, state: SparseState, record: BatchRecord | None) -> None:
+        self.state, self.record = state, record
+
+    def __call__(self, _grad_outputs):
+        self.state.enter_backward(self.record)
 
 
 _NO_BACKWARD = object()      # no tagged output reached in the backward pass running now
@@ -192,9 +192,10 @@ class SparseState:
         self.current = BatchRecord(token_split(labels, shape, device, self.config.dense_output_tokens,
                                                attention_mask))
 
-    def tag(self, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (a model output), tagged with the current forward's record for backward."""
-        return _TagOutput.apply(out, self, self.current)
+    def tag(self, out: torch.Tensor) -> None:
+        """Mark ``out`` (a model output with a graph): a backward through it differentiates the
+        current forward."""
+        out.grad_fn.register_prehook(_EnterBackward(self, self.current))
 
     def enter_backward(self, record: BatchRecord | None) -> None:
         if self._backward is _NO_BACKWARD:
@@ -212,7 +213,7 @@ class SparseState:
         if self._backward is _NO_BACKWARD:
             raise RuntimeError(
                 "sparse_unsloth: a checkpointed layer is being recomputed in a backward pass that did "
-                "not start from this model's outputs (loss, logits or hidden states), so the channels "
+                "not start from this model's outputs (loss, logits, hidden states, log-probs), so the channels "
                 "its forward used are unknown. Call backward on a tensor computed from the model's "
                 "outputs, or turn gradient checkpointing off.")
         return self._backward

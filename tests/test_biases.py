@@ -1,0 +1,104 @@
+"""Base-layer biases: Qwen2's q/k/v biases on the fast path, and trainable biases (PEFT's
+``bias="all"``) on both paths get exactly the masked dense model's gradients."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from helpers import assert_same_grads, mask_dropped_channels, tiny_lora_model, token_batch, train_step
+
+import sparse_unsloth as su
+from sparse_unsloth.ops.reference import sparse_in_linear, sparse_out_linear
+from sparse_unsloth.patch import reference, unsloth_fast
+from sparse_unsloth.patch.models import decoder_layers, frozen_linear
+
+ATTN = su.SparseConfig(self_attn={0: 0.5, 2: 0.75}, mlp={1: 0.6}, estimator_rank=3)
+ALL_KEPT = su.SparseConfig(self_attn=dict.fromkeys(range(3), 0.001), estimator_rank=3)   # 8 of 8 dims a head
+
+
+def _fast(model, config, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("sparse_unsloth.patch.sparsify"), "_backend",
+                        lambda _m: unsloth_fast)
+    su.sparsify(model, config, progress=False)
+    su.sparse_state(model).callback_attached = True
+    return model
+
+
+def _qkv_after_a_sparse_forward(model, layer=2, seed=5):
+    """Run one training forward (it sets the split, flips the layers), then call the attention's
+    ``apply_qkv`` as Unsloth's attention forward does, on fresh inputs."""
+    ids, labels = token_batch()
+    model.train()
+    model(input_ids=ids, labels=labels)
+    attn = decoder_layers(model)[layer].self_attn
+    assert isinstance(attn.apply_qkv, unsloth_fast.AttnFunction)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
+    return attn, x
+
+
+def test_fast_qkv_keeps_qwen2_biases(monkeypatch):
+    model = _fast(tiny_lora_model("qwen2"), ALL_KEPT, monkeypatch)
+    attn, x = _qkv_after_a_sparse_forward(model)
+    assert frozen_linear(attn.q_proj).bias.abs().sum() > 1
+    for got, proj in zip(attn.apply_qkv(attn, x), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        torch.testing.assert_close(got, proj(x), rtol=1e-12, atol=1e-12)      # PEFT's dense layer
+
+
+@pytest.mark.parametrize("lora_bias", ["none", "all"])
+def test_fast_attention_functions_match_reference_ops_with_biases(lora_bias, monkeypatch):
+    model = _fast(tiny_lora_model("qwen2", lora_bias=lora_bias), ATTN, monkeypatch)
+    attn, x = _qkv_after_a_sparse_forward(model)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    q, k, v = attn.apply_qkv(attn, x)
+    o = attn.apply_o(attn, q)
+    state = su.sparse_state(model)
+    choice, dense_idx = state.current.choices[2, "attn"], state.split.dense_idx
+    x2, q2 = x.reshape(-1, 48), q.reshape(-1, q.shape[-1])
+
+    def lora(proj, t):
+        return proj.scaling["default"] * proj.lora_B["default"](proj.lora_A["default"](t))
+
+    want = [sparse_out_linear(x2, frozen_linear(p).weight, frozen_linear(p).bias, idx, dense_idx) + lora(p, x2)
+            for p, idx in zip(projs, (choice.q_idx, choice.k_idx, choice.v_idx))]
+    want_o = sparse_in_linear(q2, frozen_linear(attn.o_proj).weight, None, choice.o_idx, dense_idx) + \
+        lora(attn.o_proj, q2)
+    for got, ref in zip((q, k, v, o), (*want, want_o)):
+        torch.testing.assert_close(got.reshape(ref.shape), ref, rtol=1e-10, atol=1e-10)
+    biases = [frozen_linear(p).bias for p in projs]
+    if lora_bias == "all":
+        got_g = torch.autograd.grad((q.sum() + k.square().sum() + v.sum() + o.square().sum()), biases,
+                                    retain_graph=True)
+        ref_o = sparse_in_linear(want[0], frozen_linear(attn.o_proj).weight, None, choice.o_idx, dense_idx) + \
+            lora(attn.o_proj, want[0])
+        ref_g = torch.autograd.grad(want[0].sum() + want[1].square().sum() + want[2].sum()
+                                    + ref_o.square().sum(), biases)
+        for g, r in zip(got_g, ref_g):
+            assert r.abs().sum() > 0
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    else:
+        assert not any(b.requires_grad for b in biases)
+
+
+@pytest.mark.parametrize("backend", [reference, unsloth_fast], ids=["reference", "fast"])
+def test_trainable_biases_get_the_masked_models_gradients(backend, monkeypatch):
+    """bias="all": every base bias trains; sparse layers' biases exactly like the masked model's."""
+    base = tiny_lora_model("qwen2", lora_bias="all")
+    # every row sparse: the masked dense model is then the whole definition
+    config = (su.SparseConfig(self_attn={0: 0.5, 2: 0.75}, mlp={1: 0.6}, estimator_rank=3, dense_output_tokens=False)
+              if backend is reference else
+              su.SparseConfig(mlp={0: 0.6, 2: 0.8}, estimator_rank=3, dense_output_tokens=False))
+    monkeypatch.setattr(importlib.import_module("sparse_unsloth.patch.sparsify"), "_backend",
+                        lambda _m: backend)
+    sparse = su.sparsify(copy.deepcopy(base), config, progress=False)
+    su.sparse_state(sparse).callback_attached = True
+    ids, labels = token_batch()
+    loss, grads = train_step(sparse, input_ids=ids, labels=labels)
+    bias_grads = [n for n in grads if n.endswith(".bias")]
+    assert len(bias_grads) == 3 * 3                                      # q/k/v of 3 layers
+    masked = copy.deepcopy(base)
+    mask_dropped_channels(masked, su.sparse_state(sparse))
+    want_loss, want = train_step(masked, input_ids=ids, labels=labels)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    assert_same_grads(grads, want)

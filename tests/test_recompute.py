@@ -1,0 +1,90 @@
+"""A forward between a checkpointed forward and its backward must not change the recompute.
+
+TRL's DPO/KTO reference pass does exactly that (adapters disabled, no_grad, train mode), as do
+EMA or teacher forwards. Both backends, both checkpointing flavours.
+"""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from helpers import assert_same_grads, tiny_lora_model, token_batch, train_step
+
+import sparse_unsloth as su
+from sparse_unsloth.patch import reference, unsloth_fast
+
+sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
+CONFIG = su.SparseConfig(mlp={0: 0.6, 2: 0.8}, self_attn={1: 0.5, 2: 0.75}, estimator_rank=3)
+MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.8}, estimator_rank=3)   # HF attention skips apply_qkv
+
+
+def _checkpointed(backend, config, reentrant, monkeypatch):
+    model = tiny_lora_model("llama")
+    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: backend)
+    su.sparsify(model, config, progress=False)
+    su.sparse_state(model).callback_attached = True
+    return model
+
+
+def _reference_pass(model):
+    """Another batch, another shape: its split and channels differ from the training batch's."""
+    ids, labels = token_batch(batch=2, seq=7, context=2, seed=9)
+    with torch.no_grad(), model.disable_adapter():
+        model(input_ids=ids, labels=labels)
+
+
+@pytest.mark.parametrize("backend,config", [(reference, CONFIG), (unsloth_fast, MLP_ONLY)],
+                         ids=["reference", "fast"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_interleaved_forward_leaves_gradients_unchanged(backend, config, reentrant, monkeypatch):
+    model = _checkpointed(backend, config, reentrant, monkeypatch)
+    ids, labels = token_batch()
+    want_loss, want = train_step(model, input_ids=ids, labels=labels)
+    dense_loss, _ = train_step(tiny_lora_model("llama"), input_ids=ids, labels=labels)
+    assert abs(want_loss - dense_loss) > 1e-6                         # it ran sparse
+
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=labels).loss
+    _reference_pass(model)
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert torch.equal(loss.detach(), want_loss)
+    assert_same_grads(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_two_forwards_then_one_backward(monkeypatch):
+    """DPO's chosen and rejected forwards, one loss: each recompute uses its own forward."""
+    model = _checkpointed(reference, CONFIG, False, monkeypatch)
+    (a, la), (b, lb) = token_batch(seed=1), token_batch(batch=2, seq=9, context=3, seed=2)
+    _, grads_a = train_step(model, input_ids=a, labels=la)
+    _, grads_b = train_step(model, input_ids=b, labels=lb)
+    model.zero_grad(set_to_none=True)
+    (model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
+
+
+def test_recompute_outside_the_models_outputs_is_an_error(monkeypatch):
+    model = _checkpointed(reference, CONFIG, False, monkeypatch)
+    ids, labels = token_batch()
+    inner = {}
+    handle = su.patch.models.decoder_layers(model)[2].register_forward_hook(
+        lambda _m, _a, out: inner.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    model.train()
+    model(input_ids=ids, labels=labels)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="did not start from this model's outputs"):
+        inner["h"].sum().backward()
+
+
+def test_copy_keeps_its_own_records():
+    model = su.sparsify(tiny_lora_model("llama"), CONFIG, progress=False)
+    twin = copy.deepcopy(model)
+    ids, labels = token_batch()
+    model.train()
+    model(input_ids=ids, labels=labels)
+    assert su.sparse_state(model).current is not None
+    assert su.sparse_state(twin).current is None
