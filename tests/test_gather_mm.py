@@ -15,6 +15,8 @@ from sparse_unsloth.estimator.select import kv_to_q_channels
 from sparse_unsloth.ops.gather_mm import dense_row_mask, keep_cols, keep_rows
 from sparse_unsloth.ops.reference import masked_linear, sparse_in_linear, sparse_out_linear
 
+# The small cases run on the GPU too when there is one (compiled kernels, autotuned tiles).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 LOW = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
 
@@ -40,6 +42,19 @@ def _case(name, seed, dtype=torch.float32, idx_dtype=torch.int64):
     return x, w, kept_idx, dense_idx
 
 
+def _on(t):
+    return t if t is None else t.to(DEVICE)
+
+
+def _cols(x, m, kept_idx, dense_idx, **kw):
+    """keep_cols on DEVICE, result on the CPU (``m`` keeps its strides through ``.to``)."""
+    return keep_cols(_on(x), _on(m), _on(kept_idx), _on(dense_idx), **{k: _on(v) for k, v in kw.items()}).cpu()
+
+
+def _rows(x, m, kept_idx, dense_idx, **kw):
+    return keep_rows(_on(x), _on(m), _on(kept_idx), _on(dense_idx), **{k: _on(v) for k, v in kw.items()}).cpu()
+
+
 def _oracle(x, w, kept_idx, dense_idx, dim):
     """``masked_linear`` in float64 (``dim`` 0: kept output channels, 1: kept input channels)."""
     return masked_linear(x.double(), w.double(), None, kept_idx.long(), dense_idx.long(), dim)
@@ -48,7 +63,7 @@ def _oracle(x, w, kept_idx, dense_idx, dim):
 @pytest.mark.parametrize("name", list(CASES))
 def test_keep_cols_matches_masked_output_channels(name):
     x, w, kept_idx, dense_idx = _case(name, 1)
-    got = keep_cols(x, w.t(), kept_idx, dense_idx)
+    got = _cols(x, w.t(), kept_idx, dense_idx)
     want = _oracle(x, w, kept_idx, dense_idx, 0)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, **FP32)
@@ -61,7 +76,7 @@ def test_keep_rows_matches_masked_input_channels(name):
     x, w, kept_idx, dense_idx = _case(name, 2)
     w_in = w.t().contiguous()              # keep_rows drops input channels: weight [out=K, in=C]
     x_in = torch.randn(x.shape[0], w_in.shape[1], generator=torch.Generator().manual_seed(3))
-    got = keep_rows(x_in, w_in.t(), kept_idx, dense_idx)
+    got = _rows(x_in, w_in.t(), kept_idx, dense_idx)
     torch.testing.assert_close(got.double(), _oracle(x_in, w_in, kept_idx, dense_idx, 1), **FP32)
 
 
@@ -73,13 +88,13 @@ def test_input_gradients_are_the_other_product(name):
     x64 = x.double().requires_grad_()
     dy_out = torch.randn(x.shape[0], w.shape[0], generator=gen)
     sparse_out_linear(x64, w.double(), None, kept_idx, dense_idx).backward(dy_out.double())
-    torch.testing.assert_close(keep_rows(dy_out, w, kept_idx, dense_idx).double(), x64.grad, **FP32)
+    torch.testing.assert_close(_rows(dy_out, w, kept_idx, dense_idx).double(), x64.grad, **FP32)
 
     w_in = w.t().contiguous()              # [K, C]: input channels C, kept_idx indexes them
     h = torch.randn(x.shape[0], w_in.shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
     dy_in = torch.randn(x.shape[0], w_in.shape[0], generator=gen)
     sparse_in_linear(h, w_in.double(), None, kept_idx, dense_idx).backward(dy_in.double())
-    torch.testing.assert_close(keep_cols(dy_in, w_in, kept_idx, dense_idx).double(), h.grad, **FP32)
+    torch.testing.assert_close(_cols(dy_in, w_in, kept_idx, dense_idx).double(), h.grad, **FP32)
 
 
 @pytest.mark.parametrize("op,dim", [(keep_cols, 0), (keep_rows, 1)])
@@ -91,8 +106,9 @@ def test_accumulate_adds_only_the_defined_entries(op, dim):
         w = w.t().contiguous()
         x = torch.randn(x.shape[0], w.shape[1], generator=torch.Generator().manual_seed(7))
     base = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(8))
-    out = base.clone()
-    assert op(x, w.t(), kept_idx, dense_idx, out=out) is out
+    out = _on(base.clone())
+    assert op(_on(x), _on(w.t()), _on(kept_idx), _on(dense_idx), out=out) is out
+    out = out.cpu()
     delta = _oracle(x, w, kept_idx, dense_idx, dim)
     torch.testing.assert_close(out.double(), base.double() + delta, **FP32)
     if dim == 0:
@@ -102,21 +118,22 @@ def test_accumulate_adds_only_the_defined_entries(op, dim):
 def test_caller_mask_int32_indices_and_contiguous_m():
     x, w, kept_idx, dense_idx = _case("odd", 9, idx_dtype=torch.int32)
     mask = dense_row_mask(dense_idx, x.shape[0], x.device)
+    assert mask.sum() == len(dense_idx) and mask[dense_idx].all()
     want = _oracle(x, w, kept_idx, dense_idx, 0)
     for m in (w.t(), w.t().contiguous()):
-        torch.testing.assert_close(keep_cols(x, m, kept_idx, dense_idx, dense_mask=mask).double(), want, **FP32)
+        torch.testing.assert_close(_cols(x, m, kept_idx, dense_idx, dense_mask=mask).double(), want, **FP32)
     sorted_kept = kept_idx.sort().values
-    torch.testing.assert_close(keep_cols(x, w.t(), sorted_kept, dense_idx.sort().values).double(), want, **FP32)
+    torch.testing.assert_close(_cols(x, w.t(), sorted_kept, dense_idx.sort().values).double(), want, **FP32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(dtype):
     x, w, kept_idx, dense_idx = _case("odd", 10, dtype=dtype)
-    got = keep_cols(x, w.t(), kept_idx, dense_idx)
+    got = _cols(x, w.t(), kept_idx, dense_idx)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), _oracle(x, w, kept_idx, dense_idx, 0), **LOW[dtype])
     h = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(13)).to(dtype)
-    got = keep_rows(h, w, kept_idx, dense_idx)                 # m = W [C, K]: an input gradient
+    got = _rows(h, w, kept_idx, dense_idx)                 # m = W [C, K]: an input gradient
     torch.testing.assert_close(got.double(), _oracle(h, w.t(), kept_idx, dense_idx, 1), **LOW[dtype])
 
 
@@ -132,21 +149,22 @@ def test_gqa_projections(heads, kv_heads, head_dim, keep):
     dense_idx = torch.randperm(n, generator=gen)[:4]
     for fout, idx in ((dq, q_idx), (dkv, kv_idx)):
         w = torch.randn(fout, hidden, generator=gen) / hidden ** 0.5
-        torch.testing.assert_close(keep_cols(x, w.t(), idx, dense_idx).double(),
+        torch.testing.assert_close(_cols(x, w.t(), idx, dense_idx).double(),
                                    _oracle(x, w, idx, dense_idx, 0), **FP32)
     attn = torch.randn(n, dq, generator=gen)
     w_o = torch.randn(hidden, dq, generator=gen) / dq ** 0.5
-    torch.testing.assert_close(keep_rows(attn, w_o.t(), q_idx, dense_idx).double(),
+    torch.testing.assert_close(_rows(attn, w_o.t(), q_idx, dense_idx).double(),
                                _oracle(attn, w_o, q_idx, dense_idx, 1), **FP32)
 
 
 def test_compiles_fullgraph():
     """Both ops, fresh and in place, inside one compiled graph (no break), equal to eager."""
-    x, w, kept_idx, dense_idx = _case("odd", 11)
+    x, w, kept_idx, dense_idx = (_on(t) for t in _case("odd", 11))
     mask = dense_row_mask(dense_idx, x.shape[0], x.device)
 
     def f(x, w, kept_idx, dense_idx, mask):
-        e = keep_cols(x, w.t(), kept_idx, dense_idx, out=torch.ones(x.shape[0], w.shape[0]), dense_mask=mask)
+        out = torch.ones(x.shape[0], w.shape[0], device=x.device)
+        e = keep_cols(x, w.t(), kept_idx, dense_idx, out=out, dense_mask=mask)
         return keep_rows(torch.sigmoid(e), w, kept_idx, dense_idx, dense_mask=mask) * 2
 
     torch._dynamo.reset()
@@ -157,11 +175,11 @@ def test_compiles_fullgraph():
 def test_rejects_mismatched_operands():
     x, w, kept_idx, dense_idx = _case("odd", 12)
     with pytest.raises(ValueError, match="x \\[N, K\\]"):
-        keep_cols(x, w, kept_idx, dense_idx)
+        _cols(x, w, kept_idx, dense_idx)
     with pytest.raises(ValueError, match="dtype"):
-        keep_rows(x, w.t().half(), kept_idx, dense_idx)
+        _rows(x, w.t().half(), kept_idx, dense_idx)
     with pytest.raises(ValueError, match="non-empty"):
-        keep_cols(x, w.t(), kept_idx[:0], dense_idx)
+        _cols(x, w.t(), kept_idx[:0], dense_idx)
 
 
 # ---- full shapes on the device ------------------------------------------------------------------
