@@ -28,30 +28,27 @@ the token split's mask anyway. ``m`` may be any strided 2-D view (``W.T`` of an 
 weight, or ``W``); ``x`` and ``m`` share a dtype (bf16, fp16, fp32), accumulation is fp32,
 fp32 inputs multiply in IEEE fp32 (not TF32, like torch's default matmul).
 
-Each product is a torch op, so ``torch.compile(fullgraph=True)`` keeps it in the graph: on the
-GPU a ``torch.library.triton_op`` (Inductor sees the kernel and launches it from its generated
-code, no dispatcher hop), under Triton's interpreter (``TRITON_INTERPRET=1``, set before
-triton is imported; CPU tensors) an opaque ``custom_op`` with a fake implementation, because
-``wrap_triton`` cannot trace interpreted kernels. Both run the same kernel: there is no
-separate CPU implementation. The interpreter computes bf16 ``tl.dot`` wrongly
+Each product is a torch op (``ops._register``), so ``torch.compile(fullgraph=True)`` keeps it in
+the graph: a ``triton_op`` on the GPU (Inductor launches the kernel from its generated code), an
+opaque ``custom_op`` with a fake under Triton's interpreter (``TRITON_INTERPRET=1``, CPU
+tensors), which runs the same kernel: there is no separate CPU implementation. The interpreter computes bf16 ``tl.dot`` wrongly
 (triton 3.9), so when interpreting the tiles are upcast to fp32 before the dot.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._register import INTERPRET, register
+
 _COLS, _ROWS = 0, 1           # which product the kept tiles compute (the kernel's MODE)
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         # Small fixed tiles: the interpreter's cost grows with the tile, and tests want several
         # tiles and K steps at tens of rows/channels.
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
@@ -154,35 +151,19 @@ def _launch(mode: int, accumulate: bool, out: torch.Tensor, x: torch.Tensor, m: 
     wrap_triton(_gather_mm_kernel)[grid](
         x, m, out, kept_idx, dense_idx, dense_mask, n, k, c, kept, d,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
-        MODE=mode, ACCUMULATE=accumulate, UPCAST=_INTERPRET and x.dtype != torch.float32,
+        MODE=mode, ACCUMULATE=accumulate, UPCAST=INTERPRET and x.dtype != torch.float32,
         IEEE=x.dtype == torch.float32)
 
 
-def _op(name: str, mutates: bool):
-    """Register a product as a torch op: ``triton_op`` on the GPU, ``custom_op`` + fake when interpreting.
-
-    ``triton_op`` lets Inductor see and launch the kernel itself; its fake implementation is
-    the function run on fake tensors through ``wrap_triton``. Interpreted kernels cannot be
-    traced that way (``wrap_triton`` hands them back unwrapped), so under the interpreter the
-    op is opaque, with an explicit fake: it still compiles without a graph break.
-    """
-    def register(fn):
-        mutates_args = {"out"} if mutates else {}
-        if not _INTERPRET:
-            return triton_op(name, mutates_args=mutates_args)(fn)
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-
-        @op.register_fake
-        def _(*args):
-            if mutates:
-                return None
-            x, m = args[:2]
-            return x.new_empty(x.shape[0], m.shape[1])
-        return op
-    return register
+def _fake_new(x: torch.Tensor, m: torch.Tensor, *_) -> torch.Tensor:
+    return x.new_empty(x.shape[0], m.shape[1])
 
 
-@_op("sparse_unsloth::keep_cols", mutates=False)
+def _fake_inplace(*_) -> None:
+    return None
+
+
+@register("sparse_unsloth::keep_cols", set(), _fake_new)
 def _keep_cols(x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor, dense_idx: torch.Tensor,
                dense_mask: torch.Tensor) -> torch.Tensor:
     out = x.new_zeros(x.shape[0], m.shape[1])      # untouched (context row, dropped column): 0
@@ -190,13 +171,13 @@ def _keep_cols(x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor, dense_i
     return out
 
 
-@_op("sparse_unsloth::keep_cols_", mutates=True)
+@register("sparse_unsloth::keep_cols_", {"out"}, _fake_inplace)
 def _keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor,
                 dense_idx: torch.Tensor, dense_mask: torch.Tensor) -> None:
     _launch(_COLS, True, out, x, m, kept_idx, dense_idx, dense_mask)
 
 
-@_op("sparse_unsloth::keep_rows", mutates=False)
+@register("sparse_unsloth::keep_rows", set(), _fake_new)
 def _keep_rows(x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor, dense_idx: torch.Tensor,
                dense_mask: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(x.shape[0], m.shape[1])      # every element has a writer
@@ -204,7 +185,7 @@ def _keep_rows(x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor, dense_i
     return out
 
 
-@_op("sparse_unsloth::keep_rows_", mutates=True)
+@register("sparse_unsloth::keep_rows_", {"out"}, _fake_inplace)
 def _keep_rows_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept_idx: torch.Tensor,
                 dense_idx: torch.Tensor, dense_mask: torch.Tensor) -> None:
     _launch(_ROWS, True, out, x, m, kept_idx, dense_idx, dense_mask)
