@@ -12,7 +12,8 @@ per-layer products at those shapes (1024 dense rows; FFN keeping 1% and 25% of 1
 keeping 32 of 128 dims per head, GQA 32/8) three ways: the torch composition of
 ``ops.sparse_mm`` (``keep_cols_`` / ``keep_rows``), the fused Triton kernels of
 ``ops.gather_mm``, and the dense cuBLAS GEMM of the same shape; plus launches per call and the
-largest difference between the two sparse versions.
+largest difference between the two sparse versions; and the estimator's FFN channel choice,
+``estimator.select`` against the fused ``ops.ffn_score``.
 
     python scripts/bench_ops.py [--out results.json] [--products]
 """
@@ -251,6 +252,28 @@ def bench_products(gen) -> dict:
     return {"products": rows, "per_layer_totals_ms": totals}
 
 
+def bench_ffn_score(gen) -> list[dict]:
+    """The estimator's FFN channel choice (rank 8, bf16 factors): select.ffn_channels vs ops.ffn_score."""
+    from sparse_unsloth.estimator import select
+    from sparse_unsloth.ops import ffn_score
+
+    gate, up = [tuple((torch.randn(*s, device="cuda", generator=gen) / s[0] ** 0.5).bfloat16()
+                      for s in ((HID, 8), (8, INTER))) for _ in range(2)]
+    out = []
+    for rows in (BSZ * SEQ - PRODUCT_DENSE, BSZ):        # context tokens, or per-sequence means
+        x = torch.randn(rows, HID, device="cuda", generator=gen).bfloat16()
+        fns = {"torch": lambda x=x: select.ffn_channels(x, gate, up, FFN_KEEP),
+               "ours": lambda x=x: ffn_score.ffn_channels(x, gate, up, FFN_KEEP)}
+        fns["ours"]()
+        row = {"rows": rows, "keep": FFN_KEEP,
+               "same_channels": float(torch.isin(fns["ours"](), fns["torch"]()).float().mean())}
+        for variant, fn in fns.items():
+            row[variant + "_ms"] = 1e3 * _bench(fn)
+            row[variant + "_launches"] = _launches(fn)
+        out.append(row)
+    return out
+
+
 def _print_products(res: dict) -> None:
     print(f"{'product':22} {'kept':>5} {'flop':>5} {'torch ms':>9} {'ours ms':>8} {'dense ms':>9} "
           f"{'vs torch':>8} {'vs dense':>8} {'launch t/o':>10} {'diff':>7}")
@@ -261,6 +284,9 @@ def _print_products(res: dict) -> None:
     print(f"{'per layer (fwd + dX)':22} {'torch ms':>9} {'ours ms':>8} {'dense ms':>9}")
     for block, t in res["per_layer_totals_ms"].items():
         print(f"{block:22} {t['torch']:9.3f} {t['ours']:8.3f} {t['dense']:9.3f}")
+    for r in res["ffn_score"]:
+        print(f"{'estimator ffn ' + str(r['rows']) + ' rows':22} {r['torch_ms']:9.3f} {r['ours_ms']:8.3f} "
+              f"{'':9} launches {r['torch_launches']}/{r['ours_launches']}, same channels {r['same_channels']:.3f}")
 
 
 def main() -> None:
@@ -276,7 +302,8 @@ def main() -> None:
     if args.products:
         import triton
 
-        res = {**meta, "triton": triton.__version__, "tokens": BSZ * SEQ, **bench_products(gen)}
+        res = {**meta, "triton": triton.__version__, "tokens": BSZ * SEQ, **bench_products(gen),
+               "ffn_score": bench_ffn_score(gen)}
         _print_products(res)
         if args.out:
             with open(args.out, "w") as f:

@@ -43,6 +43,6 @@ echo "================ device_check summary ================"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 printf '%s\n' "${summary[@]}"
 grep -h -E "passed|failed|error" "$OUT/tests.log" "$OUT/kernels.log" 2>/dev/null | tail -3
-grep -h -A18 "^product" "$OUT/products.log" 2>/dev/null
+grep -h -A22 "^product" "$OUT/products.log" 2>/dev/null
 grep -h -A4 "^block" "$OUT/ops.log" 2>/dev/null
 grep -h -A12 "^run " "$OUT/speed.log" 2>/dev/null
