@@ -31,8 +31,10 @@ fp32 inputs multiply in IEEE fp32 (not TF32, like torch's default matmul).
 Each product is a torch op (``ops._register``), so ``torch.compile(fullgraph=True)`` keeps it in
 the graph: a ``triton_op`` on the GPU (Inductor launches the kernel from its generated code), an
 opaque ``custom_op`` with a fake under Triton's interpreter (``TRITON_INTERPRET=1``, CPU
-tensors), which runs the same kernel: there is no separate CPU implementation. The interpreter computes bf16 ``tl.dot`` wrongly
-(triton 3.9), so when interpreting the tiles are upcast to fp32 before the dot.
+tensors), which runs the same kernel: there is no separate CPU implementation. The interpreter
+computes bf16 ``tl.dot`` wrongly (triton 3.9), so when interpreting the tiles are upcast to fp32
+before the dot. Launches: one per product (a fresh ``keep_cols`` adds the zero fill of its
+output; the in-place form, which the callers use on their LoRA output, does not).
 """
 
 from __future__ import annotations
