@@ -264,3 +264,25 @@ def test_gpu_compiles_fullgraph_with_inductor():
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(x, w, kept_idx, dense_idx, mask)
     torch.testing.assert_close(got.float(), f(x, w, kept_idx, dense_idx, mask).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile for real")
+def test_kernels_compile_for_hopper_with_pipelined_tensor_core_loops():
+    """The interpreter checks the math only: compile for sm_90 too (no GPU needed), and check that
+    the GEMM K loops are software-pipelined (async copies) and run on warpgroup MMAs. (The FFN
+    score's row loop, rank-16 dots over a few KB, is not pipelined: only its MMAs are checked.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).with_name("sm90_compile.py")
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parents[1]), env.get("PYTHONPATH", "")])
+    res = json.loads(subprocess.run([sys.executable, str(script)], env=env, check=True, capture_output=True,
+                                    text=True, timeout=300).stdout)
+    for name, kernel in res.items():
+        assert kernel["wgmma"] >= 1, (name, kernel)
+        assert name == "ffn_score" or kernel["async_copies"] >= 4, (name, kernel)
