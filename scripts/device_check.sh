@@ -2,7 +2,11 @@
 # One device call's work for the Unsloth fast backend: GPU tests, the op micro-benchmark and the
 # training-step benchmark, each logged under $OUT, a short table printed last.
 #
-#   bash scripts/device_check.sh [tests] [ops] [speed] [speed-args...]
+#   bash scripts/device_check.sh [tests] [ops] [kernels] [products] [speed] [speed-args...]
+#
+# kernels: the gather-GEMM kernels' gpu tests; products: the frozen products alone (torch
+# composition vs the gather_mm kernels vs dense cuBLAS, bench_ops.py --products). Neither is
+# in the default set.
 #
 # Expects the wheelhouse installed and PYTHONPATH set (see the device call's preamble):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -26,6 +30,8 @@ for s in "${steps[@]}"; do
   case $s in
     tests) run_step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fast.py ;;
     ops) run_step ops python3 scripts/bench_ops.py --out "$OUT/bench_ops.json" ;;
+    kernels) run_step kernels python3 -m pytest -q -x -p no:cacheprovider tests/test_gather_mm.py ;;
+    products) run_step products python3 scripts/bench_ops.py --products --out "$OUT/bench_products.json" ;;
     speed) ;;
     *) speed_args+=("$s") ;;
   esac
@@ -36,6 +42,7 @@ done
 echo "================ device_check summary ================"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 printf '%s\n' "${summary[@]}"
-grep -h -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -3
+grep -h -E "passed|failed|error" "$OUT/tests.log" "$OUT/kernels.log" 2>/dev/null | tail -3
+grep -h -A22 "^product" "$OUT/products.log" 2>/dev/null
 grep -h -A4 "^block" "$OUT/ops.log" 2>/dev/null
 grep -h -A12 "^run " "$OUT/speed.log" 2>/dev/null
