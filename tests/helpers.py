@@ -86,7 +86,8 @@ def train_step(model, **inputs):
     model.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: None if p.grad is None else p.grad.clone()
+                           for n, p in model.named_parameters() if p.requires_grad}
 
 
 def assert_same_grads(got: dict, want: dict, rtol: float = 1e-9, atol: float = 1e-11) -> None:
