@@ -146,10 +146,10 @@ TINY_CONFIG = {"name": "tiny-gpu", "estimator_rank": 8, "dense_output_tokens": T
                "sparsity": {"mlp": {"1-3": 0.9}, "self_attn": {"2-3": 0.5}}}
 
 
-def _unsloth_model(path):
+def _unsloth_model(path, load_in_4bit=False):
     from unsloth import FastLanguageModel
 
-    model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=256, load_in_4bit=False,
+    model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=256, load_in_4bit=load_in_4bit,
                                                    dtype=torch.bfloat16, local_files_only=True)
     model = FastLanguageModel.get_peft_model(
         model, r=8, lora_alpha=16, lora_dropout=0, bias="none", random_state=0,
@@ -201,14 +201,17 @@ def test_inactive_is_bit_identical_and_active_is_sparse(tiny_dir, mode, monkeypa
     torch.testing.assert_close(again_loss, dense_loss, rtol=1e-3, atol=1e-3)
 
 
-def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["bf16", "nf4"])
+def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path, load_in_4bit):
     from datasets import Dataset
     from helpers import ARITHMETIC
     from trl import SFTConfig, SFTTrainer
 
     import sparse_unsloth as su
+    from sparse_unsloth.patch import unsloth_fast
 
-    model, tok = _unsloth_model(tiny_dir)
+    model, tok = _unsloth_model(tiny_dir, load_in_4bit)
+    assert unsloth_fast.applies(model)
     su.sparsify(model, {**TINY_CONFIG, "dense_warmup_ratio": 0.1}, progress=False)
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
                      logging_steps=1, report_to="none", save_strategy="no", bf16=True, max_length=64,
@@ -292,3 +295,37 @@ def test_interleaved_forward_does_not_change_the_recompute(tiny_dir):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert _rel(p.grad, plain[name]) < 1e-2, name
+
+
+def test_4bit_weights_through_the_fused_functions_equal_their_dequantization():
+    """A 4-bit weight given as its dequantization gives the bits that the dequantized 16-bit
+    weight gives, forward and backward, dequantized once per pass (twice in all)."""
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    hidden, inter, n = 1024, 2816, 2 * 300
+    calls = []
+    projs, fns = [], []
+    for fout, fin in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        p = _proj(gen, fout, fin)
+        packed, state = bnbf.quantize_4bit(p.weight, quant_type="nf4", compress_statistics=True)
+
+        def dequant(packed=packed, state=state):
+            calls.append(1)
+            return bnbf.dequantize_4bit(packed, state)
+
+        projs.append(LoRAProj(dequant(), p.lora_a, p.lora_b, p.scale))
+        fns.append(LoRAProj(dequant, p.lora_a, p.lora_b, p.scale))
+    x = torch.randn(2, 300, hidden, device=DEV, generator=gen).bfloat16().requires_grad_()
+    idx, dense_idx = _choose(gen, inter, 29), _choose(gen, n, 77)
+    dy = torch.randn(2, 300, hidden, device=DEV, generator=gen).bfloat16()
+    results = []
+    for ps in (projs, fns):
+        calls.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sparse_lora_mlp(x, *ps, idx, dense_idx)
+        loras = [t for p in ps for t in (p.lora_a, p.lora_b)]
+        results.append([out, *_grads(out, [x, *loras], dy)])
+    assert len(calls) == 2 * 3
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

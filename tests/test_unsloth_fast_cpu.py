@@ -151,6 +151,6 @@ def test_unsloth_fused_model_the_fast_path_cannot_take_is_refused(monkeypatch):
     for layer in decoder_layers(model):
         layer.mlp.forward = types.MethodType(fake.apply_lora_mlp_swiglu, layer.mlp)
     assert unsloth_fast.fused(model) and not unsloth_fast.applies(model)   # CPU weights
-    with pytest.raises(NotImplementedError, match="needs 16-bit base weights on a CUDA GPU"):
+    with pytest.raises(NotImplementedError, match="needs 16-bit or bitsandbytes 4-bit base weights on a CUDA GPU"):
         su.sparsify(model, MLP_ONLY, progress=False)
     assert su.sparse_state(model) is None

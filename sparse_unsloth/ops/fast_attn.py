@@ -22,6 +22,7 @@ from .sparse_mm import (
     kept_channels,
     lora_grads,
     lora_out,
+    weight_like,
 )
 
 
@@ -32,7 +33,8 @@ class _SparseLoRAQKV(torch.autograd.Function):
                 q_idx, k_idx, v_idx, dense_idx):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        weights = tuple(cast_like(w, x2) for w in (q_w, k_w, v_w))
+        srcs = (q_w, k_w, v_w)
+        weights = tuple(weight_like(w, x2) for w in srcs)
         loras = tuple(cast_like(t, x2) for t in (q_a, q_b, k_a, k_b, v_a, v_b))
         kepts = tuple(kept_channels(i) for i in (q_idx, k_idx, v_idx))
         x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
@@ -41,7 +43,7 @@ class _SparseLoRAQKV(torch.autograd.Function):
                 .view(*shape[:-1], -1)
                 for w, a, b, s, bias, kept in zip(weights, loras[0::2], loras[1::2], (q_s, k_s, v_s), biases,
                                                   kepts)]
-        ctx.weights = weights
+        ctx.weight_srcs = srcs         # dequantized again in backward (see fast_mlp)
         ctx.biases = biases
         ctx.scales = (q_s, k_s, v_s)
         ctx.save_for_backward(x2, *loras, *(t for kept in kepts for t in (kept.idx, kept.padded)), dense_idx)
@@ -57,7 +59,8 @@ class _SparseLoRAQKV(torch.autograd.Function):
         grads = [d.reshape(-1, d.shape[-1]).to(x.dtype) for d in (dq, dk, dv)]
         pairs = list(zip(loras[0::2], loras[1::2]))
         lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, pairs, ctx.scales)]
-        dx = keep_rows(list(zip(grads, ctx.weights, kepts)), dense_idx)
+        weights = [weight_like(w, x) for w in ctx.weight_srcs]
+        dx = keep_rows(list(zip(grads, weights, kepts)), dense_idx)
         for (_, _, dyb), (a, _) in zip(lora_g, pairs):
             dx.addmm_(dyb, a)
         out: list = [dx.view(ctx.in_shape)]
@@ -72,11 +75,11 @@ class _SparseLoRAO(torch.autograd.Function):
     def forward(ctx, x, w, a, b, s, bias, idx, dense_idx):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        w, a, b = cast_like(w, x2), cast_like(a, x2), cast_like(b, x2)
+        src, w, a, b = w, weight_like(w, x2), cast_like(a, x2), cast_like(b, x2)
         kept = kept_channels(idx)
         out = keep_rows([(x2, w.t(), kept)], dense_idx)
         add_bias_(add_lora_(out, x2, a, b, s), bias)
-        ctx.weight, ctx.scale, ctx.bias = w, s, bias
+        ctx.weight_src, ctx.scale, ctx.bias = src, s, bias
         ctx.save_for_backward(x2, a, b, idx, kept.padded, dense_idx)
         return out.view(*shape[:-1], out.shape[-1])
 
@@ -86,7 +89,7 @@ class _SparseLoRAO(torch.autograd.Function):
         x, a, b, idx, padded, dense_idx = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
         d_a, d_b, dyb = lora_grads(x, dy2, a, b, ctx.scale)
-        dx = keep_cols_(dyb @ a, dy2, ctx.weight, kept_channels(idx, padded), dense_idx)
+        dx = keep_cols_(dyb @ a, dy2, weight_like(ctx.weight_src, x), kept_channels(idx, padded), dense_idx)
         d_bias = bias_grad(dy2, ctx.bias, ctx.needs_input_grad[5])
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None
 

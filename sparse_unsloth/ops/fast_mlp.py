@@ -30,6 +30,7 @@ from .sparse_mm import (
     kept_channels,
     lora_grads,
     lora_out,
+    weight_like,
 )
 
 
@@ -55,8 +56,9 @@ class _SparseLoRAMLP(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # Casts, index padding and the dense rows of x once per call (each launch costs host time).
-        gate_w, up_w, down_w, ga, gb, ua, ub, da, db = (
-            cast_like(t, x2) for t in (gate_w, up_w, down_w, gate_a, gate_b, up_a, up_b, down_a, down_b))
+        srcs = (gate_w, up_w, down_w)
+        gate_w, up_w, down_w = (weight_like(w, x2) for w in srcs)
+        ga, gb, ua, ub, da, db = (cast_like(t, x2) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
         kept = kept_channels(idx)
         x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
         e = keep_cols_(lora_out(x2, ga, gb, gate_s), x2, gate_w.t(), kept, dense_idx, x_rows)
@@ -65,7 +67,9 @@ class _SparseLoRAMLP(torch.autograd.Function):
         h = act_forward(e, g)
         out = keep_rows([(h, down_w.t(), kept)], dense_idx)
         add_lora_(out, h, da, db, down_s)
-        ctx.weights = (gate_w, up_w, down_w)
+        # The weights themselves (or their dequantizing functions), not the pass's copies: a
+        # 4-bit weight is dequantized again in backward rather than kept alive in between.
+        ctx.weight_srcs = srcs
         ctx.scales = (gate_s, up_s, down_s)
         ctx.act_backward = act_backward
         ctx.save_for_backward(x2, e, g, ga, gb, ua, ub, da, db, idx, kept.padded, dense_idx)
@@ -75,7 +79,7 @@ class _SparseLoRAMLP(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, e, g, ga, gb, ua, ub, da, db, idx, padded, dense_idx = ctx.saved_tensors
-        gate_w, up_w, down_w = ctx.weights
+        gate_w, up_w, down_w = (weight_like(w, x) for w in ctx.weight_srcs)
         gate_s, up_s, down_s = ctx.scales
         kept = kept_channels(idx, padded)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)

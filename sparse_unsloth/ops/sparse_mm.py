@@ -15,17 +15,23 @@ gradient); a transposed view is fine, the gathers make contiguous copies.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
+Weight = torch.Tensor | Callable[[], torch.Tensor]
+
 
 class LoRAProj(NamedTuple):
     """A frozen weight ``[out, in]``, its LoRA branch ``s * B @ A`` (A ``[r, in]``, B ``[out, r]``)
-    and the base layer's bias (None, frozen, or trainable: it is never masked)."""
+    and the base layer's bias (None, frozen, or trainable: it is never masked).
 
-    weight: torch.Tensor
+    ``weight`` is a tensor or a function returning one: a 4-bit weight's dequantization, which
+    the Functions call once in forward and once in backward, keeping nothing between the passes.
+    """
+
+    weight: Weight
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     scale: float
@@ -45,6 +51,11 @@ def cast_like(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     computes in the activations' dtype, as F.linear under autocast would.
     """
     return w if w.dtype == like.dtype else w.to(like.dtype)
+
+
+def weight_like(w: Weight, like: torch.Tensor) -> torch.Tensor:
+    """The frozen weight for this pass (dequantized if it is a function) in ``like``'s dtype."""
+    return cast_like(w() if callable(w) else w, like)
 
 
 def has_rows(dense_idx: torch.Tensor | None) -> bool:

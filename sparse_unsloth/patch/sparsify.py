@@ -83,9 +83,9 @@ def _backend(model: nn.Module):
         # going on would train dense while reporting sparse.
         weight = frozen_linear(decoder_layers(model)[0].mlp.down_proj).weight
         raise NotImplementedError(
-            "Unsloth's fused LoRA kernels run this model, but the sparse fast path needs 16-bit base "
-            f"weights on a CUDA GPU (these are {weight.dtype} on {weight.device}); 4-bit QLoRA is not "
-            "supported yet: load with load_in_4bit=False, or train dense")
+            "Unsloth's fused LoRA kernels run this model, but the sparse fast path needs 16-bit or "
+            f"bitsandbytes 4-bit base weights on a CUDA GPU (these are {weight.dtype} on {weight.device}); "
+            "move the model to the GPU, or train dense")
     return reference
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
 from ..ops.fast_mlp import sparse_lora_mlp, swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj
-from .models import decoder_layers, frozen_linear
+from .models import decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
 from .state import LayerSparsity
 
@@ -75,9 +75,13 @@ def _mlp_slot(mlp: nn.Module) -> str:
     return next((s for s in _MLP_SLOTS if s in mlp.__dict__), "forward")
 
 
-def _plain_weight(proj: nn.Module) -> bool:
-    weight = frozen_linear(proj).weight
-    return weight.is_floating_point() and getattr(weight, "quant_state", None) is None
+def _quantized(proj: nn.Module) -> bool:
+    """A bitsandbytes 4-bit weight (NF4/FP4), as Unsloth's ``load_in_4bit`` gives."""
+    return getattr(frozen_linear(proj).weight, "quant_state", None) is not None
+
+
+def _supported_weight(proj: nn.Module) -> bool:
+    return frozen_linear(proj).weight.is_floating_point() or _quantized(proj)
 
 
 def fused(model: nn.Module) -> bool:
@@ -92,9 +96,9 @@ def fused(model: nn.Module) -> bool:
 
 
 def applies(model: nn.Module) -> bool:
-    """True when Unsloth's fused path runs ``model`` with 16-bit base weights on CUDA."""
-    down = frozen_linear(decoder_layers(model)[0].mlp.down_proj)
-    return fused(model) and down.weight.is_cuda and _plain_weight(down)
+    """True when Unsloth's fused path runs ``model`` on CUDA (16-bit or 4-bit base weights)."""
+    down = decoder_layers(model)[0].mlp.down_proj
+    return fused(model) and frozen_linear(down).weight.is_cuda and _supported_weight(down)
 
 
 def _check_plain_lora(projs: list[nn.Module], biases: bool) -> None:
@@ -104,11 +108,11 @@ def _check_plain_lora(projs: list[nn.Module], biases: bool) -> None:
         plain = (hasattr(proj, "lora_A") and len(proj.active_adapters) == 1
                  and all(isinstance(d, nn.Identity) for d in dropout.values())
                  and all(b.bias is None for b in proj.lora_B.values())
-                 and not getattr(proj, "lora_magnitude_vector", None) and _plain_weight(proj))
+                 and not getattr(proj, "lora_magnitude_vector", None) and _supported_weight(proj))
         if not plain:
             raise ValueError(
                 "sparse_unsloth's Unsloth fast path needs plain LoRA on every projection of a sparse "
-                "layer: one active adapter, lora_dropout=0, no LoRA bias, no DoRA, unquantized base "
+                "layer: one active adapter, lora_dropout=0, no LoRA bias, no DoRA, 16-bit or 4-bit base "
                 f"weights ({type(proj).__name__} does not qualify). Use lora_dropout=0 and bias='none'.")
         if base.weight.requires_grad:
             raise ValueError(
@@ -129,8 +133,9 @@ def _lora(proj: nn.Module) -> LoRAProj | None:
     if name not in proj.lora_A:
         return None
     base = frozen_linear(proj)
-    return LoRAProj(base.weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name],
-                    base.bias)
+    # A 4-bit weight goes in as its dequantization, which the Functions call once per pass.
+    weight = weight_getter(base) if _quantized(proj) else base.weight
+    return LoRAProj(weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name], base.bias)
 
 
 def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
