@@ -78,8 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gpu = p.add_argument_group("GPU")
     gpu.add_argument("--unsloth", action="store_true",
                      help="load with Unsloth's FastLanguageModel (needs a CUDA GPU): the fused fast path")
-    gpu.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights (with --unsloth; "
-                                                               "sparse 4-bit training is not supported yet)")
+    gpu.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights (with --unsloth)")
     p.set_defaults(func=cmd_train)
 
 
@@ -90,7 +89,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .finetune import ModelSourceError
     from .patch.models import UnsupportedModelError
 
-    # NotImplementedError: sparsify refuses what the fast path cannot take yet (an Unsloth 4-bit model).
+    # NotImplementedError: sparsify refuses what the fast path cannot take (an Unsloth model off the GPU).
     return ConfigError, DatasetError, EstimatorFileError, ModelSourceError, UnsupportedModelError, \
         FileNotFoundError, NotImplementedError
 
