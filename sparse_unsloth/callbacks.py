@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .distributed import check_same, refuse_fsdp, sum_counters
 from .patch import sparse_state
 
 
@@ -21,6 +23,12 @@ class SparsityCallback(TrainerCallback):
     ``sparse/attn_kept_frac`` (channels kept for context tokens in the sparse layers),
     ``sparse/dense_token_frac`` (output tokens computed dense), ``sparse/estimator_ms``
     (estimator wall time per forward pass, host side).
+
+    Under DDP (``torchrun`` / ``accelerate launch``) every rank sparsifies its own micro-batches;
+    the statistics are summed over the ranks before the averages are taken, so each logged value
+    is the global one (``sparse/estimator_ms``: the mean over every rank's forward passes), logged
+    once by the main process. The warm-up switch follows ``global_step``, which the ranks share;
+    ranks whose config or warm-up differ are refused at the start, as is FSDP.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -32,10 +40,18 @@ class SparsityCallback(TrainerCallback):
         self.warmup_steps = 0
         self.sparse_steps = 0        # optimizer steps in which some layer really ran sparse
         self._seen = 0
+        self.model = model
+
+    def _device(self) -> torch.device:
+        # Where the process group reduces: the model's device (CPU with gloo, the rank's GPU with NCCL).
+        return next(self.model.parameters()).device
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs) -> None:
+        refuse_fsdp(self.model, args)
         self.warmup_steps = self.state.config.warmup_steps(state.max_steps)
+        check_same("the sparse config and dense warm-up", (self.state.config, self.warmup_steps),
+                   "give every rank the same config and max_steps")
         self.state.enabled = state.global_step >= self.warmup_steps
         self.state.reset_stats()
 
@@ -52,6 +68,8 @@ class SparsityCallback(TrainerCallback):
                logs: dict | None = None, **kwargs) -> None:
         if logs is None or "loss" not in logs:
             return              # evaluation and end-of-training summaries carry no train stats
+        # on_log runs on every rank at the same steps (with the same logs), so all meet here.
+        self.state.stats = sum_counters(self.state.stats, self._device())
         stats = self.state.pop_stats()
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

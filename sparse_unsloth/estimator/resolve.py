@@ -11,20 +11,24 @@ The one resolver behind ``sparsify``, the CLI and the notebooks. Order:
 
 Whatever is pulled or built is written to the cache (when there is a model id to key it by:
 in-memory models without ``_name_or_path`` are not cached). Each step logs one line on the
-``sparse_unsloth`` logger. Under torch.distributed, rank 0 resolves first and the other ranks
-then find its file in the cache (on a node-local cache each node's first rank does the work).
+``sparse_unsloth`` logger.
+
+Under torch.distributed the cache steps run in turns: rank 0 first; then the first rank of each
+other host, which finds rank 0's file in a shared cache or does the work for its node-local one;
+then every other rank, which reads its host's cache. An explicit local source is read by every
+rank. A failure on any rank raises on every rank (:func:`~sparse_unsloth.distributed.in_turns`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from .. import distributed
 from .cache import cache_path, default_repo_id, is_repo_id, zlab_repo_id
 from .factors import EstimatorFactors, build_factors
 from .hub import HubError, pull_factors
@@ -58,17 +62,10 @@ def _missing(factors: EstimatorFactors, keys: list[str]) -> list[str]:
     return [k for k in keys if k not in factors]
 
 
-@contextlib.contextmanager
-def _rank_zero_first() -> Iterator[None]:
-    dist = torch.distributed
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if multi and dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if multi and dist.get_rank() == 0:
-            dist.barrier()
+def _cache_turn() -> int:
+    """This rank's turn at the cache: rank 0, then each other host's first rank, then the rest."""
+    first = distributed.first_on_node()  # a collective: every rank calls it, rank 0 included
+    return 0 if distributed.rank() == 0 else 1 if first else 2
 
 
 def _store(factors: EstimatorFactors, path: Path) -> None:
@@ -180,20 +177,30 @@ def resolve_factors(weights: Weights, rank: int, fingerprint: str,
     :class:`EstimatorUnavailableError` instead of building.
     """
     keys = sorted(weights)
+    if isinstance(source, EstimatorFactors) or (not keys and source is None) or \
+            (source is not None and not is_repo_id(str(source))):
+        # Nothing shared to wait for: each rank checks its own, and all learn of any rank's failure.
+        return distributed.in_turns(
+            lambda: _given(source, weights, keys, rank, fingerprint, model_id, revision), 0, 1)
+    if source is not None:  # an explicit Hub repo id
+        hub_repo, allow_hub = str(source), True
+    return distributed.in_turns(
+        lambda: _resolve(weights, keys, rank, fingerprint, model_id, revision, progress, hub_repo,
+                         hub_revision, cache_dir, allow_hub, allow_build, token, endpoint),
+        _cache_turn(), 3)
+
+
+def _given(source: str | Path | EstimatorFactors | None, weights: Weights, keys: list[str], rank: int,
+           fingerprint: str, model_id: str, revision: str) -> EstimatorFactors:
+    """Factors passed in, an explicit local source, or none needed: no cache, no Hub."""
     if isinstance(source, EstimatorFactors):
         _check(source, keys, rank, fingerprint, "the given estimator")
         log.info("estimator: using the factors passed in")
         return source
-    if not keys and source is None:  # nothing sparse: no file to find, fetch or write
+    if source is None:  # nothing sparse: no file to find, fetch or write
         log.debug("estimator: the config makes no layer sparse; no factors needed")
         return EstimatorFactors({}, rank, fingerprint, model_id, revision)
-    if source is not None and not is_repo_id(str(source)):
-        return _from_source(source, weights, keys, rank, fingerprint)
-    if source is not None:  # an explicit Hub repo id
-        hub_repo, allow_hub = str(source), True
-    with _rank_zero_first():
-        return _resolve(weights, keys, rank, fingerprint, model_id, revision, progress, hub_repo,
-                        hub_revision, cache_dir, allow_hub, allow_build, token, endpoint)
+    return _from_source(source, weights, keys, rank, fingerprint)
 
 
 def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, model_id: str, revision: str,
@@ -206,6 +213,9 @@ def _resolve(weights: Weights, keys: list[str], rank: int, fingerprint: str, mod
     if not cacheable:
         log.info("estimator: not cached (no %s); pass model_id= to cache it",
                  "model id" if not model_id else "fingerprint")
+        if distributed.is_distributed():
+            log.warning("estimator: with no cache file to share, every rank resolves its own estimator; "
+                        "pass model_id= so that one rank builds it and the others read it")
     factors = _load_cached(path, rank, fingerprint) if cacheable else None
     if factors is not None:
         if not _missing(factors, keys):

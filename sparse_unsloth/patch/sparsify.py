@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import MODULE_KINDS, ConfigError, SparseConfig, load_config
+from ..distributed import refuse_fsdp
 from ..estimator.factors import EstimatorFactors
 from ..estimator.resolve import resolve_factors
 from ..estimator.store import fingerprint
@@ -102,6 +103,7 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     if sparse_state(model) is not None:
         raise RuntimeError("this model is already sparsified; call sparse_unsloth.unsparsify(model) "
                            "first to change its config")
+    refuse_fsdp(model)
     check_supported(model)
     layers = decoder_layers(model)
     config = load_config(config, num_layers=len(layers))
