@@ -87,17 +87,13 @@ class _Alternate(StepTimer):
             self.peak_bytes.append(torch.cuda.max_memory_allocated())
 
 
-def paired_rows(rows: list[dict], batch_size: int, pairs: int, seed: int) -> list[dict]:
-    """Rows laid out so that, read in order, each batch comes twice in a row (one pair).
-
-    A seeded sample of ``rows`` (repeated when there are fewer than needed), so that the timed
-    batches look like the training run's and do not depend on how the file is sorted.
-    """
-    if not rows:
+def pair_indices(available: int, batch_size: int, pairs: int) -> list[int]:
+    """Row indices, read in order, in which each batch of ``batch_size`` comes twice in a row (one
+    pair); rows are reused from the start when there are fewer than ``pairs * batch_size``."""
+    if available < 1:
         raise ValueError("bench needs at least one row")
-    pool = random.Random(seed).sample(rows, len(rows))
-    picked = [pool[i % len(pool)] for i in range(pairs * batch_size)]
-    out: list[dict] = []
+    picked = [i % available for i in range(pairs * batch_size)]
+    out: list[int] = []
     for k in range(pairs):
         batch = picked[k * batch_size:(k + 1) * batch_size]
         out += batch + batch
@@ -141,14 +137,25 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     state = sparse_state(model)
     if state is None:
         raise ValueError("bench needs a sparsified model: call sparse_unsloth.sparsify(model, config) first")
+    if not rows:
+        raise ValueError("bench needs at least one row")
     pairs = warmup_steps + steps
     schedule = alternating_schedule(pairs)
     callback = _Alternate(model, schedule)
+    # A seeded sample, so that the timed batches look like a training run's whatever the file's order.
+    sample = random.Random(seed).sample(rows, min(len(rows), pairs * batch_size))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(model, tokenizer, paired_rows(rows, batch_size, pairs, seed), output_dir=tmp,
-                                max_steps=2 * pairs, batch_size=batch_size, learning_rate=learning_rate,
-                                max_length=max_length, seed=seed, logging_steps=2 * pairs,
-                                callbacks=[callback], progress=progress, in_order=True)
+        trainer = build_trainer(model, tokenizer, sample, output_dir=tmp, max_steps=2 * pairs,
+                                batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
+                                seed=seed, logging_steps=2 * pairs, callbacks=[callback], progress=progress,
+                                in_order=True)
+        # Pairs are laid out on the tokenized rows: TRL drops rows that keep no labelled token
+        # within max_length, which would shift every later batch off its twin.
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise ValueError(f"none of the {len(sample)} rows drawn keeps a labelled (completion) token within "
+                             f"max_length {max_length}: raise the maximum length")
+        trainer.train_dataset = trainer.train_dataset.select(pair_indices(kept, batch_size, pairs))
         was_enabled = state.enabled
         try:
             trainer.train()
@@ -171,12 +178,15 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     on_gpu = next(model.parameters()).is_cuda
     flops = _flop_fraction(state.config, model.config, batch_size, round(seq_len), round(output_tokens))
     notes = []
+    if kept < len(sample):
+        notes.append(f"{len(sample) - kept} of the {len(sample)} rows drawn had no labelled token within "
+                     f"max_length {max_length} and were left out")
     if flops is None:
         notes.append("FLOP fraction not computed: this install has no sparse_unsloth.flops")
     if not unsloth_fast.applies(model):   # the test sparsify's choice of backend makes
         notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without Unsloth): "
-                     "it computes the same result, it is not built to be faster; the fast path needs "
-                     "Unsloth on a CUDA GPU (--unsloth)")
+                     "it computes the same result, it is not built to be faster; the fast path needs a "
+                     "model loaded through Unsloth on a CUDA GPU (bench --unsloth)")
     return BenchResult(
         comparison=compare(dense_s, sparse_s), dense_step_s=dense_s, sparse_step_s=sparse_s,
         tokens_per_step=tokens, batch_size=batch_size, seq_len=seq_len, output_tokens=output_tokens,

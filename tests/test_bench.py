@@ -22,17 +22,10 @@ sparsity:
 """
 
 
-def test_paired_rows_repeat_each_batch_once():
-    rows = [{"i": i} for i in range(5)]
-    laid_out = bench.paired_rows(rows, batch_size=2, pairs=3, seed=0)
-    assert len(laid_out) == 12
-    batches = [laid_out[k:k + 2] for k in range(0, 12, 2)]
-    assert batches[0] == batches[1] and batches[2] == batches[3] and batches[4] == batches[5]
-    assert batches[0] != batches[2]
-    assert {r["i"] for r in laid_out} == set(range(5))           # 6 rows drawn from 5: all used
-    assert laid_out == bench.paired_rows(rows, batch_size=2, pairs=3, seed=0)
+def test_pair_indices_repeat_each_batch_once():
+    assert bench.pair_indices(5, batch_size=2, pairs=3) == [0, 1, 0, 1, 2, 3, 2, 3, 4, 0, 4, 0]
     with pytest.raises(ValueError, match="at least one row"):
-        bench.paired_rows([], 2, 1, 0)
+        bench.pair_indices(0, 2, 1)
 
 
 @pytest.fixture
@@ -61,9 +54,24 @@ def test_measure_interleaves_dense_and_sparse_steps(tiny_sparse, monkeypatch):
         self.sparse.stats["mlp_total"] = 0
         return original_end(self, args, state, control, **kwargs)
 
+    trainers, build_trainer = [], bench.build_trainer
+
+    def keep_trainer(*args, **kwargs):
+        trainers.append(build_trainer(*args, **kwargs))
+        return trainers[-1]
+
     monkeypatch.setattr(bench._Alternate, "on_step_end", spy)
-    result = bench.measure(model, tokenizer, ARITHMETIC, steps=3, warmup_steps=1, batch_size=4, max_length=32,
-                           progress=False)
+    monkeypatch.setattr(bench, "build_trainer", keep_trainer)
+    # Rows whose prompt fills max_length keep no labelled token: TRL drops them. The pairs must not shift.
+    long_rows = [{"prompt": "one two three four five six seven eight nine ten " * 8, "completion": " odd"}] * 40
+    result = bench.measure(model, tokenizer, ARITHMETIC[:40] + long_rows, steps=3, warmup_steps=1, batch_size=4,
+                           max_length=32, progress=False)
+    ids = trainers[0].train_dataset["input_ids"]
+    assert len(ids) == 2 * 4 * 4
+    for k in range(4):                                      # both steps of a pair train the same batch
+        assert ids[8 * k:8 * k + 4] == ids[8 * k + 4:8 * k + 8]
+    assert ids[0:4] != ids[8:12]
+    assert any("rows drawn had no labelled token within max_length 32" in note for note in result.notes)
     assert [enabled for enabled, _, _ in seen] == [False, True, True, False, False, True, True, False]
     for enabled, estimator_s, mlp_total in seen:           # dense steps really ran dense, sparse ones sparse
         assert (estimator_s > 0, mlp_total > 0) == (enabled, enabled)
