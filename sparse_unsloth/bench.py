@@ -219,26 +219,28 @@ def format_report(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def plot(result: BenchResult, path: Path) -> Path | None:
-    """Step times of both modes, pair by pair; None when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot(result: BenchResult, path: str | Path) -> Path | None:
+    """Step times of both modes, pair by pair, saved to ``path``; None when matplotlib is not installed.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Drawn on a bare Figure, not through pyplot: no backend is chosen or changed (a notebook's
+    inline plots stay as they were), and nothing needs a display.
+    """
+    try:
+        from matplotlib.figure import Figure
     except ModuleNotFoundError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     pairs = range(1, result.comparison.pairs + 1)
     ax.plot(pairs, result.dense_step_s, marker="o", label="dense LoRA")
     ax.plot(pairs, result.sparse_step_s, marker="o", label="sparse")
-    ax.set(xlabel="timed pair (same batch for both steps)", ylabel="step time (s)", ylim=(0, None),
-           title=result.comparison.describe()[:90])
+    ax.set(xlabel="timed pair (both steps train the same batch)", ylabel="step time (s)", ylim=(0, None))
+    ax.set_title(result.comparison.describe(), fontsize=8, wrap=True)
     ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return Path(path)
 
 
 def write_outputs(result: BenchResult, out_dir: str | Path, settings: dict[str, Any]) -> dict[str, Path | None]:
