@@ -201,9 +201,9 @@ def format_report(result: BenchResult) -> str:
     lines = [(f"{c.pairs} dense + {c.pairs} sparse steps timed, interleaved in pairs on the same batches "
               f"({result.batch_size} rows x ~{result.seq_len:.0f} tokens, ~{result.output_tokens:.0f} of them "
               f"labelled; {result.warmup_pairs} untimed warm-up pair(s)) on {result.device}"),
-             f"{'mode':<8}{'median step':>13}{'min':>9}{'max':>9}{'tokens/s':>11}"]
+             f"{'mode':<8}{'median step':>13}{'min':>10}{'max':>10}{'tokens/s':>11}"]
     for name, spread, sparse in (("dense", c.dense, False), ("sparse", c.sparse, True)):
-        lines.append(f"{name:<8}{spread.median:>11.3f} s{spread.low:>8.3f}s{spread.high:>8.3f}s"
+        lines.append(f"{name:<8}{spread.median:>11.3f} s{spread.low:>8.3f} s{spread.high:>8.3f} s"
                      f"{result.tokens_per_s(sparse):>11.0f}")
     lines.append(f"result:    {c.describe()}")
     lines.append(f"estimator: {100 * result.estimator_share:.1f}% of the sparse step time")
