@@ -53,7 +53,6 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["comparison"] = self.comparison.to_dict()
         out["tokens_per_s"] = {"dense": self.tokens_per_s(False), "sparse": self.tokens_per_s(True)}
         out["verdict"] = self.comparison.describe()
         return out

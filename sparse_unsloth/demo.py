@@ -115,11 +115,10 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparse_unsloth.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    run_demo(parser.parse_args(argv))
-    return 0
+    """``python -m sparse_unsloth.demo [ARGS]``: the same as ``sparse-unsloth demo [ARGS]``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

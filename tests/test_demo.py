@@ -61,3 +61,9 @@ def test_zero_steps_is_refused(flag, capsys):
         main(["demo", flag, "0"])
     assert exit_.value.code == 2
     assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_python_m_demo_is_the_demo_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--steps", "0"])                      # python -m sparse_unsloth.demo --steps 0
+    assert exit_.value.code == 2 and "sparse-unsloth demo: error: argument --steps" in capsys.readouterr().err
