@@ -64,8 +64,6 @@ class _Alternate(StepTimer):
     def __init__(self, model, schedule: list[bool]) -> None:
         super().__init__()
         self.sparse = sparse_state(model)
-        if self.sparse is None:
-            raise ValueError("bench needs a sparsified model: call sparse_unsloth.sparsify(model, config) first")
         self.sparse.callback_attached = True     # this callback schedules the steps
         self.schedule = schedule
         self.estimator_s: list[float] = []
@@ -152,8 +150,8 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         # within max_length, which would shift every later batch off its twin.
         kept = len(trainer.train_dataset)
         if kept == 0:
-            raise ValueError(f"none of the {len(sample)} rows drawn keeps a labelled (completion) token within "
-                             f"max_length {max_length}: raise the maximum length")
+            raise ValueError(f"none of the {len(sample)} rows drawn keeps a labelled (completion) token "
+                             f"within max_length {max_length}: raise the maximum length")
         trainer.train_dataset = trainer.train_dataset.select(pair_indices(kept, batch_size, pairs))
         was_enabled = state.enabled
         try:
@@ -183,9 +181,9 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     if flops is None:
         notes.append("FLOP fraction not computed: this install has no sparse_unsloth.flops")
     if not unsloth_fast.applies(model):   # the test sparsify's choice of backend makes
-        notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without Unsloth): "
-                     "it computes the same result, it is not built to be faster; the fast path needs a "
-                     "model loaded through Unsloth on a CUDA GPU (bench --unsloth)")
+        notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without "
+                     "Unsloth): it computes the same result, it is not built to be faster; the fast path "
+                     "needs a model loaded through Unsloth on a CUDA GPU (bench --unsloth)")
     return BenchResult(
         comparison=compare(dense_s, sparse_s), dense_step_s=dense_s, sparse_step_s=sparse_s,
         tokens_per_step=tokens, batch_size=batch_size, seq_len=seq_len, output_tokens=output_tokens,
@@ -198,8 +196,8 @@ def format_report(result: BenchResult) -> str:
     """The table people read: step times with their spread, tokens/s, memory, the verdict."""
     c = result.comparison
     lines = [(f"{c.pairs} dense + {c.pairs} sparse steps timed, interleaved in pairs on the same batches "
-              f"({result.batch_size} rows x ~{result.seq_len:.0f} tokens, ~{result.output_tokens:.0f} of them "
-              f"labelled; {result.warmup_pairs} untimed warm-up pair(s)) on {result.device}"),
+              f"({result.batch_size} rows x ~{result.seq_len:.0f} tokens, ~{result.output_tokens:.0f} of "
+              f"them labelled; {result.warmup_pairs} untimed warm-up pair(s)) on {result.device}"),
              f"{'mode':<8}{'median step':>13}{'min':>10}{'max':>10}{'tokens/s':>11}"]
     for name, spread, sparse in (("dense", c.dense, False), ("sparse", c.sparse, True)):
         lines.append(f"{name:<8}{spread.median:>11.3f} s{spread.low:>8.3f} s{spread.high:>8.3f} s"
@@ -208,7 +206,8 @@ def format_report(result: BenchResult) -> str:
     lines.append(f"estimator: {100 * result.estimator_share:.1f}% of the sparse step time")
     memory = result.memory
     if "dense_gib" in memory:
-        lines.append(f"peak GPU memory: dense {memory['dense_gib']:.2f} GiB, sparse {memory['sparse_gib']:.2f} GiB")
+        lines.append(f"peak GPU memory: dense {memory['dense_gib']:.2f} GiB, "
+                     f"sparse {memory['sparse_gib']:.2f} GiB")
     else:
         lines.append(f"peak memory: {memory['process_peak_rss_gib']:.2f} GiB ({memory['note']})")
     if result.flop_fraction is not None:
@@ -242,7 +241,8 @@ def plot(result: BenchResult, path: str | Path) -> Path | None:
     return Path(path)
 
 
-def write_outputs(result: BenchResult, out_dir: str | Path, settings: dict[str, Any]) -> dict[str, Path | None]:
+def write_outputs(result: BenchResult, out_dir: str | Path,
+                  settings: dict[str, Any]) -> dict[str, Path | None]:
     """``bench.json`` (settings + result) and ``bench.png`` in ``out_dir``; the plot's path is None
     when matplotlib is missing."""
     out = Path(out_dir)

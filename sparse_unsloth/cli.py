@@ -101,7 +101,8 @@ def _logging(verbose: bool) -> Iterator[None]:
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    filters = [] if verbose else [(logging.getLogger(name), _DropMessages(prefix)) for name, prefix in NOISE.items()]
+    filters = [] if verbose else [(logging.getLogger(name), _DropMessages(prefix))
+                                  for name, prefix in NOISE.items()]
     for noisy, drop in filters:
         noisy.addFilter(drop)
     try:

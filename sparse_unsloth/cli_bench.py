@@ -32,11 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="timed steps of each mode (default: %(default)s)")
     run.add_argument("--warmup-steps", type=non_negative_int, default=1,
                      help="untimed steps of each mode first: compilation, allocations (default: %(default)s)")
-    run.add_argument("--batch-size", type=positive_int, default=8, help="rows per step (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive_int, default=8,
+                     help="rows per step (default: %(default)s)")
     run.add_argument("--max-length", type=positive_int, default=512,
                      help="tokens per row, longer rows are cut (default: %(default)s)")
     run.add_argument("--lr", type=float, default=2e-4, help="learning rate (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="seed of LoRA init and the rows drawn (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of LoRA init and the rows drawn (default: %(default)s)")
     run.add_argument("--out", default="outputs/sparse-unsloth-bench", metavar="DIR",
                      help="where bench.json and bench.png go (default: %(default)s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lora_arguments(p)
     run = p.add_argument_group("training")
     run.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default: %(default)s)")
-    run.add_argument("--batch-size", type=positive_int, default=8, help="rows per step (default: %(default)s)")
+    run.add_argument("--batch-size", type=positive_int, default=8,
+                     help="rows per step (default: %(default)s)")
     run.add_argument("--lr", type=float, default=2e-4, help="learning rate, constant (default: %(default)s)")
     run.add_argument("--max-length", type=positive_int, default=512,
                      help="tokens per row, longer rows are cut (default: %(default)s)")
@@ -44,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--eval-rows", type=non_negative_int, default=16,
                      help="held-out rows for the final loss: the gsm8k test split, else the dataset's last "
                           "N rows (default: %(default)s; 0: none)")
-    run.add_argument("--seed", type=int, default=0, help="seed of LoRA init and data order (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of LoRA init and data order (default: %(default)s)")
     run.add_argument("--logging-steps", type=positive_int, default=10,
                      help="log every N steps (default: %(default)s)")
     run.add_argument("--output-dir", default="outputs/sparse-unsloth-run",
@@ -53,8 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gpu = p.add_argument_group("GPU")
     gpu.add_argument("--unsloth", action="store_true",
                      help="load with Unsloth's FastLanguageModel (needs a CUDA GPU): the fused fast path")
-    gpu.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights (with --unsloth; "
-                                                               "sparse 4-bit training is not supported yet)")
+    gpu.add_argument("--load-in-4bit", action="store_true",
+                     help="QLoRA: 4-bit NF4 base weights (with --unsloth; sparse 4-bit training is not "
+                          "supported yet)")
     p.set_defaults(func=cmd_train)
 
 

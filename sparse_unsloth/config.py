@@ -165,7 +165,8 @@ def presets_dir() -> Path:
         if (folder / "__init__.py").is_file():
             return folder
     raise ConfigError(f"the preset folder is missing (neither {package / 'configs'} nor "
-                      f"{package.parent / 'configs'}); reinstall sparse_unsloth (pip install -e . in a checkout)")
+                      f"{package.parent / 'configs'}); reinstall sparse_unsloth "
+                      "(pip install -e . in a checkout)")
 
 
 def preset_names() -> list[str]:

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Defaults: ~5-9 s a step at 4 x 256 tokens on 2 busy CPU cores, so the demo fits in ~6 min.
     p.add_argument("--steps", type=positive_int, default=12, help="steps of each run (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="rows per step (default: %(default)s)")
-    p.add_argument("--max-length", type=positive_int, default=256, help="tokens per row (default: %(default)s)")
+    p.add_argument("--max-length", type=positive_int, default=256,
+                   help="tokens per row (default: %(default)s)")
     p.add_argument("--train-rows", type=positive_int, default=300,
                    help="shipped GSM8K train rows to draw batches from (default: %(default)s)")
     p.add_argument("--eval-rows", type=positive_int, default=16,
@@ -86,7 +87,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     print(f"sparse_unsloth demo: SmolLM2-135M-Instruct, LoRA r=16 on all projections, GSM8K "
           f"({args.steps} steps x {args.batch_size} rows x <={args.max_length} tokens, drawn from "
-          f"{args.train_rows} shipped train rows; held-out loss on {args.eval_rows} test rows), seed {args.seed}",
+          f"{args.train_rows} shipped train rows; held-out loss on {args.eval_rows} test rows), "
+          f"seed {args.seed}",
           flush=True)
     rows = load_rows("gsm8k", args.train_rows)
     print("\n[1/3] dense LoRA", flush=True)
@@ -94,8 +96,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         dense = _run(args, rows, None, tmp)[2]
     print(f"\n[2/3] sparse LoRA (preset {args.config})", flush=True)
     model, tokenizer, sparse = _run(args, rows, args.config, args.output_dir)
-    print(f"\n[3/3] speed: {args.timing_steps} dense and {args.timing_steps} sparse steps, interleaved on the "
-          "sparse run's model", flush=True)
+    print(f"\n[3/3] speed: {args.timing_steps} dense and {args.timing_steps} sparse steps, interleaved "
+          "on the sparse run's model", flush=True)
     speed = measure(model, tokenizer, rows, steps=args.timing_steps, warmup_steps=args.timing_warmup,
                     batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                     progress=not args.no_progress)

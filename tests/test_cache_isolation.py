@@ -47,7 +47,7 @@ def test_a_stale_linked_conversion_is_replaced_not_written_through(tmp_path, mon
     folder = Path(smollm2.smollm2_path(str(root), gguf=str(gguf)))
     assert folder == root / smollm2.MODEL_DIRNAME and not folder.is_symlink()
     assert (folder / "model.safetensors").is_file()
-    assert sorted(p.name for p in stale.iterdir()) == ["sparse_unsloth_done.json"]   # the user's folder untouched
+    assert sorted(p.name for p in stale.iterdir()) == ["sparse_unsloth_done.json"]   # the user's: untouched
 
 
 @pytest.mark.slow

@@ -36,9 +36,11 @@ for path in paths:
         main([*path, "--help"])
     except SystemExit as exit_:
         assert exit_.code == 0, path
-print(round(time.perf_counter() - start, 2), sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+print(round(time.perf_counter() - start, 2), heavy, file=sys.stderr)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     seconds, loaded = proc.stderr.strip().splitlines()[-1].split(" ", 1)
     assert loaded == "[]", f"--help imported {loaded}"
@@ -79,7 +81,8 @@ def test_user_errors_exit_2_and_bugs_keep_their_traceback(monkeypatch, capsys):
 
     assert main(["-v", "estimator", "info", "x"]) == 2           # -v: the same code, with the traceback
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.endswith("sparse-unsloth estimator info: error: bad thing pip install fix\n")
+    assert "Traceback" in err
+    assert err.endswith("sparse-unsloth estimator info: error: bad thing pip install fix\n")
 
     info.set_defaults(func=fails_with(FileNotFoundError("no such file: x")))
     assert main(["estimator", "info", "x"]) == 2
@@ -97,8 +100,8 @@ def test_usage_errors_exit_2(capsys):
 
 def test_bitsandbytes_cpu_kernel_warning_is_dropped_while_a_command_runs(monkeypatch, caplog):
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    message = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
-               "`pip install kernels` and the kernels >= 0.11.1")
+    message = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+               "already `pip install kernels` and the kernels >= 0.11.1")
 
     def command(args):
         logger.warning(message, "No module named 'kernels'")
@@ -130,8 +133,9 @@ def test_a_real_command_prints_no_bitsandbytes_noise(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
     assert proc.returncode == 2
     assert "gemm_4bit_forward" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"sparse-unsloth train: error: unknown preset 'nope'; presets are {preset_names()}, or give a YAML path"]
+    expected = (f"sparse-unsloth train: error: unknown preset 'nope'; presets are {preset_names()}, "
+                "or give a YAML path")
+    assert proc.stderr.strip().splitlines() == [expected]
 
 
 def test_a_config_beyond_the_model_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch,

@@ -34,14 +34,16 @@ def test_pyproject_lists_every_package_and_maps_configs():
     tomllib = pytest.importorskip("tomllib")       # Python >= 3.11
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert tool["package-dir"] == {"sparse_unsloth.configs": "configs"}
-    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "sparse_unsloth").rglob("__init__.py")}
-    assert set(tool["packages"]) == folders | {"sparse_unsloth.configs"}, "a package folder is missing from pyproject"
+    inits = (ROOT / "sparse_unsloth").rglob("__init__.py")
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
+    assert set(tool["packages"]) == folders | {"sparse_unsloth.configs"}, "pyproject misses a package folder"
     assert tool["package-data"]["sparse_unsloth.configs"] == ["*.yaml"]
 
 
 def test_editable_install_maps_configs():
     try:
-        url = json.loads(importlib.metadata.distribution("sparse_unsloth").read_text("direct_url.json") or "{}")
+        dist = importlib.metadata.distribution("sparse_unsloth")
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
     except importlib.metadata.PackageNotFoundError:
         url = {}
     if not (url.get("dir_info", {}).get("editable") and url.get("url") == ROOT.as_uri()):
@@ -61,8 +63,8 @@ def _source_copy(dest: Path) -> Path:
 def test_wheel_installs_the_presets(tmp_path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     src = _source_copy(tmp_path / "src")
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path / "whl")],
-                   check=True, timeout=300, capture_output=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w",
+                    str(tmp_path / "whl")], check=True, timeout=300, capture_output=True)
     wheel = next((tmp_path / "whl").glob("sparse_unsloth-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"sparse_unsloth/configs/{name}.yaml" for name in PRESETS} <= names
@@ -75,8 +77,9 @@ def test_wheel_installs_the_presets(tmp_path):
     check = ("import sparse_unsloth as su, json; from sparse_unsloth.config import presets_dir;"
              "print(json.dumps([su.__file__, str(presets_dir()), su.preset_names(),"
              " [su.load_config(n).name for n in su.preset_names()]]))")
-    out = subprocess.run([sys.executable, "-c", check], check=True, timeout=300, capture_output=True, text=True,
-                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}).stdout
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", check], check=True, timeout=300, capture_output=True,
+                         text=True, cwd=tmp_path, env=env).stdout
     module, folder, names_, loaded = json.loads(out)
     assert Path(module).is_relative_to(site) and Path(folder) == site / "sparse_unsloth" / "configs"
     assert names_ == PRESETS and len(loaded) == len(PRESETS)
