@@ -180,7 +180,7 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
                      f"max_length {max_length} and were left out")
     if flops is None:
         notes.append("FLOP fraction not computed: this install has no sparse_unsloth.flops")
-    if not unsloth_fast.applies(model):   # the test sparsify's choice of backend makes
+    if not unsloth_fast.applies(model):   # the test by which sparsify picks its backend
         notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without "
                      "Unsloth): it computes the same result, it is not built to be faster; the fast path "
                      "needs a model loaded through Unsloth on a CUDA GPU (bench --unsloth)")
@@ -188,7 +188,7 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         comparison=compare(dense_s, sparse_s), dense_step_s=dense_s, sparse_step_s=sparse_s,
         tokens_per_step=tokens, batch_size=batch_size, seq_len=seq_len, output_tokens=output_tokens,
         warmup_pairs=warmup_steps, estimator_share=estimator / sum(sparse_s),
-        memory=_memory(callback.peak_bytes, schedule), flop_fraction=flops,
+        memory=_memory(callback.peak_bytes[timed], schedule[timed]), flop_fraction=flops,
         device=torch.cuda.get_device_name() if on_gpu else "cpu", notes=notes)
 
 
