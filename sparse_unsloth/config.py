@@ -1,6 +1,6 @@
 """SparseConfig: which layers are sparse, how sparse, and when.
 
-A config is a YAML file (or a preset name from ``sparse_unsloth/configs``) like::
+A config is a YAML file (or the name of a preset: a file in the repository's ``configs/``) like::
 
     name: llama3-8b-math10k
     estimator_rank: 8          # rank of the SVD estimator
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -153,33 +152,75 @@ def config_from_dict(data: Mapping[str, Any], num_layers: int | None = None) -> 
     return SparseConfig(**tables, **fields)
 
 
+def presets_dir() -> Path:
+    """The folder of the preset YAML files.
+
+    Installed from a wheel, the presets are the package ``sparse_unsloth/configs/``; in a source
+    checkout (an editable install, or the checkout on ``sys.path``) they are its top-level
+    ``configs/``, which pyproject.toml maps to that package. Looked up by path rather than by
+    import so that a checkout on ``sys.path`` needs no install.
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "configs", package.parent / "configs"):
+        if (folder / "__init__.py").is_file():
+            return folder
+    raise ConfigError(f"the preset folder is missing (neither {package / 'configs'} nor "
+                      f"{package.parent / 'configs'}); reinstall sparse_unsloth "
+                      "(pip install -e . in a checkout)")
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("sparse_unsloth.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+    """Names of the shipped presets (``configs/<name>.yaml``)."""
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def check_depth(config: SparseConfig, num_layers: int) -> None:
+    """Refuse a config that makes layers sparse which a ``num_layers``-layer model lacks."""
+    for kind in MODULE_KINDS:
+        bad = [layer for layer in getattr(config, kind) if layer >= num_layers]
+        if bad:
+            raise ConfigError(
+                f"config {config.name!r} makes sparsity.{kind} layer(s) {bad} sparse, but the model "
+                f"has {num_layers} decoder layers (0-{num_layers - 1}); use a preset for this model "
+                "or edit the layer ranges")
 
 
 def load_config(source: str | Path | Mapping[str, Any] | SparseConfig,
                 num_layers: int | None = None) -> SparseConfig:
-    """A SparseConfig from a preset name, a YAML path, a mapping, or a SparseConfig."""
-    if isinstance(source, SparseConfig):
-        return source
-    if isinstance(source, Mapping):
-        return config_from_dict(source, num_layers)
-    text = str(source)
+    """A SparseConfig from a preset name, a YAML path, a mapping, or a SparseConfig.
+
+    ``num_layers``: the model's depth; resolves ``all`` layer keys and refuses layers beyond it.
+    """
+    where = ""
+    try:
+        if isinstance(source, SparseConfig):
+            config = source
+        elif isinstance(source, Mapping):
+            config = config_from_dict(source, num_layers)
+        else:
+            path = _config_path(str(source))
+            where = f"{path}: "
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise ConfigError(f"not valid YAML: {err}") from None
+            config = config_from_dict(data, num_layers)
+        if num_layers is not None:
+            check_depth(config, num_layers)
+    except ConfigError as err:
+        if not where:
+            raise
+        raise ConfigError(f"{where}{err}") from None
+    return config
+
+
+def _config_path(text: str) -> Path:
     if text.endswith((".yaml", ".yml")) or Path(text).exists():
         path = Path(text)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; give a YAML path or one of the "
                               f"presets {preset_names()}")
-    elif text in preset_names():
-        path = Path(str(resources.files("sparse_unsloth.configs") / f"{text}.yaml"))
-    else:
-        raise ConfigError(f"unknown preset {text!r}; presets are {preset_names()}, or give a YAML path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    try:
-        return config_from_dict(data, num_layers)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        return path
+    if text in preset_names():
+        return presets_dir() / f"{text}.yaml"
+    raise ConfigError(f"unknown preset {text!r}; presets are {preset_names()}, or give a YAML path")

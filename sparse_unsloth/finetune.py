@@ -22,17 +22,13 @@ from transformers import TrainerCallback
 
 from .callbacks import SparsityCallback
 from .config import SparseConfig, load_config
+from .lora import ALL_PROJS, LoraSettings
 from .patch import sparsify
+from .smollm2 import SHIPPED_MODEL
 
-ALL_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ALL_PROJS
+__all__ = ["ALL_PROJS", "SHIPPED_MODEL", "FinetuneResult", "LoraSettings", "ModelSourceError", "StepTimer",
+           "build_trainer", "finetune", "load_lora_model", "load_model", "model_layers", "resolve_model",
+           "sft_trainer_class"]
 
 
 @dataclasses.dataclass
@@ -65,7 +61,7 @@ class FinetuneResult:
         return out
 
 
-class _StepTimer(TrainerCallback):
+class StepTimer(TrainerCallback):
     """Wall time of each optimizer step and the tokens it trained on."""
 
     def __init__(self) -> None:
@@ -112,8 +108,6 @@ class ModelSourceError(ValueError):
     """A model that cannot be found or loaded as asked; the message says what to pass instead."""
 
 
-#: ``--model smollm2``: the real SmolLM2-135M-Instruct shipped offline (see :mod:`.smollm2`).
-SHIPPED_MODEL = "smollm2"
 _OFFLINE_HINT = ("Offline (HF_HUB_OFFLINE=1, or no network)? Pass a local model folder, or "
                  f"'{SHIPPED_MODEL}' for the shipped SmolLM2-135M")
 
@@ -139,6 +133,25 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
+def model_layers(spec: str) -> int | None:
+    """Decoder layer count of ``spec`` from its config.json alone (no weights; for a Hub id, one
+    small download), so a sparsity config can be checked before the weights load. None when the
+    config has no ``num_hidden_layers`` (sparsify checks once the model is loaded)."""
+    if spec == SHIPPED_MODEL:
+        from .smollm2 import NUM_LAYERS
+
+        return NUM_LAYERS   # known without converting the GGUF
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec))
+    except (OSError, ValueError) as err:  # not found / no network: OSError; unknown model_type: ValueError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(f"could not read the config of model {spec!r}: {first} "
+                               f"{_OFFLINE_HINT}") from None
+    return getattr(config, "num_hidden_layers", None)
+
+
 def load_model(spec: str, lora: LoraSettings, *, unsloth: bool = False, load_in_4bit: bool = False,
                max_length: int = 512, seed: int = 0, progress: bool = True):
     """(PEFT LoRA model, tokenizer) for ``spec`` (:func:`resolve_model`).
@@ -158,12 +171,18 @@ def load_model(spec: str, lora: LoraSettings, *, unsloth: bool = False, load_in_
     try:
         with contextlib.nullcontext() if progress else _bars_off("transformers"):
             if unsloth:
-                return _load_unsloth(path, lora, load_in_4bit, max_length, seed)
-            torch.manual_seed(seed)  # LoRA A's initialisation
-            return load_lora_model(path, lora), AutoTokenizer.from_pretrained(path)
+                model, tokenizer = _load_unsloth(path, lora, load_in_4bit, max_length, seed)
+            else:
+                torch.manual_seed(seed)  # LoRA A's initialisation
+                model, tokenizer = load_lora_model(path, lora), AutoTokenizer.from_pretrained(path)
     except OSError as err:  # transformers' "not found / cannot reach the Hub" errors are OSErrors
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelSourceError(f"could not load model {spec!r}: {first} {_OFFLINE_HINT}") from None
+    if spec == SHIPPED_MODEL:
+        from .smollm2 import name_model
+
+        name_model(model)   # cache its estimator under its real id, not the cache folder's path
+    return model, tokenizer
 
 
 def _load_unsloth(path: str, lora: LoraSettings, load_in_4bit: bool, max_length: int, seed: int):
@@ -213,6 +232,35 @@ def _bars_off(library: str) -> Iterator[None]:
             on()
 
 
+def build_trainer(model, tokenizer, train_rows: list[dict], *, output_dir: str, max_steps: int,
+                  batch_size: int, learning_rate: float, max_length: int, seed: int, logging_steps: int,
+                  callbacks: list[TrainerCallback], eval_rows: list[dict] | None = None,
+                  progress: bool = True, in_order: bool = False):
+    """TRL's SFTTrainer (:func:`sft_trainer_class`) for a LoRA model, as :func:`finetune` runs it.
+
+    ``in_order``: batches are the rows in order (``bench`` lays out the rows so that each batch
+    runs twice, once dense and once sparse); else shuffled with ``seed``.
+    """
+    from trl import SFTConfig
+
+    on_gpu = next(model.parameters()).is_cuda
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="constant",
+        warmup_steps=0, logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed,
+        data_seed=seed, bf16=bf16, use_cpu=not on_gpu, max_length=max_length,
+        disable_tqdm=not progress, dataloader_num_workers=0, eval_strategy="no",
+        **({"train_sampling_strategy": "sequential"} if in_order else {}),
+    )
+    # SFTTrainer's five tokenizing passes each draw a bar; the training bar is the one that matters.
+    with _bars_off("datasets"):
+        return sft_trainer_class(on_gpu)(
+            model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer, callbacks=callbacks)
+
+
 def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
              sparse: str | Path | SparseConfig | None = None, eval_rows: list[dict] | None = None,
              max_steps: int = 100, batch_size: int = 8, learning_rate: float = 2e-4,
@@ -224,27 +272,14 @@ def finetune(model, tokenizer, train_rows: list[dict], *, output_dir: str,
     here and a :class:`SparsityCallback` added); None trains dense. The held-out loss on
     ``eval_rows`` is computed dense (the model in eval mode), as the adapter will be used.
     """
-    from trl import SFTConfig
-
-    callbacks: list[TrainerCallback] = [timer := _StepTimer()]
+    callbacks: list[TrainerCallback] = [timer := StepTimer()]
     if sparse is not None:
         sparsify(model, load_config(sparse), estimator, progress=progress)
         callbacks.append(sparsity := SparsityCallback(model))
-    on_gpu = next(model.parameters()).is_cuda
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    args = SFTConfig(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="constant",
-        warmup_steps=0, logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed,
-        data_seed=seed, bf16=bf16, use_cpu=not on_gpu, max_length=max_length,
-        disable_tqdm=not progress, dataloader_num_workers=0, eval_strategy="no",
-    )
-    # SFTTrainer's five tokenizing passes each draw a bar; the training bar is the one that matters.
-    with _bars_off("datasets"):
-        trainer = sft_trainer_class(on_gpu)(
-            model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            processing_class=tokenizer, callbacks=callbacks)
+    trainer = build_trainer(model, tokenizer, train_rows, output_dir=output_dir, eval_rows=eval_rows,
+                            max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
+                            max_length=max_length, seed=seed, logging_steps=logging_steps,
+                            callbacks=callbacks, progress=progress)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     start = time.perf_counter()
     trainer.train()

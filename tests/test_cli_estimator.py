@@ -64,7 +64,7 @@ def test_build_info_push_pull_round_trip(hub, saved_model, tmp_path, capsys):
     assert json.loads(out)["layers"] == "[0, 1, 2]"
 
     code, _, err = _run(capsys, "estimator", "push", str(out_file))  # a local path names no Hub repo
-    assert code == 1 and "pass --repo" in err
+    assert code == 2 and "pass --repo" in err
     code, out, _ = _run(capsys, "estimator", "push", str(out_file), "--repo", "acme/tiny-est")
     assert code == 0 and out.startswith("acme/tiny-est@")
 
@@ -88,9 +88,9 @@ def test_build_with_config_writes_the_cache(saved_model, tmp_path, capsys):
 
 def test_pull_errors_name_the_fix(hub, tmp_path, capsys):
     code, _, err = _run(capsys, "estimator", "pull", "--model", "acme/nothing", "--cache", str(tmp_path))
-    assert code == 1 and "acme/nothing-sparse-unsloth-estimator does not exist" in err
+    assert code == 2 and "acme/nothing-sparse-unsloth-estimator does not exist" in err
     code, _, err = _run(capsys, "estimator", "push", str(tmp_path / "missing.safetensors"), "--repo", "a/b")
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
 
 
 def test_push_with_a_wrong_token_fails_cleanly(hub, saved_model, tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_push_with_a_wrong_token_fails_cleanly(hub, saved_model, tmp_path, capsy
     out_file = tmp_path / "est.safetensors"
     assert _run(capsys, "estimator", "build", "--model", path, "--rank", "2", "--out", str(out_file))[0] == 0
     code, _, err = _run(capsys, "estimator", "push", str(out_file), "--repo", "acme/x", "--token", "bad")
-    assert code == 1 and "HTTP 401" in err and TOKEN not in err
+    assert code == 2 and "HTTP 401" in err and TOKEN not in err
 
 
 def test_pull_zlab_needs_and_uses_verify(hub, saved_model, tmp_path, capsys):
@@ -112,7 +112,7 @@ def test_pull_zlab_needs_and_uses_verify(hub, saved_model, tmp_path, capsys):
     args = ["estimator", "pull", "--model", path, "--repo", "z-lab/tiny-llama-SparseLoRA", "--rank", str(RANK),
             "--cache", str(tmp_path / "cache")]
     code, _, err = _run(capsys, *args)
-    assert code == 1 and "no model fingerprint" in err
+    assert code == 2 and "no model fingerprint" in err
     code, out, _ = _run(capsys, *args, "--verify")
     assert code == 0
     factors = load_factors(out, RANK, inputs(model)[1])

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer
+from helpers import ARITHMETIC
 
 from sparse_unsloth.cli import build_parser, main
 
@@ -41,25 +41,6 @@ def test_every_help_completes(capsys):
             main([*path, "--help"])
         assert exit_.value.code == 0, path
         assert "usage: sparse-unsloth" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama + BPE tokenizer saved as an ordinary model folder."""
-    tokenizer = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
-    model = tiny_lora_model(layers=2, hidden=64, inter=96, heads=4, kv_heads=2, vocab=len(tokenizer),
-                            dtype=torch.float32).unload()   # plain weights, no LoRA layers
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def arithmetic_jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ARITHMETIC))
-    return str(path)
 
 
 def _train(capsys, *argv: str) -> tuple[int, str, str]:

@@ -49,3 +49,18 @@ def test_unknown_preset_and_missing_file():
         load_config("nope")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("missing/config.yaml")
+
+
+def test_layers_beyond_the_depth_are_refused_for_every_source(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("sparsity:\n  mlp: {'2-5': 0.5}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: .*sparsity.mlp layer\(s\) \[4, 5\] sparse, but the model has "
+                                          r"4 decoder layers \(0-3\)"):
+        load_config(path, num_layers=4)
+    with pytest.raises(ConfigError, match=r"layer\(s\) \[4\] sparse"):
+        load_config({"sparsity": {"self_attn": {"4": 0.5}}}, num_layers=4)
+    with pytest.raises(ConfigError, match=r"layer\(s\) \[9\] sparse"):
+        load_config(su.SparseConfig(mlp={9: 0.5}), num_layers=4)
+    assert load_config(path, num_layers=6).sparse_layers("mlp") == [2, 3, 4, 5]
+    assert load_config(path).sparse_layers("mlp") == [2, 3, 4, 5]          # no depth given: not checked
+

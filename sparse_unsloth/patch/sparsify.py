@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MODULE_KINDS, ConfigError, SparseConfig, load_config
+from ..config import MODULE_KINDS, SparseConfig, load_config
 from ..distributed import refuse_fsdp
 from ..estimator.factors import EstimatorFactors
 from ..estimator.resolve import resolve_factors
@@ -31,16 +31,6 @@ STATE_ATTR = "_sparse_unsloth"
 def sparse_state(model: nn.Module) -> SparseState | None:
     """The sparse state of a sparsified model, or None."""
     return getattr(model, STATE_ATTR, None)
-
-
-def _check_layers(config: SparseConfig, num_layers: int) -> None:
-    for kind in MODULE_KINDS:
-        bad = [layer for layer in getattr(config, kind) if layer >= num_layers]
-        if bad:
-            raise ConfigError(
-                f"config {config.name!r} makes sparsity.{kind} layer(s) {bad} sparse, but the model "
-                f"has {num_layers} decoder layers (0-{num_layers - 1}); use a preset for this model "
-                "or edit the layer ranges")
 
 
 class BeginBatch:
@@ -107,7 +97,6 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     check_supported(model)
     layers = decoder_layers(model)
     config = load_config(config, num_layers=len(layers))
-    _check_layers(config, len(layers))
     backend = _backend(model)
     every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
     needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
