@@ -2,11 +2,13 @@
 
 from .config import ConfigError, SparseConfig, load_config, preset_names
 from .estimator import EstimatorFactors, EstimatorFileError
+from .flops import flop_fraction
 from .patch import sparse_state, sparsify, unsparsify
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "EstimatorFactors", "EstimatorFileError", "SparseConfig", "SparsityCallback",
-           "load_config", "preset_names", "sparse_state", "sparsify", "unsparsify"]
+           "calibrate", "flop_fraction", "load_config", "preset_names", "sparse_state", "sparsify",
+           "unsparsify"]
 
 
 def __getattr__(name: str):
@@ -16,4 +18,8 @@ def __getattr__(name: str):
         from .callbacks import SparsityCallback
 
         return SparsityCallback
+    if name == "calibrate":  # tokenizes with transformers: lazy for the same reason
+        from .calibrate import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'sparse_unsloth' has no attribute {name!r}")
