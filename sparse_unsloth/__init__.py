@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return SparsityCallback
     if name == "calibrate":  # tokenizes with transformers: lazy for the same reason
-        from .calibrate import calibrate
+        from .calibration import calibrate
 
         return calibrate
     raise AttributeError(f"module 'sparse_unsloth' has no attribute {name!r}")

@@ -15,7 +15,8 @@ import sys
 from collections.abc import Iterator, Sequence
 
 # The one registry of command groups (another engineer adds train / bench here).
-COMMAND_MODULES = ("sparse_unsloth.cli_train", "sparse_unsloth.demo", "sparse_unsloth.cli_estimator")
+COMMAND_MODULES = ("sparse_unsloth.cli_train", "sparse_unsloth.demo", "sparse_unsloth.cli_estimator",
+                   "sparse_unsloth.cli_calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:
