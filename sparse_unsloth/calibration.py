@@ -491,17 +491,22 @@ def run_calibration(model: nn.Module, rows: Sequence[dict], budget: float = 0.01
         estimator = resolve_factors(every, ranks[-1], fingerprint(every), model_id=name_or_path,
                                     progress=progress, allow_hub=False)
     factors = estimator.to(device, torch.float32)
-    bar = tqdm(total=1 + search_steps + search_steps // 2, desc="calibrate (probe forwards)", unit="fwd",
+    # In forward-pass units: the dense loss 1, the sensitivity pass (forward + backward) 3, a search step 1.
+    bar = tqdm(total=4 + search_steps + search_steps // 2, desc="calibrate (probe forwards)", unit="fwd",
                disable=not progress)
     with _training_mode_without_dropout(model):
         dense_loss = probe_loss(model, batches)
         bar.update(1)
+        bar.set_postfix_str("sensitivities (forward + backward)")
         scores = _taylor_scores(model, batches, layers)
         pred = {r: {(kind, layer, s): _predicted(scores, batches, factors, r, kind, layer, s, geo,
                                                  base.ffn_seq_average, dense_loss)
                     for kind in MODULE_KINDS for layer in range(len(layers)) for s in grid[kind]}
                 for r in ranks}
         del scores
+        bar.update(3)
+        log.info("calibrate: dense probe loss %.4f; sensitivities after %.0f s", dense_loss,
+                 time.perf_counter() - start)
         paths = {r: _path(base, pred[r], grid, len(layers), r, flops) for r in ranks}
         measure = _Measure(model, batches, factors, dense_loss, bar)
 

@@ -115,7 +115,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"--ranks {','.join(map(str, args.ranks))} --mlp-levels {','.join(map(str, args.mlp_levels))} "
         f"--attn-levels {','.join(map(str, args.attn_levels))} --search-steps {args.search_steps} "
         f"--seed {args.seed} --out {out.name}"),
-        "Parity: not yet measured.",
+        "Parity: not yet measured (train dense and with this config, same seed and steps: scripts/parity_calibrated.py).",
     ])
     out.write_text(config_to_yaml(cal.config, header=header, description=how))
     kinds = ", ".join(f"{kind} sparse in {len(getattr(cal.config, kind))} layers"
