@@ -66,7 +66,9 @@ def _read_jsonl(path: Path, n: int) -> list[dict]:
 
 
 def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path) -> dict:
-    """One ``sparse-unsloth train`` run; its summary.json."""
+    """One ``sparse-unsloth train`` run; its summary.json (reused when there: a rerun resumes)."""
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
            "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
            "--lora-r", str(args.lora_r), "--max-length", str(args.max_length), "--eval-rows", str(eval_rows),
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train through Unsloth (default: when a CUDA GPU is there)")
     p.add_argument("--name", default="parity_calibrated")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--work", type=Path, help="where the runs go (default: a temporary folder)")
+    p.add_argument("--work", type=Path, help="where the runs go; finished runs found there are reused, so a "
+                                            "call cut by a time limit resumes (default: a temporary folder)")
     args = p.parse_args(argv)
 
     import torch
@@ -171,7 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     for label, config in (("dense", "dense"), ("sparse", args.config)):
         run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{label}-gsm8k")
         arc_run = train(args, config, arc, arc_steps, 0, work / f"{label}-arc")
-        acc = arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)
+        acc_file = work / f"{label}-arc" / "arc_easy_acc.json"
+        if not acc_file.is_file():
+            acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
+        acc = json.loads(acc_file.read_text())
         metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
                           "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
                           "losses": run["losses"], "sparse_logs": run["sparse_logs"][-2:],
