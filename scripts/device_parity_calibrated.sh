@@ -14,7 +14,7 @@
 # machine. Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=.parity_data
+DATA=${PARITY_DATA:-.parity_data}   # a copy on the device: PARITY_DATA=/tmp/pd
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
   prepare)
