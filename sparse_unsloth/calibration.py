@@ -227,12 +227,16 @@ class _Scores:
     def __init__(self, layers: nn.ModuleList) -> None:
         self.layers = layers
         self.batch: ProbeBatch | None = None
+        self.index = 0                                               # of the batch running
         self.x: dict[tuple[int, str], list[torch.Tensor]] = {}      # estimator input per batch
         self.a: dict[tuple[int, str], list[torch.Tensor]] = {}      # [B, channels] per batch
         self.handles: list = []
 
     def _store(self, key, table, value) -> None:
-        table.setdefault(key, []).append(value)
+        # Once per batch: gradient checkpointing's recompute runs the hooks a second time.
+        values = table.setdefault(key, [])
+        if len(values) == self.index:
+            values.append(value)
 
     def _keep_input(self, module: nn.Module, key: tuple[int, str]) -> None:
         def fwd(mod, inputs, output) -> None:
@@ -252,7 +256,8 @@ class _Scores:
                 if of_input:        # the gradient at the output, pulled back to the input channels
                     g = g @ weight().float()
                 self._store(key, self.a, (g * act * ctx).sum(1))
-            output.register_hook(grad_hook)
+            if output.requires_grad:    # not in a reentrant checkpoint's first, no-grad forward
+                output.register_hook(grad_hook)
         self.handles.append(module.register_forward_hook(fwd))
 
     def attach(self) -> None:
@@ -276,7 +281,7 @@ def _taylor_scores(model: nn.Module, batches: Sequence[ProbeBatch], layers: nn.M
     total = sum(int(b.outputs.sum()) for b in batches)
     embed = model.get_input_embeddings()
     try:
-        for batch in batches:
+        for scores.index, batch in enumerate(batches):
             scores.batch = batch
             # Gradients w.r.t. activations only: leaf embeddings that require grad reach every layer.
             embeds = embed(batch.input_ids).detach().requires_grad_(True)

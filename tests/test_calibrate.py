@@ -79,6 +79,17 @@ def test_deterministic_for_a_seed(tokenizer):
     assert not torch.equal(probe_batches(ARITHMETIC, tokenizer, num_rows=16, seed=3)[0].input_ids, other[0].input_ids)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_changes_nothing(tokenizer, reentrant):
+    model = _model(tokenizer)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = run_calibration(model, ARITHMETIC, BUDGET, tokenizer=tokenizer, num_rows=16, batch_size=8,
+                                   ranks=RANKS, progress=False)
+    plain = _run(tokenizer)
+    assert checkpointed.config == plain.config
+    assert [t["predicted"] for t in checkpointed.trials] == [t["predicted"] for t in plain.trials]
+
+
 @pytest.mark.parametrize("budget", [0, 1, -0.1, 1.5, math.nan, math.inf, True, "0.01", None])
 def test_bad_budgets_are_clear_errors(tokenizer, budget):
     with pytest.raises(CalibrationError, match=r"budget must be a fraction in \(0, 1\)"):
