@@ -288,6 +288,7 @@ def _taylor_scores(model: nn.Module, batches: Sequence[ProbeBatch], layers: nn.M
             out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels,
                         use_cache=False)
             (out.loss * batch.outputs.sum() / total).backward()
+            del out, embeds     # the graph (and the hooks' activations) of this batch, before the next
     finally:
         scores.detach()
         model.zero_grad(set_to_none=True)
