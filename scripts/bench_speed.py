@@ -343,35 +343,12 @@ def child_unsloth(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # driver: FLOP model, result file, plot
 # ---------------------------------------------------------------------------------------------
-def flop_model(config, layers: int, sparse: bool) -> dict:
-    """Training FLOPs of one step, the accounting of the baseline anchors' flop_model.
+def model_shape(layers: int):
+    """The bench model's sizes, as :func:`sparse_unsloth.flops.flop_count` reads them (no weights)."""
+    import types
 
-    Frozen linears 3 x fwd (fwd, checkpoint recompute, input grad), LoRA 4 x fwd, attention
-    core 4.5 x fwd over causal pairs, lm_head fwd + dX on the 128 labelled rows a row (Unsloth's
-    fused CE). Sparse: context tokens use the kept fractions of the config's sparse layers.
-    """
-    from sparse_unsloth.estimator.select import kept_count
-
-    hd = HID // HEADS
-    dkv = KV_HEADS * hd
-    n_tok, n_ctx = BSZ * SEQ, BSZ * CTX
-    projs = {"q": (HID, HID, "self_attn"), "k": (HID, dkv, "self_attn"), "v": (HID, dkv, "self_attn"),
-             "o": (HID, HID, "self_attn"), "gate": (HID, INTER, "mlp"), "up": (HID, INTER, "mlp"),
-             "down": (INTER, HID, "mlp")}
-    c = {"frozen_attn_proj": 0.0, "frozen_ffn": 0.0, "lora": 0.0, "attn_core": 0.0}
-    core_fwd = 2 * 2 * BSZ * HEADS * SEQ * (SEQ + 1) / 2 * hd
-    for layer in range(layers):
-        for i, o, kind in projs.values():
-            keep = 1.0
-            s = config.sparsity(kind, layer) if sparse else 0.0
-            if s:
-                keep = (kept_count(INTER, s) / INTER if kind == "mlp" else kept_count(hd, s) / hd)
-            c["frozen_ffn" if kind == "mlp" else "frozen_attn_proj"] += 3 * 2 * (n_tok - n_ctx + n_ctx * keep) * i * o
-            c["lora"] += 4 * 2 * n_tok * RANK * (i + o)
-        c["attn_core"] += 4.5 * core_fwd
-    c["lm_head"] = 2 * 2 * (n_tok - n_ctx) * HID * VOCAB
-    c["total"] = sum(c.values())
-    return c
+    return types.SimpleNamespace(hidden_size=HID, intermediate_size=INTER, num_attention_heads=HEADS,
+                                 num_key_value_heads=KV_HEADS, num_hidden_layers=layers, vocab_size=VOCAB)
 
 
 def where_time_goes(result: dict) -> dict:
@@ -450,9 +427,12 @@ def driver(args) -> None:
     runs = {k: v for k, v in {**peft, **uns}.items()
             if k in ("hf_peft_lora", "unsloth_dense_lora") or k.startswith("sparse")}
     from sparse_unsloth.config import load_config  # the driver imports torch only now
+    from sparse_unsloth.flops import flop_count
 
     config = load_config(args.preset)
-    dense_f, sparse_f = flop_model(config, args.layers, False), flop_model(config, args.layers, True)
+    shape = model_shape(args.layers)
+    dense_f = flop_count(None, shape, BSZ, SEQ, SEQ - CTX, RANK)
+    sparse_f = flop_count(config, shape, BSZ, SEQ, SEQ - CTX, RANK)
     flop_fraction = sparse_f["total"] / dense_f["total"]
     base, sp = runs.get("unsloth_dense_lora", {}), runs.get("sparse", {})
     speedup = base["step_s_median"] / sp["step_s_median"] if "step_s_median" in sp and base else None

@@ -4,13 +4,15 @@ from .config import ConfigError, SparseConfig, load_config, preset_names
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "EstimatorFactors", "EstimatorFileError", "SparseConfig", "SparsityCallback",
-           "load_config", "preset_names", "sparse_state", "sparsify", "unsparsify"]
+           "calibrate", "flop_fraction", "load_config", "preset_names", "sparse_state", "sparsify",
+           "unsparsify"]
 
 # Imported on first use: the estimator and the patch import torch (seconds), the callback imports
 # transformers' Trainer (which imports peft). So `sparse-unsloth --help` stays instant, and
 # `import sparse_unsloth` may come before `import unsloth`, which must precede transformers.
 _LAZY = {"EstimatorFactors": ".estimator", "EstimatorFileError": ".estimator", "sparse_state": ".patch",
-         "sparsify": ".patch", "unsparsify": ".patch", "SparsityCallback": ".callbacks"}
+         "sparsify": ".patch", "unsparsify": ".patch", "SparsityCallback": ".callbacks",
+         "calibrate": ".calibration", "flop_fraction": ".flops"}
 
 
 def __getattr__(name: str):

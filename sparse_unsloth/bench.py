@@ -97,18 +97,6 @@ def pair_indices(available: int, batch_size: int, pairs: int) -> list[int]:
     return out
 
 
-def _flop_fraction(config, model_config, batch: int, seq_len: int, output_tokens: int) -> float | None:
-    """Sparse step FLOPs over dense ones, from the config and the model's shapes; None (with the
-    reason in the report) where this install has no :mod:`sparse_unsloth.flops`."""
-    try:
-        from .flops import flop_fraction
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.flops":
-            raise
-        return None
-    return flop_fraction(config, model_config, batch, seq_len, output_tokens)
-
-
 def _memory(peaks: list[int], schedule: list[bool]) -> dict[str, Any]:
     if peaks:
         return {mode: max(p for p, sparse in zip(peaks, schedule) if sparse == want) / _GIB
@@ -173,13 +161,11 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     estimator = sum(e for e, sparse in zip(callback.estimator_s[timed], schedule[timed]) if sparse)
     seq_len, output_tokens = statistics.mean(padded), statistics.mean(labelled)
     on_gpu = next(model.parameters()).is_cuda
-    flops = _flop_fraction(state.config, model.config, batch_size, round(seq_len), round(output_tokens))
+    flops = flop_fraction(state.config, model.config, batch_size, round(seq_len), round(output_tokens))
     notes = []
     if kept < len(sample):
         notes.append(f"{len(sample) - kept} of the {len(sample)} rows drawn had no labelled token within "
                      f"max_length {max_length} and were left out")
-    if flops is None:
-        notes.append("FLOP fraction not computed: this install has no sparse_unsloth.flops")
     if not unsloth_fast.applies(model):   # the test by which sparsify picks its backend
         notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without "
                      "Unsloth): it computes the same result, it is not built to be faster; the fast path "

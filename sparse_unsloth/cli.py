@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 # The one registry of commands.
 COMMAND_MODULES = ("sparse_unsloth.cli_train", "sparse_unsloth.cli_bench", "sparse_unsloth.demo",
-                   "sparse_unsloth.cli_estimator")
+                   "sparse_unsloth.cli_estimator", "sparse_unsloth.cli_calibrate")
 
 EXIT_OK, EXIT_BUG, EXIT_USER_ERROR = 0, 1, 2
 EXIT_CODES = (f"exit codes: {EXIT_OK} done; {EXIT_USER_ERROR} a usage or input error (one line on stderr "

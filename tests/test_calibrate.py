@@ -1,0 +1,147 @@
+"""calibrate: a valid config within the budget on its own probe batches, deterministic, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer
+
+from sparse_unsloth import SparseConfig, calibrate, load_config, sparsify, unsparsify
+from sparse_unsloth.calibration import CalibrationError, probe_batches, probe_loss, run_calibration
+from sparse_unsloth.config import CALIBRATION_LEVELS, config_to_yaml
+
+BUDGET = 5e-4        # binds on the tiny random model: its most sparse configs measure above it
+RANKS = (4, 8)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_UNSLOTH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
+
+
+def _model(tokenizer):
+    return tiny_lora_model(layers=3, vocab=len(tokenizer))
+
+
+def _run(tokenizer, budget=BUDGET, **kwargs):
+    return run_calibration(_model(tokenizer), ARITHMETIC, budget, tokenizer=tokenizer, num_rows=16,
+                           batch_size=8, ranks=RANKS, progress=False, **kwargs)
+
+
+def test_returns_a_valid_config_that_round_trips_as_yaml(tokenizer):
+    config = calibrate(_model(tokenizer), ARITHMETIC, BUDGET, tokenizer=tokenizer, ranks=RANKS,
+                       name="tiny-calibrated", progress=False)
+    assert isinstance(config, SparseConfig) and config.name == "tiny-calibrated"
+    assert config.mlp or config.self_attn
+    assert config.estimator_rank in RANKS
+    for kind in ("mlp", "self_attn"):
+        assert set(getattr(config, kind)) <= {0, 1, 2}
+        assert set(getattr(config, kind).values()) <= set(CALIBRATION_LEVELS[kind])
+    text = config_to_yaml(config, header="made by a test", description="tiny")
+    assert text.startswith("# made by a test\n")
+    assert load_config(yaml.safe_load(text)) == config
+
+
+def test_respects_the_budget_on_its_own_probe_batches(tokenizer):
+    cal = _run(tokenizer)
+    assert any(t["measured"] > BUDGET for t in cal.trials), "the budget must bind for this test to mean anything"
+    assert cal.loss_increase <= BUDGET
+    # Measured again from scratch: sparsify builds its own SVD factors at the chosen rank.
+    model = _model(tokenizer)
+    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
+    model.train()
+    dense = probe_loss(model, batches)
+    sparsify(model, cal.config, progress=False)
+    sparse_loss = probe_loss(model, batches)
+    unsparsify(model)
+    assert dense == pytest.approx(cal.dense_loss, rel=1e-12)
+    assert sparse_loss == pytest.approx(cal.sparse_loss, rel=1e-9)
+    assert sparse_loss / dense - 1 <= BUDGET
+    assert cal.flop_fraction < 1
+
+
+def test_a_larger_budget_saves_at_least_as_much(tokenizer):
+    assert _run(tokenizer, budget=0.05).flop_fraction <= _run(tokenizer).flop_fraction
+
+
+def test_deterministic_for_a_seed(tokenizer):
+    a, b = _run(tokenizer, seed=3), _run(tokenizer, seed=3)
+    assert a.config == b.config and a.trials == b.trials and a.sparse_loss == b.sparse_loss
+    other = probe_batches(ARITHMETIC, tokenizer, num_rows=16, seed=4)
+    assert not torch.equal(probe_batches(ARITHMETIC, tokenizer, num_rows=16, seed=3)[0].input_ids, other[0].input_ids)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_changes_nothing(tokenizer, reentrant):
+    model = _model(tokenizer)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = run_calibration(model, ARITHMETIC, BUDGET, tokenizer=tokenizer, num_rows=16, batch_size=8,
+                                   ranks=RANKS, progress=False)
+    plain = _run(tokenizer)
+    assert checkpointed.config == plain.config
+    assert [t["predicted"] for t in checkpointed.trials] == [t["predicted"] for t in plain.trials]
+
+
+@pytest.mark.parametrize("budget", [0, 1, -0.1, 1.5, math.nan, math.inf, True, "0.01", None])
+def test_bad_budgets_are_clear_errors(tokenizer, budget):
+    with pytest.raises(CalibrationError, match=r"budget must be a fraction in \(0, 1\)"):
+        calibrate(_model(tokenizer), ARITHMETIC, budget, tokenizer=tokenizer, progress=False)
+
+
+def test_bad_data_are_clear_errors(tokenizer):
+    model = _model(tokenizer)
+    with pytest.raises(CalibrationError, match="needs rows"):
+        calibrate(model, [], 0.01, tokenizer=tokenizer, progress=False)
+    with pytest.raises(CalibrationError, match="no context tokens"):
+        calibrate(model, [{"text": "1 plus 2 is odd"}] * 4, 0.01, tokenizer=tokenizer, progress=False)
+    with pytest.raises(CalibrationError, match="no output tokens"):
+        calibrate(model, ARITHMETIC, 0.01, tokenizer=tokenizer, max_length=4, progress=False)
+    with pytest.raises(CalibrationError, match="tokenizer="):
+        calibrate(model, ARITHMETIC, 0.01, progress=False)
+    with pytest.raises(CalibrationError, match="levels"):
+        calibrate(model, ARITHMETIC, 0.01, tokenizer=tokenizer, levels={"mlp": (0.5, 1.0)}, progress=False)
+
+
+def test_token_rows_need_no_tokenizer(tokenizer):
+    rows = []
+    for r in ARITHMETIC[:16]:
+        prompt = tokenizer(r["prompt"])["input_ids"]
+        answer = tokenizer(r["completion"])["input_ids"]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    config = calibrate(_model(tokenizer), rows, 0.01, ranks=RANKS, progress=False)
+    assert config.mlp or config.self_attn
+
+
+def test_cli_writes_an_ordinary_config_and_prints_the_flop_fraction(tmp_path, tokenizer, capsys):
+    import json
+
+    from sparse_unsloth.cli import main
+
+    model = tiny_lora_model(layers=2, hidden=64, inter=96, heads=4, kv_heads=2, vocab=len(tokenizer),
+                            dtype=torch.float32).unload()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ARITHMETIC))
+    out = tmp_path / "mine.yaml"
+    argv = ["calibrate", "--model", str(tmp_path / "model"), "--dataset", str(data), "--budget", "0.01",
+            "--ranks", "4,8", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "flop_fraction:" in printed
+    text = out.read_text()
+    assert "budget 0.01" in text and "Parity: not yet measured" in text and str(data) in text
+    config = load_config(out)
+    assert config.name == "mine" and (config.mlp or config.self_attn)
+    assert main([*argv[:-3], "--out", str(tmp_path / "nowhere" / "x.yaml"), "--no-progress"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv[:5], "--budget", "1.5", "--out", str(out)])
+    assert exit_.value.code == 2
