@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .finetune import StepTimer, build_trainer
+from .flops import flop_fraction
 from .patch import sparse_state, unsloth_fast
 from .timing import Comparison, alternating_schedule, compare, split_pairs
 
