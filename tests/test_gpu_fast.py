@@ -125,21 +125,40 @@ def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep, b
 
 
 # ------------------------------ through Unsloth ------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def _save_tiny(path, model_type: str, **shape) -> str:
+    """A random bf16 model of ``model_type`` with the arithmetic tokenizer, saved to ``path``.
+
+    Biases (Qwen2's q/k/v) are drawn large, so that dropping one would show.
+    """
     import unsloth  # noqa: F401  (before transformers' models are used)
     from helpers import ARITHMETIC, tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny_llama")
     tok = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
     tok.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=689, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=512,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+    model.to(torch.bfloat16).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama", hidden_size=256, intermediate_size=689,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A Qwen2-shaped model: q/k/v biases, GQA 14/2."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", hidden_size=448, intermediate_size=1200,
+                      num_hidden_layers=3, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 TINY_CONFIG = {"name": "tiny-gpu", "estimator_rank": 8, "dense_output_tokens": True,
@@ -224,29 +243,6 @@ def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path, load_in_4b
     assert any(h.get("sparse/mlp_kept_frac", 0) > 0 for h in logs), logs[-1]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, losses
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_dir(tmp_path_factory):
-    """A Qwen2-shaped model (q/k/v biases, GQA 14/2), biases large enough that dropping them shows."""
-    import unsloth  # noqa: F401
-    from helpers import ARITHMETIC, tiny_tokenizer
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    tok = tiny_tokenizer([r["prompt"] + r["completion"] for r in ARITHMETIC])
-    tok.save_pretrained(path)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=448, intermediate_size=1200, num_hidden_layers=3,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 1.0)
-    model.to(torch.bfloat16).save_pretrained(path)
-    return str(path)
 
 
 def test_qwen2_biases_kept_on_the_fast_path(tiny_qwen2_dir):
