@@ -42,7 +42,7 @@ def test_a_stale_linked_conversion_is_replaced_not_written_through(tmp_path, mon
         for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
             (out / name).write_text("{}")
 
-    monkeypatch.setattr(smollm2, "_require_gguf", lambda: None)
+    monkeypatch.setattr(smollm2, "require_gguf", lambda *_: None)
     monkeypatch.setattr(smollm2, "_convert", convert)
     folder = Path(smollm2.smollm2_path(str(root), gguf=str(gguf)))
     assert folder == root / smollm2.MODEL_DIRNAME and not folder.is_symlink()
