@@ -32,6 +32,7 @@ EXIT_CODES = (f"exit codes: {EXIT_OK} done; {EXIT_USER_ERROR} a usage or input e
 # already imported (one never imported cannot have been raised), so an error message does not
 # first cost the seconds that importing torch and transformers takes.
 USER_ERRORS = {
+    "sparse_unsloth.calibration": ("CalibrationError",),
     "sparse_unsloth.cli_args": ("CommandError",),
     "sparse_unsloth.config": ("ConfigError",),
     "sparse_unsloth.datasets_io": ("DatasetError",),

@@ -8,10 +8,10 @@ training. Mistakes (bad budget, path, dataset) end with exit code 2 and one line
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .finetune import SHIPPED_MODEL
+from .cli_args import CommandError
+from .smollm2 import SHIPPED_MODEL
 
 
 def _fraction(text: str) -> float:
@@ -67,21 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import CalibrationError
-    from .datasets_io import DatasetError
-    from .finetune import ModelSourceError
-    from .patch.models import UnsupportedModelError
-
-    try:
-        return _calibrate(args)
-    except (CalibrationError, DatasetError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
-        if getattr(args, "verbose", False):
-            raise
-        print(f"sparse-unsloth calibrate: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _calibrate(args: argparse.Namespace) -> int:
+    """Calibrate and write ``--out``; mistakes reach the CLI's one-line errors (exit 2)."""
     from .calibration import run_calibration
     from .config import config_to_yaml
     from .datasets_io import load_rows
@@ -91,7 +77,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         resolve_model(args.model)  # a mistyped path before the data is read
     out = Path(args.out)
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+        raise CommandError(f"--out {out}: folder {out.parent} does not exist; create it or name another")
     rows = load_rows(args.dataset)
     model, tokenizer = load_model(args.model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
                                   progress=not args.no_progress)
