@@ -19,7 +19,8 @@ DEV = "cuda"
 
 
 def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    # Unsloth starts LoRA B at zero, so some gradients are exactly zero: 0 against 0 is no error.
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
 def _proj(gen, fout, fin, rank=16, bias=False):

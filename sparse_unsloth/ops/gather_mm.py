@@ -120,9 +120,10 @@ def _gather_mm_kernel(x_ptr, m_ptr, out_ptr, kept_ptr, dense_ptr, mask_ptr,
         rows = (pm * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < N
         if MODE == 0:
-            slot = pn * BN + tl.arange(0, BN)
-            col_ok = slot < KEPT
-            cols = tl.load(kept_ptr + slot, mask=col_ok, other=0).to(tl.int64)
+            # Not named like the dense branch's `slot` ([BM]): Triton types a name across branches.
+            kslot = pn * BN + tl.arange(0, BN)
+            col_ok = kslot < KEPT
+            cols = tl.load(kept_ptr + kslot, mask=col_ok, other=0).to(tl.int64)
             acc = _tile_dot(x_ptr, m_ptr, rows, row_ok, cols, col_ok, kept_ptr, K, sxr, sxk, smk, smn,
                             False, UPCAST, IEEE, BM, BN, BK)
         else:
