@@ -26,12 +26,12 @@ case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
   smollm2)
     python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
     python3 scripts/parity_calibrated.py --model smollm2 \
-      --config sparse_unsloth/configs/smollm2-135m-calibrated.yaml --reference-config smollm2-135m-safe \
+      --config smollm2-135m-calibrated --reference-config smollm2-135m-safe \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
       --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" ;;
   qwen)
     python3 scripts/parity_calibrated.py --model "${2:?GGUF}" \
-      --config "${3:-sparse_unsloth/configs/qwen2.5-coder-0.5b-calibrated.yaml}" \
+      --config "${3:-qwen2.5-coder-0.5b-calibrated}" \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-qwen \
       --name parity_qwen05b_calibrated --out "${OUT:-benchmarks/results}" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;

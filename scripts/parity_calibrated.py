@@ -16,7 +16,7 @@ Data come from folders given on the command line (the GPU machine gets them thro
 tree): ``--gsm8k-dir`` with ``train.jsonl``/``test.jsonl`` ({question, answer}) and ``--arc-dir``
 with the LLM-Adapters ``train.json``/``test.json`` of ARC-Easy.
 
-    python scripts/parity_calibrated.py --model smollm2 --config sparse_unsloth/configs/smollm2-135m-calibrated.yaml \\
+    python scripts/parity_calibrated.py --model smollm2 --config smollm2-135m-calibrated \\
         --reference-config smollm2-135m-safe --gsm8k-dir .parity_data/gsm8k --arc-dir .parity_data/ARC-Easy \\
         --name parity_smollm2_calibrated
 """
