@@ -24,7 +24,7 @@ from .models import frozen_linear, weight_getter
 from .state import LayerSparsity
 
 CTL = "_sparse_unsloth_ctl"          # on the MLP / attention: its layer's LayerSparsity
-_SLOT = "_sparse_unsloth_channels"   # on a base linear: (kept channels, dense rows, layer, kind) or None
+_SLOT = "_sparse_unsloth_channels"   # on a base linear: (kept channels, record, layer control, kind) or None
 
 # (projection, sparse op, field of the layer's choice holding its channels)
 _MLP = (("gate_proj", sparse_out_linear, "idx"), ("up_proj", sparse_out_linear, "idx"),
@@ -47,8 +47,8 @@ class SparseLinearForward:
         slot = linear.__dict__.get(_SLOT)
         if slot is None:
             return self.original(x) if self.original is not None else type(linear).forward(linear, x)
-        idx, record, ctl, kind, channels = slot
-        ctl.count(record, kind, channels)
+        idx, record, ctl, kind = slot
+        ctl.count(record, kind)
         flat = x.reshape(-1, x.shape[-1])
         out = self.op(flat, weight_getter(linear), linear.bias, idx, record.split.dense_idx)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -76,11 +76,9 @@ class ChooseChannels:
         record = ctl.state.record_for_call()
         hidden = _hidden(args, kwargs)
         choice = (ctl.mlp_choice if self.kind == "mlp" else ctl.attn_choice)(hidden, record)
-        channels = frozen_linear(module.gate_proj).out_features if self.kind == "mlp" else 0
         for name, _, field in _GROUPS[self.kind][1]:
             linear = frozen_linear(getattr(module, name))
-            linear.__dict__[_SLOT] = (None if choice is None else
-                                      (getattr(choice, field), record, ctl, self.kind, channels))
+            linear.__dict__[_SLOT] = None if choice is None else (getattr(choice, field), record, ctl, self.kind)
 
 
 class ClearChannels:

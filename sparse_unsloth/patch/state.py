@@ -33,7 +33,11 @@ class TokenSplit:
     dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
     sparse_idx: torch.Tensor     # context rows that are real tokens: the estimator scores them
     sparse_mask: torch.Tensor    # [sequences, tokens]: True at those rows
-    num_tokens: int              # real (non-padding) tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens: every one is dense or votes, and padding is neither."""
+        return self.dense_idx.numel() + self.sparse_idx.numel()
 
     def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean hidden state of each sequence's context tokens; zero for a sequence without any.
@@ -71,12 +75,12 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         if labels.numel() != shape.numel():
             raise ValueError(f"labels hold {labels.numel()} tokens but the layer sees {shape.numel()}; "
                              "the sparse patch needs labels shaped like input_ids")
-        target = (labels != -100).reshape(shape).to(device) & real
+        target = (labels != -100).reshape(shape).to(device)
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
+        dense &= real             # left padding before a labelled first token stays padding
     votes = ~dense & real
-    return TokenSplit(dense.reshape(-1).nonzero().squeeze(1), votes.reshape(-1).nonzero().squeeze(1),
-                      votes, int(real.sum()))
+    return TokenSplit(dense.reshape(-1).nonzero().squeeze(1), votes.reshape(-1).nonzero().squeeze(1), votes)
 
 
 @dataclasses.dataclass
@@ -300,12 +304,9 @@ class LayerSparsity:
                  else hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx])
             f = state.factors_like(hidden)
             gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
-            return MLPChoice(ffn_channels(x, gate, up, self.mlp_kept(gate[1].shape[1])))
+            return MLPChoice(ffn_channels(x, gate, up, kept_count(gate[1].shape[1], self.mlp_sparsity)))
 
         return self._cached("mlp", hidden, choose, record)
-
-    def mlp_kept(self, channels: int) -> int:
-        return kept_count(channels, self.mlp_sparsity)
 
     def attn_kept(self) -> int:
         return kept_count(self.state.geometry.head_dim, self.attn_sparsity)
@@ -327,9 +328,12 @@ class LayerSparsity:
 
         return self._cached("attn", hidden, choose, record)
 
-    def count(self, record: BatchRecord, kind: str, channels: int) -> None:
-        """Record that this layer's ``kind`` ("mlp" or "attn") really ran sparse for ``record``."""
+    def count(self, record: BatchRecord, kind: str) -> None:
+        """Record that this layer's ``kind`` ("mlp" or "attn") really ran sparse for ``record``,
+        with the channels its choice for ``record`` kept."""
         if kind == "mlp":
-            self.state.count_sparse(record, self.layer, kind, self.mlp_kept(channels), channels)
+            kept = record.choices[self.layer, "mlp"].idx.numel()
+            total = self.state.factors[f"{self.layer}.gate_proj"][1].shape[1]   # intermediate channels
         else:
-            self.state.count_sparse(record, self.layer, kind, self.attn_kept(), self.state.geometry.head_dim)
+            kept, total = self.attn_kept(), self.state.geometry.head_dim
+        self.state.count_sparse(record, self.layer, kind, kept, total)

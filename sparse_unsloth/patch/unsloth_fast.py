@@ -179,7 +179,7 @@ def _pick_mlp(self: nn.Module, x: torch.Tensor):
     choice = ctl.mlp_choice(x, record)
     if choice is None:
         return None
-    ctl.count(record, "mlp", frozen_linear(self.gate_proj).weight.shape[0])
+    ctl.count(record, "mlp")
     return choice.idx, record.split.dense_idx
 
 
@@ -190,7 +190,7 @@ def _pick_attn(self: nn.Module, x: torch.Tensor):
     choice = ctl.attn_choice(x, record)        # apply_o gets the one apply_qkv cached for this forward
     if choice is None:
         return None
-    ctl.count(record, "attn", 0)
+    ctl.count(record, "attn")
     return choice, record.split.dense_idx
 
 
@@ -267,9 +267,14 @@ class Flip:
     def __call__(self, layer: nn.Module, _args: tuple) -> None:
         active = layer.__dict__[_CTL].state.record_for_call() is not None
         for module_name, name in layer.__dict__[_SWITCHES]:
-            module = getattr(layer, module_name) if module_name else layer
+            module = _submodule(layer, module_name)
             value = module.__dict__[_SPARSE][name] if active else module.__dict__[_ORIGINAL][name]
             _set(module, name, value)
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module:
+    # A switch names the decoder layer's "mlp" or "self_attn", or "" for the layer itself.
+    return getattr(layer, name) if name else layer
 
 
 def _set(module: nn.Module, name: str, value) -> None:
@@ -300,7 +305,7 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
         switches += [("self_attn", "apply_qkv", AttnFunction("apply_qkv")),
                      ("self_attn", "apply_o", AttnFunction("apply_o"))]
     for module_name, name, sparse in switches:
-        module = getattr(layer, module_name) if module_name else layer
+        module = _submodule(layer, module_name)
         module.__dict__[_CTL] = ctl
         module.__dict__.setdefault(_ORIGINAL, {})[name] = module.__dict__.get(name, _MISSING)
         module.__dict__.setdefault(_SPARSE, {})[name] = sparse
@@ -316,10 +321,10 @@ def unpatch_layer(layer: nn.Module) -> None:
         return
     remove_hooks(layer, (Flip,))
     for module_name, name in switches:
-        module = getattr(layer, module_name) if module_name else layer
+        module = _submodule(layer, module_name)
         _set(module, name, module.__dict__[_ORIGINAL][name])
     for module_name, _ in switches:
-        module = getattr(layer, module_name) if module_name else layer
+        module = _submodule(layer, module_name)
         for key in (_CTL, _ORIGINAL, _SPARSE):
             module.__dict__.pop(key, None)
     layer.__dict__.pop(_CTL, None)
