@@ -56,3 +56,12 @@ def test_split_of_a_padded_batch():
     assert split.num_tokens == 8
     with pytest.raises(ValueError, match="attention_mask of shape"):
         token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask[:, :4])
+
+
+def test_a_mask_that_is_not_batch_by_seq_is_said():
+    model = su.sparsify(tiny_lora_model("llama"), CONFIG, progress=False)
+    su.sparse_state(model).callback_attached = True
+    ids = torch.randint(1, 101, (2, 7))
+    model.train()
+    with pytest.warns(UserWarning, match="pad tokens vote in the channel choice"):
+        su.sparse_state(model).begin_batch(ids, ids.shape, ids.device, True, torch.ones(2, 1, 7, 7))

@@ -154,3 +154,22 @@ def test_unsloth_fused_model_the_fast_path_cannot_take_is_refused(monkeypatch):
     with pytest.raises(NotImplementedError, match="needs 16-bit or bitsandbytes 4-bit base weights on a CUDA GPU"):
         su.sparsify(model, MLP_ONLY, progress=False)
     assert su.sparse_state(model) is None
+
+
+def test_what_the_fast_path_cannot_take_is_refused_by_name(monkeypatch):
+    """MLP biases and trainable base weights: refused at sparsify, not trained wrong."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=48, intermediate_size=77, num_attention_heads=6,
+                                  num_key_value_heads=2, num_hidden_layers=3, vocab_size=101, mlp_bias=True)
+    biased = get_peft_model(AutoModelForCausalLM.from_config(config),
+                            LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with pytest.raises(ValueError, match="mlp_bias=True"):
+        _sparsify(biased, MLP_ONLY, unsloth_fast, monkeypatch)
+    assert su.sparse_state(biased) is None
+    trainable = tiny_lora_model()
+    frozen_linear(decoder_layers(trainable)[0].mlp.up_proj).weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="base weight .* is trainable"):
+        _sparsify(trainable, MLP_ONLY, unsloth_fast, monkeypatch)
+    assert su.sparse_state(trainable) is None
