@@ -167,16 +167,28 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     rows = [(ev.key, ev.self_device_time_total / 1e6 / n, ev.count // n)
             for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
+    # What the host launched: kernels one by one, or whole graphs (their kernels still show above).
+    launches = {ev.key: ev.count // n for ev in prof.key_averages() if ev.device_type == DeviceType.CPU
+                and any(w in ev.key for w in ("LaunchKernel", "GraphLaunch", "MemcpyAsync", "LaunchKernelEx"))}
     total = sum(r[1] for r in rows)
     cats: dict[str, float] = {}
     for key, t, _ in rows:
         cat = next((c for c, words in KERNEL_CATEGORIES if any(w in key.lower() for w in words)), "other")
         cats[cat] = cats.get(cat, 0.0) + t
     return {"gpu_busy_s_per_step": round(total, 5), "wall_s_per_step_profiled": round(wall, 5),
-            "kernels_per_step": sum(r[2] for r in rows),
+            "kernels_per_step": sum(r[2] for r in rows), "host_launches_per_step": launches,
             "categories_s_per_step": {c: round(t, 5) for c, t in sorted(cats.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
                              "calls_per_step": c} for k, t, c in rows[:top]]}
+
+
+def guarded(fn, *args) -> dict:
+    """``fn(*args)``, or its error: a failing profiler must not cost the timings measured before."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        log(f"[unsloth] {fn.__name__} failed: {e!r}")
+        return {"error": repr(e)}
 
 
 def dynamo_counters() -> dict:
@@ -338,16 +350,21 @@ def child_unsloth(args) -> dict:
     out: dict = {"fast_path_applies": unsloth_fast.applies(model)}
     out["unsloth_dense_lora"] = time_steps(step, args.warmup, args.steps, ids.numel())
     log(f"[unsloth] dense {out['unsloth_dense_lora']['step_s_median']} s/step")
-    profiles = {"unsloth_dense_lora": profile_steps(step)}
+    profiles = {"unsloth_dense_lora": guarded(profile_steps, step)}
 
     out["dynamo"] = {"unsloth_dense_lora": dynamo_counters()}
     config = load_config(args.preset)
     estimator = random_factors(model, config) if args.estimator == "random" else None
     timer = EstimatorTimer()
+    from sparse_unsloth.patch import state as state_mod
+
     others = [m for m in unsloth_fast.MODES if m != args.sparse_mode] if args.other_modes_too else []
-    for mode in [args.sparse_mode, *others]:
-        name = "sparse" if mode == args.sparse_mode else f"sparse_{mode}"
+    variants = [("sparse", args.sparse_mode, True)] + [(f"sparse_{m}", m, True) for m in others]
+    if args.eager_too:
+        variants.append(("sparse_eager", args.sparse_mode, False))
+    for name, mode, graphs in variants:
         unsloth_fast.MODE = mode          # read by sparsify's patch_layer
+        state_mod.CUDA_GRAPHS = graphs    # read at every call
         su.sparsify(model, config, estimator, progress=False)
         state = su.sparse_state(model)
         state.callback_attached = True   # no trainer here: sparse from the first step, as intended
@@ -359,10 +376,11 @@ def child_unsloth(args) -> dict:
         res["stats"] = state.pop_stats()
         out[name] = res
         log(f"[unsloth] {name} {res['step_s_median']} s/step, estimator {res['estimator_s_median']} s")
-        profiles[name] = profile_steps(step)
-        res["sync_points"] = sync_points(step)
+        profiles[name] = guarded(profile_steps, step)
+        res["sync_points"] = guarded(sync_points, step)
         timer.pop_s()
         out["dynamo"][name] = dynamo_counters()
+        res["graph_captures"] = state._graphs.captures
         su.unsparsify(model)
     out["profiles"] = profiles
     return out
@@ -387,14 +405,15 @@ def where_time_goes(result: dict) -> dict:
     if result.get("speedup"):
         out["missed_by"] = {"speedup": round(result["targets"]["speedup"] / result["speedup"], 3),
                             "estimator_share": round(result["estimator_share"] / result["targets"]["estimator_share"], 3)}
-    for name in ("unsloth_dense_lora", "sparse"):
+    for name in ("unsloth_dense_lora", "sparse", "sparse_eager"):
         p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
-        if not p or not step:
+        if not p or not step or "error" in p:
             continue
         out[name] = {"step_s": step, "gpu_kernel_s": p["gpu_busy_s_per_step"],
                      "gpu_idle_s": round(max(step - p["gpu_busy_s_per_step"], 0.0), 5),
                      "gpu_idle_share": round(max(step - p["gpu_busy_s_per_step"], 0.0) / step, 4),
-                     "kernel_launches": p["kernels_per_step"], "by_category_s": p["categories_s_per_step"]}
+                     "kernel_launches": p["kernels_per_step"], "host_launches": p.get("host_launches_per_step"),
+                     "by_category_s": p["categories_s_per_step"]}
     return out
 
 
@@ -406,7 +425,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--output-tokens", str(args.output_tokens)]
     cmd += ["--sparse-mode", args.sparse_mode]
     cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too),
-                                  ("--load-in-4bit", args.load_in_4bit)) if on]
+                                  ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.environ.get("PYTHONPATH", "")])})
@@ -547,6 +566,8 @@ def main() -> None:
     ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break", "traced"], default="eager-block",
                     help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
     ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also time the sparse step without CUDA graphs (SPARSE_UNSLOTH_CUDA_GRAPHS=0)")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
     ap.add_argument("--child-out", default=None)
     args = ap.parse_args()

@@ -6,7 +6,7 @@
 #
 # kernels: the gather-GEMM kernels' gpu tests; products: the frozen products alone (torch
 # composition vs the gather_mm kernels vs dense cuBLAS, bench_ops.py --products). Neither is
-# in the default set.
+# in the default set. TESTS_K=expr selects GPU tests by name (pytest -k).
 #
 # Expects the wheelhouse installed and PYTHONPATH set (see the device call's preamble):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,7 +28,8 @@ run_step() {  # name, command...
 speed_args=()
 for s in "${steps[@]}"; do
   case $s in
-    tests) run_step tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fast.py ;;
+    tests) run_step tests python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+             tests/test_gpu_graphs.py tests/test_gpu_fast.py ;;
     ops) run_step ops python3 scripts/bench_ops.py --out "$OUT/bench_ops.json" ;;
     kernels) run_step kernels python3 -m pytest -q -x -p no:cacheprovider tests/test_gather_mm.py ;;
     products) run_step products python3 scripts/bench_ops.py --products --out "$OUT/bench_products.json" ;;

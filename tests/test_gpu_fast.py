@@ -331,3 +331,34 @@ def test_4bit_weights_through_the_fused_functions_equal_their_dequantization():
     assert len(calls) == 2 * 3
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, monkeypatch):
+    """Unsloth's offloaded checkpointing recomputes each layer inside backward: the graphs are
+    captured and replayed there too, and give the eager step's gradients."""
+    import sparse_unsloth as su
+    from sparse_unsloth.patch import state as state_mod
+
+    model, _ = _unsloth_model(tiny_dir)
+    su.sparsify(model, TINY_CONFIG, progress=False)
+    state = su.sparse_state(model)
+    state.callback_attached = True
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
+    labels = ids.clone()
+    labels[:, :96] = -100
+    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", False)
+    eager_loss, eager_grads = _step(model, ids, labels)
+    assert state._graphs.captures == 0
+    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
+    for _ in range(2):                                   # capture, then replay
+        loss, grads = _step(model, ids, labels)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+        for name, g in eager_grads.items():
+            assert _rel(grads[name], g) < 1e-4, name
+    # Once each: 3 MLPs x (forward without grad, recompute keeping its activations, backward),
+    # 2 attention layers x (QKV, O) x (forward = recompute, backward), 5 channel choices.
+    captured = state._graphs.captures
+    assert captured == 3 * 3 + 2 * 2 * 2 + 5, captured
+    _step(model, ids, labels)
+    assert state._graphs.captures == captured

@@ -31,6 +31,11 @@ def _choose(gen, n, k):
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
+def _padded(idx, extra):
+    """Dense rows as the patch passes them: the first one repeated (CUDA-graph buckets)."""
+    return torch.cat([idx, idx[:1].expand(extra)]) if idx.numel() else idx
+
+
 def _grads(out, inputs, grad):
     return torch.autograd.grad(out, inputs, grad)
 
@@ -46,7 +51,7 @@ def test_mlp_matches_masked_definition(batch, seq, hidden, inter, keep, dense):
     dy = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=gen)
     params = [x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b]
 
-    out = sparse_lora_mlp(x, gate, up, down, idx, dense_idx)
+    out = sparse_lora_mlp(x, gate, up, down, idx, _padded(dense_idx, 3))
     got = _grads(out, params, dy)
     x2 = x.reshape(n, hidden)
     h = F.silu(_lora_linear(x2, gate, idx, dense_idx, 0)) * _lora_linear(x2, up, idx, dense_idx, 0)
@@ -71,8 +76,8 @@ def test_qkv_and_o_match_masked_definition(heads, kv_heads, head_dim, keep, dens
     grads = [torch.randn(batch, seq, c, dtype=torch.float64, generator=gen) for c in (dq, dkv, dkv, hidden)]
     params = [x, a_in] + [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)]
 
-    outs = (*sparse_lora_qkv(x, q, k, v, q_idx, k_idx, v_idx, dense_idx),
-            sparse_lora_o(a_in, o, o_idx, dense_idx))
+    outs = (*sparse_lora_qkv(x, q, k, v, q_idx, k_idx, v_idx, _padded(dense_idx, 5)),
+            sparse_lora_o(a_in, o, o_idx, _padded(dense_idx, 2)))
     got = _grads(outs, params, grads)
     x2, a2 = x.reshape(n, hidden), a_in.reshape(n, dq)
     refs = [_lora_linear(x2, p, i, dense_idx, 0).view(batch, seq, -1) for p, i in ((q, q_idx), (k, k_idx), (v, v_idx))]

@@ -1,6 +1,15 @@
+import pytest
 import torch
 
-from sparse_unsloth.patch.state import token_split
+from sparse_unsloth.estimator.select import ffn_channels, qk_channels, vo_channels
+from sparse_unsloth.patch.state import (
+    DENSE_ROWS_STEP,
+    choose_attn,
+    choose_mlp,
+    sequence_means,
+    token_split,
+    voting_rows,
+)
 
 
 def _labels(rows):
@@ -48,4 +57,49 @@ def test_sequence_means_average_each_rows_context_tokens():
     # row 0: tokens 0-1 are context (2 predicts the label at 3); row 1: token 0 only;
     # row 2: every token is an output token, so its row is zero (it scores no channel)
     expected = torch.stack([hidden[0, :2].mean(0), hidden[1, :1].mean(0), torch.zeros(2, dtype=torch.float64)])
-    torch.testing.assert_close(split.sequence_means(hidden), expected)
+    torch.testing.assert_close(sequence_means(hidden, split.sparse_mask), expected)
+
+
+@pytest.mark.parametrize("dense_per_row", [0, 1, 7, DENSE_ROWS_STEP // 2])
+def test_dense_rows_are_padded_by_repeating_the_first(dense_per_row):
+    labels = torch.full((2, DENSE_ROWS_STEP), -100)
+    if dense_per_row:
+        labels[:, -dense_per_row:] = 3
+    split = token_split(labels, labels.shape, torch.device("cpu"))
+    rows = split.dense_rows
+    if not dense_per_row:
+        assert rows is None
+        return
+    n = split.dense_idx.numel()
+    assert rows.numel() % DENSE_ROWS_STEP == 0 and rows.numel() - n < DENSE_ROWS_STEP
+    assert torch.equal(rows[:n], split.dense_idx)
+    assert (rows[n:] == split.dense_idx[0]).all()
+
+
+def test_static_shape_choice_equals_the_gathered_rows():
+    """The channel choice scores zeroed non-voting rows instead of gathering the voting ones (so
+    that its shapes do not depend on the labels): the same channels."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.full((3, 10), -100)
+    labels[0, 6:] = 1
+    labels[2, 2:] = 4
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0                                  # left padding never votes
+    split = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask)
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64, generator=gen)
+    rows = hidden.reshape(-1, 12)[split.sparse_idx]
+    torch.testing.assert_close(voting_rows(hidden, split.sparse_mask)[split.sparse_idx], rows)
+
+    def factors(out):
+        return (torch.randn(12, 4, dtype=torch.float64, generator=gen),
+                torch.randn(4, out, dtype=torch.float64, generator=gen))
+
+    gate, up = factors(40), factors(40)
+    (idx,) = choose_mlp(hidden, split.sparse_mask, *gate, *up, 9, False)
+    assert torch.equal(idx, ffn_channels(rows, gate, up, 9))
+    heads, kv_heads, head_dim = 4, 2, 5
+    q, k, v = factors(heads * head_dim), factors(kv_heads * head_dim), factors(kv_heads * head_dim)
+    got = choose_attn(hidden, split.sparse_mask, *q, *k, *v, heads, kv_heads, head_dim, 2)
+    want = (*qk_channels(rows, q, k, heads, kv_heads, head_dim, 2), *vo_channels(rows, v, heads, kv_heads, head_dim, 2))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .graphs import Runner, run_eager
 from .sparse_mm import (
     LoRAProj,
     add_lora_,
@@ -48,68 +49,90 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
     return f * g, dh * f, d_gate.to(dh.dtype)
 
 
+def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
+             down_b, down_s, act_forward, keep_acts):
+    """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``)."""
+    gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
+    ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+    kept = kept_channels(idx)
+    x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
+    e = keep_cols_(lora_out(x, ga, gb, gate_s), x, gate_w.t(), kept, dense_idx, x_rows)
+    g = keep_cols_(lora_out(x, ua, ub, up_s), x, up_w.t(), kept, dense_idx, x_rows)
+    del x_rows
+    h = act_forward(e, g)
+    out = keep_rows([(h, down_w.t(), kept)], dense_idx)
+    add_lora_(out, h, da, db, down_s)
+    return (out, e, g) if keep_acts else (out, None, None)
+
+
+def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
+              down_a, down_b, down_s, act_backward):
+    """(dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b); overwrites ``e`` and ``g``."""
+    gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
+    ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+    kept = kept_channels(idx)
+    dy = dy.to(x.dtype)
+    # dh = dy @ down (context rows: kept columns only) + down's LoRA (all of h).
+    d_down_a_in = (dy @ db).mul_(down_s)
+    dh = keep_cols_(d_down_a_in @ da, dy, down_w, kept, dense_idx)
+    h, d_up, d_gate = act_backward(dh, e, g)
+    del dh, e, g
+    d_down_a = d_down_a_in.t() @ h
+    d_down_b = dy.t() @ (h @ da.t()).mul_(down_s)
+    del h, d_down_a_in
+    d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, ua, ub, up_s)
+    d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
+    dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx)
+    dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
+    return dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b
+
+
 class _SparseLoRAMLP(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-                down_b, down_s, idx, dense_idx, act_forward, act_backward):
+                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # Casts, index padding and the dense rows of x once per call (each launch costs host time).
-        srcs = (gate_w, up_w, down_w)
-        gate_w, up_w, down_w = (weight_like(w, x2) for w in srcs)
-        ga, gb, ua, ub, da, db = (cast_like(t, x2) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
-        kept = kept_channels(idx)
-        x_rows = x2.index_select(0, dense_idx) if has_rows(dense_idx) else None
-        e = keep_cols_(lora_out(x2, ga, gb, gate_s), x2, gate_w.t(), kept, dense_idx, x_rows)
-        g = keep_cols_(lora_out(x2, ua, ub, up_s), x2, up_w.t(), kept, dense_idx, x_rows)
-        del x_rows
-        h = act_forward(e, g)
-        out = keep_rows([(h, down_w.t(), kept)], dense_idx)
-        add_lora_(out, h, da, db, down_s)
-        # The weights themselves (or their dequantizing functions), not the pass's copies: a
+        # The weights themselves (or their dequantizing functions), never a pass's copies: a
         # 4-bit weight is dequantized again in backward rather than kept alive in between.
-        ctx.weight_srcs = srcs
-        ctx.scales = (gate_s, up_s, down_s)
-        ctx.act_backward = act_backward
-        ctx.save_for_backward(x2, e, g, ga, gb, ua, ub, da, db, idx, kept.padded, dense_idx)
+        ctx.consts = (gate_w, gate_s, up_w, up_s, down_w, down_s)
+        loras = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+        out, e, g = run(_forward, (x2, idx, dense_idx),
+                        (gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
+                         down_s, act_forward, keep_acts))
+        ctx.act_backward, ctx.run = act_backward, run
+        ctx.save_for_backward(x2, e, g, idx, dense_idx, *loras)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, e, g, ga, gb, ua, ub, da, db, idx, padded, dense_idx = ctx.saved_tensors
-        gate_w, up_w, down_w = (weight_like(w, x) for w in ctx.weight_srcs)
-        gate_s, up_s, down_s = ctx.scales
-        kept = kept_channels(idx, padded)
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-
-        # dh = dy @ down (context rows: kept columns only) + down's LoRA (all of h).
-        d_down_a_in = (dy2 @ db).mul_(down_s)
-        dh = keep_cols_(d_down_a_in @ da, dy2, down_w, kept, dense_idx)
-        h, d_up, d_gate = ctx.act_backward(dh, e, g)
-        del dh, e, g
-        d_down_a = d_down_a_in.t() @ h
-        d_down_b = dy2.t() @ (h @ da.t()).mul_(down_s)
-        del h, d_down_a_in
-
-        d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, ua, ub, up_s)
-        d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
-        dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx)
-        dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
+        x, e, g, idx, dense_idx, ga, gb, ua, ub, da, db = ctx.saved_tensors
+        if e is None:
+            raise RuntimeError("the sparse MLP ran without keeping its activations (grad mode was off "
+                               "when it was called), so it has no backward")
+        gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
+        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, idx, dense_idx),
+                        (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward))
+        dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = grads
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
-                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None)
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)
 
 
 def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                     idx: torch.Tensor, dense_idx: torch.Tensor | None,
                     act_forward: Callable = swiglu_forward,
-                    act_backward: Callable = swiglu_backward) -> torch.Tensor:
+                    act_backward: Callable = swiglu_backward, run: Runner = run_eager) -> torch.Tensor:
     """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
 
-    ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none).
+    ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; repeats are
+    fine). ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
     """
     if any(p.bias is not None for p in (gate, up, down)):
         raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
                          "keep their MLP layers dense")
-    return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward)
+    keep_acts = torch.is_grad_enabled() and (x.requires_grad or any(
+        t.requires_grad for p in (gate, up, down) for t in (p.lora_a, p.lora_b)))
+    return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward,
+                                run, keep_acts)

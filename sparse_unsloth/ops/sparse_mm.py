@@ -84,11 +84,6 @@ def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out.add_(bias.to(out.dtype))
 
 
-def bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-    """The gradient of a bias added to every row of ``dy``'s output, when autograd wants it."""
-    return dy.sum(0).to(bias.dtype) if needed and bias is not None else None
-
-
 def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh."""
     return (x @ a.t()).mul_(s) @ b.t()

@@ -71,18 +71,41 @@ def frozen_linear(proj: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else proj
 
 
+class Dequantize:
+    """A bitsandbytes 4-bit weight's dequantization ``[out, in]``, computed at each call.
+
+    ``graph_key`` / ``graph_shape`` name what a captured CUDA graph of the call reads and
+    makes: the packed weight's storage, and the float weight's shape and dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf  # only 4-bit models get here
+
+        return bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state)
+
+    @property
+    def graph_key(self) -> tuple:
+        state = self.weight.quant_state
+        return state.quant_type, self.weight.data_ptr(), state.absmax.data_ptr()
+
+    @property
+    def graph_shape(self) -> tuple:
+        state = self.weight.quant_state
+        return state.quant_type, tuple(state.shape), state.dtype
+
+
 def weight_getter(linear: nn.Module) -> Callable[[], torch.Tensor]:
     """A function that returns the frozen weight ``[out, in]`` in a float dtype.
 
     bitsandbytes 4-bit weights are dequantized by the call, so nothing large is kept.
     """
     weight = linear.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
+    if getattr(weight, "quant_state", None) is None:
         return lambda: weight
-    import bitsandbytes.functional as bnbf  # only 4-bit models get here
-
-    return lambda: bnbf.dequantize_4bit(weight.data, quant_state)
+    return Dequantize(weight)
 
 
 def estimated_weights(layers: nn.ModuleList, which: Mapping[str, Iterable[int]],

@@ -14,6 +14,8 @@ State lives on objects that the patched modules reach through their own attribut
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 import warnings
 from typing import Any
@@ -23,7 +25,13 @@ import torch
 from ..config import SparseConfig
 from ..estimator.factors import EstimatorFactors
 from ..estimator.select import ffn_channels, kept_count, qk_channels, vo_channels
+from ..ops.graphs import GraphRunner, Runner, run_eager
 from .models import AttentionGeometry
+
+# The sparse work of CUDA tensors runs as replayed CUDA graphs (ops/graphs.py); 0 runs it
+# eagerly, kernel by kernel (a debugging aid: slower, same results up to GEMM kernel choice).
+CUDA_GRAPHS = os.environ.get("SPARSE_UNSLOTH_CUDA_GRAPHS", "1") != "0"
+DENSE_ROWS_STEP = 64
 
 
 @dataclasses.dataclass
@@ -39,16 +47,51 @@ class TokenSplit:
         """Real (non-padding) tokens: every one is dense or votes, and padding is neither."""
         return self.dense_idx.numel() + self.sparse_idx.numel()
 
-    def sequence_means(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Mean hidden state of each sequence's context tokens; zero for a sequence without any.
+    @functools.cached_property
+    def dense_rows(self) -> torch.Tensor | None:
+        """``dense_idx`` for the fused functions: None without dense rows, else padded to a
+        multiple of ``DENSE_ROWS_STEP`` by repeating its first row (a repeated row is computed
+        twice and written twice, with the same value), so that a CUDA graph captured for one
+        batch serves every batch whose dense-row count rounds to the same size."""
+        n = self.dense_idx.numel()
+        if n == 0:
+            return None
+        extra = -n % DENSE_ROWS_STEP
+        return torch.cat([self.dense_idx, self.dense_idx[:1].expand(extra)]) if extra else self.dense_idx
 
-        A zero row scores no channel (silu(0) * 0 = 0 under an L2 norm over rows), so it needs
-        no filtering, and filtering would make the host wait for the GPU in every sparse MLP.
-        A padding-free batch arrives as one flattened row, so its packed sequences share one mean.
-        """
-        mask = self.sparse_mask.to(hidden.dtype).unsqueeze(-1)
-        x = hidden.reshape(*self.sparse_mask.shape, hidden.shape[-1])
-        return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+def sequence_means(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+    """Mean hidden state of each sequence's voting tokens (``votes`` [sequences, tokens]); zero
+    for a sequence without any.
+
+    A zero row scores no channel (silu(0) * 0 = 0 under an L2 norm over rows), so it needs no
+    filtering, and filtering would make the host wait for the GPU in every sparse MLP. A
+    padding-free batch arrives as one flattened row, so its packed sequences share one mean.
+    """
+    mask = votes.to(hidden.dtype).unsqueeze(-1)
+    x = hidden.reshape(*votes.shape, hidden.shape[-1])
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def voting_rows(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+    """``hidden`` as rows, zero where the token does not vote: the same L2 scores as gathering the
+    voting rows, in a shape that does not depend on the batch's labels."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return rows.masked_fill(~votes.reshape(-1, 1), 0)
+
+
+def choose_mlp(hidden, votes, gate_1, gate_2, up_1, up_2, keep, seq_average):
+    """(kept intermediate channels,) of one MLP for one batch: a pure function of its tensors."""
+    x = sequence_means(hidden, votes) if seq_average else voting_rows(hidden, votes)
+    return (ffn_channels(x, (gate_1, gate_2), (up_1, up_2), keep),)
+
+
+def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_heads, head_dim, keep):
+    """(q_idx, k_idx, v_idx, o_idx) of one attention layer for one batch."""
+    x = voting_rows(hidden, votes)
+    q_idx, k_idx = qk_channels(x, (q_1, q_2), (k_1, k_2), num_heads, num_kv_heads, head_dim, keep)
+    v_idx, o_idx = vo_channels(x, (v_1, v_2), num_heads, num_kv_heads, head_dim, keep)
+    return q_idx, k_idx, v_idx, o_idx
 
 
 def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
@@ -139,15 +182,18 @@ class SparseState:
 
     def _transient(self) -> None:
         # What no copy or pickle should carry: the forward in flight, the backward's record,
-        # factors cast for a device/dtype, the warnings already given.
+        # factors cast for a device/dtype, the warnings already given, the CUDA graphs (they
+        # read this model's weights; a copy captures its own).
         self.current: BatchRecord | None = None
         self._backward: Any = _NO_BACKWARD
         self._cast: dict[tuple[torch.device, torch.dtype], EstimatorFactors] = {}
         self._warned: set[str] = set()
+        self._graphs = GraphRunner()
+        self._captures_logged = 0
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned"):
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged"):
             state.pop(key)
         return state
 
@@ -222,6 +268,13 @@ class SparseState:
                 "outputs, or turn gradient checkpointing off.")
         return self._backward
 
+    def runner(self, t: torch.Tensor) -> Runner:
+        """How the sparse work on ``t``'s device runs: replayed CUDA graphs on a GPU, eagerly
+        on the CPU and while torch.compile traces it."""
+        if t.is_cuda and CUDA_GRAPHS and not torch.compiler.is_compiling():
+            return self._graphs
+        return run_eager
+
     def factors_like(self, hidden: torch.Tensor) -> EstimatorFactors:
         """The factors on ``hidden``'s device and dtype (cast once; the model may have moved)."""
         key = (hidden.device, hidden.dtype)
@@ -249,6 +302,7 @@ class SparseState:
         self.stats[f"{kind}_total"] += total
 
     def reset_stats(self) -> None:
+        self._captures_logged = self._graphs.captures
         self.stats = {"batches": 0, "forwards": 0, "dense_tokens": 0, "tokens": 0, "estimator_s": 0.0,
                       "mlp_kept": 0, "mlp_total": 0, "attn_kept": 0, "attn_total": 0}
 
@@ -265,6 +319,10 @@ class SparseState:
                 out["sparse/mlp_kept_frac"] = s["mlp_kept"] / s["mlp_total"]
             if s["attn_total"]:
                 out["sparse/attn_kept_frac"] = s["attn_kept"] / s["attn_total"]
+            # Captures happen for each new shape: a count that keeps growing means the batches'
+            # shapes keep changing (pad them to a few sizes, e.g. SFTConfig(pad_to_multiple_of=64)).
+            if self._graphs.captures:
+                out["sparse/graph_captures"] = self._graphs.captures - self._captures_logged
         self.reset_stats()
         return out
 
@@ -300,11 +358,12 @@ class LayerSparsity:
         state = self.state
 
         def choose(hidden: torch.Tensor, split: TokenSplit) -> MLPChoice:
-            x = (split.sequence_means(hidden) if state.config.ffn_seq_average
-                 else hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx])
             f = state.factors_like(hidden)
             gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
-            return MLPChoice(ffn_channels(x, gate, up, kept_count(gate[1].shape[1], self.mlp_sparsity)))
+            keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
+            (idx,) = state.runner(hidden)(choose_mlp, (hidden, split.sparse_mask),
+                                          (*gate, *up, keep, state.config.ffn_seq_average))
+            return MLPChoice(idx)
 
         return self._cached("mlp", hidden, choose, record)
 
@@ -317,14 +376,12 @@ class LayerSparsity:
         state, geo = self.state, self.state.geometry
 
         def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
-            x = hidden.reshape(-1, hidden.shape[-1])[split.sparse_idx]
-            keep = self.attn_kept()
             f = state.factors_like(hidden)
-            q_idx, k_idx = qk_channels(x, f[f"{self.layer}.q_proj"], f[f"{self.layer}.k_proj"],
-                                       geo.num_heads, geo.num_kv_heads, geo.head_dim, keep)
-            v_idx, o_idx = vo_channels(x, f[f"{self.layer}.v_proj"], geo.num_heads,
-                                       geo.num_kv_heads, geo.head_dim, keep)
-            return AttnChoice(q_idx, k_idx, v_idx, o_idx)
+            factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
+            idx = state.runner(hidden)(choose_attn, (hidden, split.sparse_mask),
+                                       (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim,
+                                        self.attn_kept()))
+            return AttnChoice(*idx)
 
         return self._cached("attn", hidden, choose, record)
 

@@ -138,17 +138,27 @@ def _lora(proj: nn.Module) -> LoRAProj | None:
     return LoRAProj(weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name], base.bias)
 
 
+def _unsloth_swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    from unsloth.kernels.swiglu import swiglu_fg_kernel
+
+    return swiglu_fg_kernel(e.unsqueeze(0), g.unsqueeze(0)).squeeze(0)
+
+
+def _unsloth_swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor):
+    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel
+
+    return swiglu_DWf_DW_dfg_kernel(dh, e, g)
+
+
 def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
     """Unsloth's SwiGLU Triton kernels in eager CUDA (2-D adapters), the torch ones elsewhere.
 
-    Under torch.compile the torch ones: Inductor fuses them with their neighbours.
+    Under torch.compile the torch ones: Inductor fuses them with their neighbours. Module-level
+    functions, so that a CUDA graph of the MLP is found again by them.
     """
     if not x.is_cuda or torch.compiler.is_compiling():
         return swiglu_forward, swiglu_backward
-    from unsloth.kernels.swiglu import swiglu_DWf_DW_dfg_kernel, swiglu_fg_kernel
-
-    return (lambda e, g: swiglu_fg_kernel(e.unsqueeze(0), g.unsqueeze(0)).squeeze(0),
-            swiglu_DWf_DW_dfg_kernel)
+    return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
 
 def _dense_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +190,7 @@ def _pick_mlp(self: nn.Module, x: torch.Tensor):
     if choice is None:
         return None
     ctl.count(record, "mlp")
-    return choice.idx, record.split.dense_idx
+    return choice.idx, record.split.dense_rows
 
 
 @torch.compiler.disable
@@ -191,7 +201,7 @@ def _pick_attn(self: nn.Module, x: torch.Tensor):
     if choice is None:
         return None
     ctl.count(record, "attn")
-    return choice, record.split.dense_idx
+    return choice, record.split.dense_rows
 
 
 def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +209,7 @@ def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     picked = None if any(p is None for p in projs) else _pick_mlp(self, x)
     if picked is None:
         return _dense_mlp(self, x)
-    return sparse_lora_mlp(x, *projs, *picked, *_swiglu(x))
+    return sparse_lora_mlp(x, *projs, *picked, *_swiglu(x), run=self.__dict__[_CTL].state.runner(x))
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
@@ -208,7 +218,8 @@ def _sparse_qkv(self: nn.Module, x: torch.Tensor):
     if picked is None:
         return _dense_attn(self, "apply_qkv")(self, x)
     choice, dense_idx = picked
-    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx)
+    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx,
+                           run=self.__dict__[_CTL].state.runner(x))
 
 
 def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +228,7 @@ def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if picked is None:
         return _dense_attn(self, "apply_o")(self, x)
     choice, dense_idx = picked
-    return sparse_lora_o(x, proj, choice.o_idx, dense_idx)
+    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=self.__dict__[_CTL].state.runner(x))
 
 
 # Traced: Dynamo compiles our Functions into Unsloth's decoder-block graphs (one break per

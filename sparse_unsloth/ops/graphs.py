@@ -1,0 +1,145 @@
+"""Run a fixed-shape tensor function as a replayed CUDA graph: one launch for its dozens of kernels.
+
+A sparse layer pass is 30-50 small kernels (gathers, skinny GEMMs, scatters, LoRA products)
+whose launch cost on the host exceeds their GPU time, so an eagerly run sparse step waits on
+the CPU (benchmarks/NOTES.md). Captured once per shape and layer, the pass costs the host a
+few input copies, one replay and the output copies.
+
+Memory stays close to eager's: the graphs of one :class:`GraphRunner` share one memory pool
+for their temporaries, and the graphs of one *slot* (the same function over inputs and
+operands of the same shapes: the same op of every layer) share one set of input and output
+buffers. That is safe because replays run one after another on one stream, and because
+:meth:`GraphRunner.__call__` copies the outputs out before it returns.
+
+Functions run this way must be pure in their tensor inputs (no host sync, no data-dependent
+shapes, no Python state read per call); their other operands (``consts``: weights, LoRA
+factors, scales, flags) are baked into the graph and name it: a tensor by its storage, so a
+parameter updated in place by the optimizer is read fresh at every replay.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Inputs = Sequence[torch.Tensor | None]
+Outputs = tuple[torch.Tensor | None, ...]
+Runner = Callable[[Callable[..., Outputs], Inputs, Sequence[Any]], Outputs]
+
+
+def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any]) -> Outputs:
+    """``fn(*inputs, *consts)``: the same contract as a :class:`GraphRunner`, without graphs."""
+    return fn(*inputs, *consts)
+
+
+def _tensor_shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.stride(), t.device
+
+
+def _shape_key(value: Any) -> Any:
+    """What a slot's buffers depend on: shapes of tensors, the value of anything else."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_shape(value)
+    shape = getattr(value, "graph_shape", None)      # e.g. a 4-bit weight's dequantizer
+    return shape if shape is not None else value
+
+
+def _identity_key(value: Any) -> Any:
+    """What a graph reads: a tensor's storage, or a dequantizer's packed weight."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    key = getattr(value, "graph_key", None)
+    return key if key is not None else value
+
+
+class _Slot:
+    """The input and output buffers shared by every graph of one function over one shape."""
+
+    def __init__(self, inputs: Inputs) -> None:
+        self.inputs = [None if t is None else torch.empty_like(t) for t in inputs]
+        self.outputs: Outputs | None = None
+        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+
+    def load(self, inputs: Inputs) -> None:
+        for buf, t in zip(self.inputs, inputs):
+            if buf is not None:
+                buf.copy_(t)
+
+
+class GraphRunner:
+    """``runner(fn, inputs, consts)`` computes ``fn(*inputs, *consts)`` by replaying a CUDA graph.
+
+    A graph is captured the first time a (function, shapes, consts) combination is seen, after
+    one eager warm-up run (Triton compiles, cuBLAS workspaces); at most ``max_graphs`` are kept,
+    the least recently used dropped first. ``captures`` counts the captures made.
+    """
+
+    def __init__(self, max_graphs: int = 4096) -> None:
+        self.max_graphs = max_graphs
+        self.captures = 0
+        self._slots: dict[Any, _Slot] = {}
+        self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
+
+    def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any]) -> Outputs:
+        slot_key = (fn, tuple(None if t is None else _tensor_shape(t) for t in inputs),
+                    tuple(_shape_key(c) for c in consts), torch.is_autocast_enabled("cuda"),
+                    torch.get_autocast_dtype("cuda"))
+        graph_key = tuple(_identity_key(c) for c in consts)
+        slot = self._slots.get(slot_key)
+        if slot is None:
+            slot = self._slots[slot_key] = _Slot(inputs)
+        slot.load(inputs)
+        graph = slot.graphs.get(graph_key)
+        if graph is None:
+            device = next(t.device for t in inputs if t is not None)
+            with torch.cuda.device(device):     # a model split over GPUs: capture on the layer's own
+                graph = slot.graphs[graph_key] = self._capture(slot, fn, consts)
+            self._lru[slot_key, graph_key] = None
+            self._evict()
+        else:
+            self._lru.move_to_end((slot_key, graph_key))
+        graph.replay()
+        return tuple(None if o is None else o.clone() for o in slot.outputs)
+
+    def _capture(self, slot: _Slot, fn: Callable[..., Outputs], consts: Sequence[Any]) -> torch.cuda.CUDAGraph:
+        current = torch.cuda.current_stream()
+        if current.device not in self._streams:
+            self._streams[current.device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
+        stream, pool = self._streams[current.device]
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream), torch.no_grad():
+            outs = fn(*slot.inputs, *consts)        # warm-up, eager: lazy initialisations happen here
+        current.wait_stream(stream)
+        if slot.outputs is None:                     # on the stream that will read them
+            slot.outputs = tuple(None if o is None else torch.empty_like(o) for o in outs)
+        del outs
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.no_grad():
+            # The low-level capture calls: torch.cuda.graph() would also empty the allocator's
+            # cache and run the garbage collector at every capture.
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts)):
+                    if buf is not None:
+                        buf.copy_(out)
+            finally:
+                graph.capture_end()
+        current.wait_stream(stream)
+        self.captures += 1
+        return graph
+
+    def _evict(self) -> None:
+        while len(self._lru) > self.max_graphs:
+            slot_key, graph_key = self._lru.popitem(last=False)[0]
+            slot = self._slots[slot_key]
+            del slot.graphs[graph_key]
+            if not slot.graphs:
+                del self._slots[slot_key]
+
+    def __len__(self) -> int:
+        return len(self._lru)

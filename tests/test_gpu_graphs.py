@@ -1,0 +1,148 @@
+"""CUDA-graph replay of the sparse work (ops/graphs.py) against running it eagerly.
+
+A replayed graph runs the kernels that the eager call launches, so results must agree to
+the bit for plain functions, and to GEMM rounding for the fused Functions (cuBLAS may pick
+another kernel on the capture stream). Through Unsloth: a training step with graphs gives the
+gradients of the same step without them (tests/test_gpu_fast.py).
+"""
+
+import pytest
+import torch
+
+from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
+from sparse_unsloth.ops.graphs import GraphRunner, run_eager
+from sparse_unsloth.ops.sparse_mm import LoRAProj
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def _scaled_product(x, rows, w, s):
+    y = (x @ w).mul_(s)
+    return y, y.index_select(0, rows).sum(0)
+
+
+def test_replay_equals_eager_reads_parameters_fresh_and_returns_fresh_tensors():
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    w1, w2 = (torch.randn(64, 48, device=DEV, generator=gen) for _ in range(2))
+    runner = GraphRunner()
+
+    def both(x, rows, w, s):
+        got = runner(_scaled_product, (x, rows), (w, s))
+        want = run_eager(_scaled_product, (x, rows), (w, s))
+        for g, e in zip(got, want):
+            assert torch.equal(g, e)
+        return got
+
+    rows = torch.tensor([3, 0, 7], device=DEV)
+    first = both(torch.randn(10, 64, device=DEV, generator=gen), rows, w1, 0.5)
+    kept = first[0].clone()
+    both(torch.randn(10, 64, device=DEV, generator=gen), rows, w2, 0.5)
+    both(torch.randn(10, 64, device=DEV, generator=gen), rows, w1, 0.5)
+    assert runner.captures == 2                # one per weight; the shapes' buffers are shared
+    assert torch.equal(first[0], kept)         # a later replay did not overwrite an earlier result
+    w1.add_(1.0)                               # an optimizer step, in place
+    both(torch.randn(10, 64, device=DEV, generator=gen), rows, w1, 0.5)
+    both(torch.randn(10, 64, device=DEV, generator=gen), rows, w1, 2.0)
+    both(torch.randn(12, 64, device=DEV, generator=gen), rows, w1, 2.0)
+    assert runner.captures == 4                # a new scale and a new shape, nothing else
+
+
+def test_least_recently_used_graphs_are_dropped():
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    ws = [torch.randn(32, 32, device=DEV, generator=gen) for _ in range(3)]
+    runner = GraphRunner(max_graphs=2)
+    x, rows = torch.randn(5, 32, device=DEV, generator=gen), torch.tensor([1], device=DEV)
+    for w in (*ws, ws[2], ws[0]):
+        got = runner(_scaled_product, (x, rows), (w, 1.0))
+        assert torch.equal(got[0], x @ w)
+    assert len(runner) == 2 and runner.captures == 4
+
+
+def _proj(gen, fout, fin, rank=16, bias=False):
+    w = (torch.randn(fout, fin, device=DEV, generator=gen) / fin ** 0.5).bfloat16()
+    a = (torch.randn(rank, fin, device=DEV, generator=gen) / fin ** 0.5).requires_grad_()
+    b = (torch.randn(fout, rank, device=DEV, generator=gen) / rank ** 0.5).requires_grad_()
+    bb = torch.randn(fout, device=DEV, generator=gen).bfloat16().requires_grad_() if bias else None
+    return LoRAProj(w, a, b, 2.0, bb)
+
+
+def _choose(gen, n, k):
+    return torch.randperm(n, device=DEV, generator=gen)[:k].sort().values
+
+
+def _padded(idx, extra):
+    return torch.cat([idx, idx[:1].expand(extra)])
+
+
+def _close(got, want, label):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w) or _rel(g, w) < 1e-5, f"{label}[{i}]: rel {_rel(g, w):.2e}"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "nf4"])
+def test_fused_mlp_graphed_equals_eager(quantized):
+    import bitsandbytes.functional as bnbf
+
+    from sparse_unsloth.patch.models import Dequantize
+    from sparse_unsloth.patch.unsloth_fast import _unsloth_swiglu_backward, _unsloth_swiglu_forward
+
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    hidden, inter, n = 1024, 2811, 2 * 301
+    projs = []
+    for fout, fin in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        p = _proj(gen, fout, fin)
+        if quantized:
+            packed, state = bnbf.quantize_4bit(p.weight, quant_type="nf4", compress_statistics=True)
+            packed.quant_state = state
+            p = p._replace(weight=Dequantize(packed))
+        projs.append(p)
+    idx, dense_idx = _choose(gen, inter, 29), _padded(_choose(gen, n, 77), 51)
+    runner = GraphRunner()
+    loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
+    results = []
+    for run in (run_eager, runner, runner):          # the second graphed call replays
+        x = torch.randn(2, 301, hidden, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3))
+        x = x.bfloat16().requires_grad_()
+        dy = torch.randn_like(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = sparse_lora_mlp(x, *projs, idx, dense_idx, _unsloth_swiglu_forward, _unsloth_swiglu_backward,
+                                  run=run)
+        results.append([out, *torch.autograd.grad(out, [x, *loras], dy)])
+    assert runner.captures == 2                      # forward and backward, each once
+    _close(results[1], results[0], "graphed")
+    _close(results[2], results[0], "replayed")
+
+
+def test_fused_attention_graphed_equals_eager():
+    from sparse_unsloth.estimator.select import kv_to_q_channels
+
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    heads, kv_heads, head_dim, batch, seq = 14, 2, 64, 2, 203
+    hidden, dq, dkv, n = heads * head_dim, heads * head_dim, kv_heads * head_dim, batch * seq
+    q, k, v = (_proj(gen, c, hidden, bias=True) for c in (dq, dkv, dkv))
+    o = _proj(gen, hidden, dq)
+    per_head = torch.stack([_choose(gen, head_dim, 21) for _ in range(kv_heads)])
+    kv_idx = (torch.arange(kv_heads, device=DEV)[:, None] * head_dim + per_head).flatten()
+    q_idx = kv_to_q_channels(kv_idx, heads, kv_heads, head_dim)
+    dense_idx = _padded(_choose(gen, n, 90), 38)
+    params = [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)] + [p.bias for p in (q, k, v)]
+    runner = GraphRunner()
+    results = []
+    for run in (run_eager, runner, runner):
+        g2 = torch.Generator(device=DEV).manual_seed(5)
+        x = torch.randn(batch, seq, hidden, device=DEV, generator=g2).bfloat16().requires_grad_()
+        a_in = torch.randn(batch, seq, dq, device=DEV, generator=g2).bfloat16().requires_grad_()
+        grads = [torch.randn(batch, seq, c, device=DEV, generator=g2).bfloat16() for c in (dq, dkv, dkv, hidden)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = (*sparse_lora_qkv(x, q, k, v, q_idx, kv_idx, kv_idx, dense_idx, run=run),
+                    sparse_lora_o(a_in, o, q_idx, dense_idx, run=run))
+        results.append([*outs, *torch.autograd.grad(outs, [x, a_in, *params], grads)])
+    assert runner.captures == 4
+    _close(results[1], results[0], "graphed")
+    _close(results[2], results[0], "replayed")
