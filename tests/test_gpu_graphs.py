@@ -53,6 +53,21 @@ def test_replay_equals_eager_reads_parameters_fresh_and_returns_fresh_tensors():
     assert runner.captures == 4                # a new scale and a new shape, nothing else
 
 
+def _doubled_in_place(x, w):
+    return (x.mul_(2) @ w,)
+
+
+def test_a_function_overwriting_its_inputs_sees_them_fresh_at_every_call():
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    w = torch.randn(16, 8, device=DEV, generator=gen)
+    runner = GraphRunner()
+    for _ in range(3):                       # capture (after an eager warm-up), replay, replay
+        x = torch.randn(4, 16, device=DEV, generator=gen)
+        want = (2 * x) @ w
+        (got,) = runner(_doubled_in_place, (x,), (w,))
+        assert torch.equal(got, want)
+
+
 def test_least_recently_used_graphs_are_dropped():
     gen = torch.Generator(device=DEV).manual_seed(1)
     ws = [torch.randn(32, 32, device=DEV, generator=gen) for _ in range(3)]

@@ -11,10 +11,11 @@ operands of the same shapes: the same op of every layer) share one set of input 
 buffers. That is safe because replays run one after another on one stream, and because
 :meth:`GraphRunner.__call__` copies the outputs out before it returns.
 
-Functions run this way must be pure in their tensor inputs (no host sync, no data-dependent
-shapes, no Python state read per call); their other operands (``consts``: weights, LoRA
-factors, scales, flags) are baked into the graph and name it: a tensor by its storage, so a
-parameter updated in place by the optimizer is read fresh at every replay.
+Functions run this way must be functions of their tensor inputs (no host sync, no
+data-dependent shapes, no Python state read per call; they may overwrite their inputs, as
+Unsloth's SwiGLU backward does); their other operands (``consts``: weights, LoRA factors,
+scales, flags) are baked into the graph and name it: a tensor by its storage, so a parameter
+updated in place by the optimizer is read fresh at every replay.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class GraphRunner:
             device = next(t.device for t in inputs if t is not None)
             with torch.cuda.device(device):     # a model split over GPUs: capture on the layer's own
                 graph = slot.graphs[graph_key] = self._capture(slot, fn, consts)
+            slot.load(inputs)                    # the warm-up may have written over its inputs
             self._lru[slot_key, graph_key] = None
             self._evict()
         else:
