@@ -122,9 +122,9 @@ def test_fused_mlp_graphed_equals_eager(quantized):
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
     results = []
     for run in (run_eager, runner, runner):          # the second graphed call replays
-        x = torch.randn(2, 301, hidden, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3))
-        x = x.bfloat16().requires_grad_()
-        dy = torch.randn_like(x)
+        g2 = torch.Generator(device=DEV).manual_seed(3)
+        x = torch.randn(2, 301, hidden, device=DEV, generator=g2).bfloat16().requires_grad_()
+        dy = torch.randn(2, 301, hidden, device=DEV, generator=g2).bfloat16()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = sparse_lora_mlp(x, *projs, idx, dense_idx, _unsloth_swiglu_forward, _unsloth_swiglu_backward,
                                   run=run)
