@@ -27,25 +27,26 @@ from .sparse_mm import (
 
 
 def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias,
-                 v_w, v_a, v_b, v_s, v_bias):
-    """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx``."""
+                 v_w, v_a, v_b, v_s, v_bias, outs=None):
+    """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx`` (written into
+    ``outs`` when given)."""
     x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
     projs = ((q_w, q_a, q_b, q_s, q_bias, q_idx), (k_w, k_a, k_b, k_s, k_bias, k_idx),
              (v_w, v_a, v_b, v_s, v_bias, v_idx))
-    return tuple(add_bias_(keep_cols_(lora_out(x, cast_like(a, x), cast_like(b, x), s), x, weight_like(w, x).t(),
-                                      kept_channels(idx), dense_idx, x_rows), bias)
-                 for w, a, b, s, bias, idx in projs)
+    return tuple(add_bias_(keep_cols_(lora_out(x, cast_like(a, x), cast_like(b, x), s, buf), x,
+                                      weight_like(w, x).t(), kept_channels(idx), dense_idx, x_rows), bias)
+                 for (w, a, b, s, bias, idx), buf in zip(projs, outs or (None, None, None)))
 
 
 def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
-                  v_w, v_a, v_b, v_s, bias_grads):
+                  v_w, v_a, v_b, v_s, bias_grads, outs=None):
     """(dx, dq_a, dq_b, d_q_bias, dk_a, ...): a bias's gradient where ``bias_grads`` says so."""
     grads = [d.to(x.dtype) for d in (dq, dk, dv)]
     pairs = [(cast_like(a, x), cast_like(b, x)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
     lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, pairs, (q_s, k_s, v_s))]
     terms = [(d, weight_like(w, x), kept_channels(idx)) for d, w, idx in zip(grads, (q_w, k_w, v_w),
                                                                              (q_idx, k_idx, v_idx))]
-    dx = keep_rows(terms, dense_idx)
+    dx = keep_rows(terms, dense_idx, outs and outs[0])
     for (_, _, dyb), (a, _) in zip(lora_g, pairs):
         dx.addmm_(dyb, a)
     out = [dx]
@@ -82,15 +83,15 @@ class _SparseLoRAQKV(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-def _o_forward(x, idx, dense_idx, w, a, b, s, bias):
-    out = keep_rows([(x, weight_like(w, x).t(), kept_channels(idx))], dense_idx)
+def _o_forward(x, idx, dense_idx, w, a, b, s, bias, outs=None):
+    out = keep_rows([(x, weight_like(w, x).t(), kept_channels(idx))], dense_idx, outs and outs[0])
     return (add_bias_(add_lora_(out, x, cast_like(a, x), cast_like(b, x), s), bias),)
 
 
-def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad):
+def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
     dy, a = dy.to(x.dtype), cast_like(a, x)
     d_a, d_b, dyb = lora_grads(x, dy, a, cast_like(b, x), s)
-    dx = keep_cols_(dyb @ a, dy, weight_like(w, x), kept_channels(idx), dense_idx)
+    dx = keep_cols_(torch.mm(dyb, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
     return dx, d_a, d_b, dy.sum(0) if bias_grad else None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .graphs import Runner, run_eager
+from .graphs import GraphRunner, Runner, run_eager
 from .sparse_mm import (
     LoRAProj,
     add_lora_,
@@ -50,23 +50,25 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
 
 
 def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-             down_b, down_s, act_forward, keep_acts):
-    """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``)."""
+             down_b, down_s, act_forward, keep_acts, outs=None):
+    """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``), written
+    into ``outs`` when given (a CUDA graph's buffers)."""
+    out_buf, e_buf, g_buf = outs or (None, None, None)
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
     x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
-    e = keep_cols_(lora_out(x, ga, gb, gate_s), x, gate_w.t(), kept, dense_idx, x_rows)
-    g = keep_cols_(lora_out(x, ua, ub, up_s), x, up_w.t(), kept, dense_idx, x_rows)
+    e = keep_cols_(lora_out(x, ga, gb, gate_s, e_buf), x, gate_w.t(), kept, dense_idx, x_rows)
+    g = keep_cols_(lora_out(x, ua, ub, up_s, g_buf), x, up_w.t(), kept, dense_idx, x_rows)
     del x_rows
     h = act_forward(e, g)
-    out = keep_rows([(h, down_w.t(), kept)], dense_idx)
+    out = keep_rows([(h, down_w.t(), kept)], dense_idx, out_buf)
     add_lora_(out, h, da, db, down_s)
     return (out, e, g) if keep_acts else (out, None, None)
 
 
 def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
-              down_a, down_b, down_s, act_backward):
+              down_a, down_b, down_s, act_backward, outs=None):
     """(dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b); overwrites ``e`` and ``g``."""
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
@@ -82,7 +84,7 @@ def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w,
     del h, d_down_a_in
     d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, ua, ub, up_s)
     d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
-    dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx)
+    dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx, outs and outs[0])
     dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
     return dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b
 
@@ -98,23 +100,38 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # 4-bit weight is dequantized again in backward rather than kept alive in between.
         ctx.consts = (gate_w, gate_s, up_w, up_s, down_w, down_s)
         loras = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+        # A checkpointed layer's recompute (a forward inside backward) is followed by its own
+        # backward before any other layer's: its activations can stay in the CUDA graph's
+        # buffers (no copy out, none back in), checked in backward to be untouched.
+        share = (1, 2) if (keep_acts and isinstance(run, GraphRunner)
+                           and torch._C._current_graph_task_id() != -1) else ()
         out, e, g = run(_forward, (x2, idx, dense_idx),
                         (gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
-                         down_s, act_forward, keep_acts))
+                         down_s, act_forward, keep_acts), share=share)
         ctx.act_backward, ctx.run = act_backward, run
-        ctx.save_for_backward(x2, e, g, idx, dense_idx, *loras)
+        ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
+        ctx.save_for_backward(x2, *((None, None) if share else (e, g)), idx, dense_idx, *loras)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, e, g, idx, dense_idx, ga, gb, ua, ub, da, db = ctx.saved_tensors
+        if ctx.shared is not None:
+            e, g, e_writes, g_writes = ctx.shared
+            if (ctx.run.writes(e), ctx.run.writes(g)) != (e_writes, g_writes):
+                raise RuntimeError(
+                    "sparse_unsloth: another layer's recompute overwrote this MLP's activations before its "
+                    "backward. The sparse MLP's CUDA graphs expect each checkpointed layer to be recomputed "
+                    "right before its own backward, as per-layer gradient checkpointing (Unsloth's, Hugging "
+                    "Face's) does; checkpoint one decoder layer per region, or set SPARSE_UNSLOTH_CUDA_GRAPHS=0")
         if e is None:
             raise RuntimeError("the sparse MLP ran without keeping its activations (grad mode was off "
                                "when it was called), so it has no backward")
         gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
         grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, idx, dense_idx),
-                        (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward))
+                        (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
+                        adopt=(2, 3))
         dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = grads
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
                 d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)

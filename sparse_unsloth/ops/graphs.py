@@ -9,7 +9,10 @@ Memory stays close to eager's: the graphs of one :class:`GraphRunner` share one 
 for their temporaries, and the graphs of one *slot* (the same function over inputs and
 operands of the same shapes: the same op of every layer) share one set of input and output
 buffers. That is safe because replays run one after another on one stream, and because
-:meth:`GraphRunner.__call__` copies the outputs out before it returns.
+:meth:`GraphRunner.__call__` copies the outputs out before it returns, except those the caller
+asks to *share*: a checkpointed layer's activations, which its backward (the next user of the
+slot's buffers) reads in place, checking with :meth:`GraphRunner.writes` that no other replay
+wrote them in between.
 
 Functions run this way must be functions of their tensor inputs (no host sync, no
 data-dependent shapes, no Python state read per call; they may overwrite their inputs, as
@@ -28,11 +31,13 @@ import torch
 
 Inputs = Sequence[torch.Tensor | None]
 Outputs = tuple[torch.Tensor | None, ...]
-Runner = Callable[[Callable[..., Outputs], Inputs, Sequence[Any]], Outputs]
+Runner = Callable[..., Outputs]
 
 
-def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any]) -> Outputs:
-    """``fn(*inputs, *consts)``: the same contract as a :class:`GraphRunner`, without graphs."""
+def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
+              adopt: Sequence[int] = ()) -> Outputs:
+    """``fn(*inputs, *consts)``: the contract of a :class:`GraphRunner`, without graphs (the
+    results are the function's own tensors, so nothing needs sharing or adopting)."""
     return fn(*inputs, *consts)
 
 
@@ -59,15 +64,21 @@ def _identity_key(value: Any) -> Any:
 class _Slot:
     """The input and output buffers shared by every graph of one function over one shape."""
 
-    def __init__(self, inputs: Inputs) -> None:
-        self.inputs = [None if t is None else torch.empty_like(t) for t in inputs]
+    def __init__(self, inputs: Inputs, adopt: Sequence[int]) -> None:
+        self.inputs = [t if i in adopt or t is None else torch.empty_like(t) for i, t in enumerate(inputs)]
+        self.adopted = [t for i, t in enumerate(self.inputs) if i in adopt and t is not None]
         self.outputs: Outputs | None = None
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
 
-    def load(self, inputs: Inputs) -> None:
+    def load(self, inputs: Inputs) -> list[torch.Tensor]:
+        """Copy ``inputs`` into the buffers (not those passed in as the buffer itself); the
+        adopted buffers written."""
+        written = []
         for buf, t in zip(self.inputs, inputs):
-            if buf is not None:
+            if buf is not None and buf is not t:
                 buf.copy_(t)
+                written.append(buf)
+        return [b for b in written if any(b is a for a in self.adopted)]
 
 
 class GraphRunner:
@@ -76,6 +87,12 @@ class GraphRunner:
     A graph is captured the first time a (function, shapes, consts) combination is seen, after
     one eager warm-up run (Triton compiles, cuBLAS workspaces); at most ``max_graphs`` are kept,
     the least recently used dropped first. ``captures`` counts the captures made.
+
+    While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
+    straight into them (returning them); anything else it returns is copied in. The results
+    come back as fresh tensors, except the positions in ``share``: those are the slot's buffers,
+    valid until the slot's next replay. ``adopt``: input positions whose first tensor becomes
+    the slot's buffer itself (a shared result of another slot, read without a copy).
     """
 
     def __init__(self, max_graphs: int = 4096) -> None:
@@ -84,41 +101,57 @@ class GraphRunner:
         self._slots: dict[Any, _Slot] = {}
         self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
+        self._writes: collections.Counter[int] = collections.Counter()
 
-    def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any]) -> Outputs:
+    def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
+                 adopt: Sequence[int] = ()) -> Outputs:
         slot_key = (fn, tuple(None if t is None else _tensor_shape(t) for t in inputs),
-                    tuple(_shape_key(c) for c in consts), torch.is_autocast_enabled("cuda"),
+                    tuple(_shape_key(c) for c in consts), tuple(adopt), torch.is_autocast_enabled("cuda"),
                     torch.get_autocast_dtype("cuda"))
         graph_key = tuple(_identity_key(c) for c in consts)
         slot = self._slots.get(slot_key)
         if slot is None:
-            slot = self._slots[slot_key] = _Slot(inputs)
-        slot.load(inputs)
+            slot = self._slots[slot_key] = _Slot(inputs, adopt)
+        self._wrote(slot.load(inputs))
         graph = slot.graphs.get(graph_key)
         if graph is None:
             device = next(t.device for t in inputs if t is not None)
             with torch.cuda.device(device):     # a model split over GPUs: capture on the layer's own
-                graph = slot.graphs[graph_key] = self._capture(slot, fn, consts)
-            slot.load(inputs)                    # the warm-up may have written over its inputs
+                graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts)
             self._lru[slot_key, graph_key] = None
             self._evict()
         else:
             self._lru.move_to_end((slot_key, graph_key))
         graph.replay()
-        return tuple(None if o is None else o.clone() for o in slot.outputs)
+        # The function may have written over its inputs (Unsloth's SwiGLU backward does).
+        self._wrote([*slot.adopted, *(o for o in slot.outputs if o is not None)])
+        return tuple(o if o is None or i in share else o.clone() for i, o in enumerate(slot.outputs))
 
-    def _capture(self, slot: _Slot, fn: Callable[..., Outputs], consts: Sequence[Any]) -> torch.cuda.CUDAGraph:
+    def writes(self, t: torch.Tensor) -> int:
+        """How many times a replay wrote the buffer ``t`` (to check that a shared result is intact)."""
+        return self._writes[t.data_ptr()]
+
+    def _wrote(self, bufs: Sequence[torch.Tensor]) -> None:
+        for b in bufs:
+            self._writes[b.data_ptr()] += 1
+
+    def _capture(self, slot: _Slot, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
+                 ) -> torch.cuda.CUDAGraph:
         current = torch.cuda.current_stream()
         if current.device not in self._streams:
             self._streams[current.device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
         stream, pool = self._streams[current.device]
+        # Warm-up, eager: lazy initialisations happen here. It may write over its inputs: the
+        # adopted ones (another slot's results, still needed) go in as copies.
+        warm = [t.clone() if any(t is a for a in slot.adopted) else t for t in slot.inputs]
         stream.wait_stream(current)
         with torch.cuda.stream(stream), torch.no_grad():
-            outs = fn(*slot.inputs, *consts)        # warm-up, eager: lazy initialisations happen here
+            outs = fn(*warm, *consts)
         current.wait_stream(stream)
         if slot.outputs is None:                     # on the stream that will read them
             slot.outputs = tuple(None if o is None else torch.empty_like(o) for o in outs)
-        del outs
+        del outs, warm
+        self._wrote(slot.load(inputs))
         stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream), torch.no_grad():
@@ -126,8 +159,8 @@ class GraphRunner:
             # cache and run the garbage collector at every capture.
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts)):
-                    if buf is not None:
+                for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts, outs=slot.outputs)):
+                    if buf is not None and out.data_ptr() != buf.data_ptr():
                         buf.copy_(out)
             finally:
                 graph.capture_end()

@@ -84,9 +84,11 @@ def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out.add_(bias.to(out.dtype))
 
 
-def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh."""
-    return (x @ a.t()).mul_(s) @ b.t()
+def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh
+    or written into ``out``."""
+    return torch.mm((x @ a.t()).mul_(s), b.t(), out=out)
 
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
@@ -119,18 +121,20 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
     return out
 
 
-def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None) -> torch.Tensor:
+def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None, out: torch.Tensor | None = None,
+              ) -> torch.Tensor:
     """``sum x @ m`` over the terms, non-dense rows reading only the input channels kept.
 
-    A fresh tensor: each term adds ``x[:, idx] @ m[idx]`` for every row, then the dense rows
-    are replaced by their full products.
+    A fresh tensor (or ``out``): each term adds ``x[:, idx] @ m[idx]`` for every row, then the
+    dense rows are replaced by their full products.
     """
-    out = None
+    first = True
     for x, m, kept in terms:
         m_kept = m.index_select(0, kept.padded)
         m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
         x_kept = x.index_select(1, kept.padded)
-        out = x_kept @ m_kept if out is None else out.addmm_(x_kept, m_kept)
+        out = torch.mm(x_kept, m_kept, out=out) if first else out.addmm_(x_kept, m_kept)
+        first = False
     if has_rows(dense_idx):
         rows = None
         for x, m, _ in terms:

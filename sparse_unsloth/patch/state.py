@@ -80,13 +80,15 @@ def voting_rows(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
     return rows.masked_fill(~votes.reshape(-1, 1), 0)
 
 
-def choose_mlp(hidden, votes, gate_1, gate_2, up_1, up_2, keep, seq_average):
-    """(kept intermediate channels,) of one MLP for one batch: a pure function of its tensors."""
+def choose_mlp(hidden, votes, gate_1, gate_2, up_1, up_2, keep, seq_average, outs=None):
+    """(kept intermediate channels,) of one MLP for one batch: a function of its tensors alone, so
+    it can run as a CUDA graph (``outs``: that graph's buffers, too small to matter here)."""
     x = sequence_means(hidden, votes) if seq_average else voting_rows(hidden, votes)
     return (ffn_channels(x, (gate_1, gate_2), (up_1, up_2), keep),)
 
 
-def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_heads, head_dim, keep):
+def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_heads, head_dim, keep,
+                outs=None):
     """(q_idx, k_idx, v_idx, o_idx) of one attention layer for one batch."""
     x = voting_rows(hidden, votes)
     q_idx, k_idx = qk_channels(x, (q_1, q_2), (k_1, k_2), num_heads, num_kv_heads, head_dim, keep)
