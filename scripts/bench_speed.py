@@ -417,6 +417,11 @@ def where_time_goes(result: dict) -> dict:
     return out
 
 
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_child(stage: str, args, out_dir: str) -> dict:
     path = os.path.join(out_dir, f"bench_{stage}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--child-out", path,
@@ -487,8 +492,12 @@ def target_for(args) -> dict:
 def driver(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.model_dir, exist_ok=True)
-    peft = run_child("peft", args, args.out)
-    uns = run_child("unsloth", args, args.out)
+    if args.assemble:       # the children ran (on the device); only their files came back
+        peft, uns = ({} if args.skip_peft and stage == "peft" else _read(os.path.join(args.out, f"bench_{stage}.json"))
+                     for stage in ("peft", "unsloth"))
+    else:
+        peft = run_child("peft", args, args.out)
+        uns = run_child("unsloth", args, args.out)
     runs = {k: v for k, v in {**peft, **uns}.items()
             if k in ("hf_peft_lora", "unsloth_dense_lora") or k.startswith("sparse")}
     from sparse_unsloth.config import load_config  # the driver imports torch only now
@@ -504,7 +513,7 @@ def driver(args) -> None:
     peft_run = runs.get("hf_peft_lora", {})
     result = {
         "name": result_name(args),
-        "command": "python scripts/bench_speed.py " + " ".join(sys.argv[1:]),
+        "command": "python scripts/bench_speed.py " + " ".join(a for a in sys.argv[1:] if a != "--assemble"),
         "commit": git_commit(),
         "device": uns.get("device", "unknown"),
         "date": datetime.date.today().isoformat(),
@@ -568,6 +577,9 @@ def main() -> None:
     ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
     ap.add_argument("--eager-too", action="store_true",
                     help="also time the sparse step without CUDA graphs (SPARSE_UNSLOTH_CUDA_GRAPHS=0)")
+    ap.add_argument("--assemble", action="store_true",
+                    help="write the result file from the bench_{peft,unsloth}.json already in --out "
+                         "(what a device call brought back) instead of running the children")
     ap.add_argument("--stage", choices=["driver", "peft", "unsloth"], default="driver")
     ap.add_argument("--child-out", default=None)
     args = ap.parse_args()
