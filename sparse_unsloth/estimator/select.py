@@ -26,6 +26,11 @@ def _low_rank(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> to
     return (x.to(w1.dtype) @ w1) @ w2
 
 
+def _column_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each column over the rows, accumulated in at least float32 (no copy of ``t``)."""
+    return torch.linalg.vector_norm(t, dim=0, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
@@ -36,8 +41,7 @@ def ffn_channels(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor],
 
     Rows are tokens, or per-sequence means of the tokens (the config's ``ffn_seq_average``).
     """
-    act = (F.silu(_low_rank(x, gate)) * _low_rank(x, up)).float()
-    return _top(act.norm(dim=0), keep)
+    return _top(_column_norms(F.silu(_low_rank(x, gate)) * _low_rank(x, up)), keep)
 
 
 def _group_dims(kv_idx_per_head: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -62,8 +66,8 @@ def qk_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor],
     KV dim ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``.
     """
     rep = num_heads // num_kv_heads
-    q_norm = _low_rank(x, q).float().norm(dim=0).view(num_kv_heads, rep, head_dim).sum(1)
-    k_norm = _low_rank(x, k).float().norm(dim=0).view(num_kv_heads, head_dim)
+    q_norm = _column_norms(_low_rank(x, q)).view(num_kv_heads, rep, head_dim).sum(1)
+    k_norm = _column_norms(_low_rank(x, k)).view(num_kv_heads, head_dim)
     k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
     return kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx
 
@@ -72,6 +76,6 @@ def vo_channels(x: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor], num_heads
                 num_kv_heads: int, head_dim: int, keep_per_head: int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_idx, o_idx): V output dims with the largest ``||v||``; O inputs that read them."""
-    v_norm = _low_rank(x, v).float().norm(dim=0).view(num_kv_heads, head_dim)
+    v_norm = _column_norms(_low_rank(x, v)).view(num_kv_heads, head_dim)
     v_idx = _group_dims(_top(v_norm, keep_per_head), head_dim)
     return v_idx, kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim)

@@ -42,7 +42,8 @@ def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
 
 
 def _tensor_shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.dtype, t.stride(), t.device
+    # No strides: inputs are copied into contiguous buffers, whatever their layout.
+    return tuple(t.shape), t.dtype, t.device
 
 
 def _shape_key(value: Any) -> Any:
@@ -61,11 +62,31 @@ def _identity_key(value: Any) -> Any:
     return key if key is not None else value
 
 
-class _Slot:
-    """The input and output buffers shared by every graph of one function over one shape."""
+def _ordinals(tensors: Sequence[torch.Tensor | None]) -> list[tuple | None]:
+    """Each tensor's (shape, n): the n-th of its shape in ``tensors`` (a scratch buffer's name)."""
+    seen: collections.Counter[tuple] = collections.Counter()
+    names: list[tuple | None] = []
+    for t in tensors:
+        if t is None:
+            names.append(None)
+            continue
+        sig = _tensor_shape(t)
+        names.append((sig, seen[sig]))
+        seen[sig] += 1
+    return names
 
-    def __init__(self, inputs: Inputs, adopt: Sequence[int]) -> None:
-        self.inputs = [t if i in adopt or t is None else torch.empty_like(t) for i, t in enumerate(inputs)]
+
+class _Slot:
+    """The buffers every graph of one function over one shape reads and writes.
+
+    Inputs and outputs that live only for one call (copied in before the replay, copied out
+    right after it) are scratch tensors of the runner, shared by every slot; adopted inputs
+    and shared outputs are the slot's own.
+    """
+
+    def __init__(self, inputs: Inputs, adopt: Sequence[int], scratch: Callable[[tuple], torch.Tensor]) -> None:
+        self.inputs = [t if t is None or i in adopt else scratch(("in", *name))
+                       for i, (t, name) in enumerate(zip(inputs, _ordinals(inputs)))]
         self.adopted = [t for i, t in enumerate(self.inputs) if i in adopt and t is not None]
         self.outputs: Outputs | None = None
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
@@ -102,22 +123,23 @@ class GraphRunner:
         self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
         self._writes: collections.Counter[int] = collections.Counter()
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
                  adopt: Sequence[int] = ()) -> Outputs:
         slot_key = (fn, tuple(None if t is None else _tensor_shape(t) for t in inputs),
-                    tuple(_shape_key(c) for c in consts), tuple(adopt), torch.is_autocast_enabled("cuda"),
-                    torch.get_autocast_dtype("cuda"))
+                    tuple(_shape_key(c) for c in consts), tuple(share), tuple(adopt),
+                    torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graph_key = tuple(_identity_key(c) for c in consts)
         slot = self._slots.get(slot_key)
         if slot is None:
-            slot = self._slots[slot_key] = _Slot(inputs, adopt)
+            slot = self._slots[slot_key] = _Slot(inputs, adopt, self._buffer)
         self._wrote(slot.load(inputs))
         graph = slot.graphs.get(graph_key)
         if graph is None:
             device = next(t.device for t in inputs if t is not None)
             with torch.cuda.device(device):     # a model split over GPUs: capture on the layer's own
-                graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts)
+                graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share)
             self._lru[slot_key, graph_key] = None
             self._evict()
         else:
@@ -135,8 +157,15 @@ class GraphRunner:
         for b in bufs:
             self._writes[b.data_ptr()] += 1
 
+    def _buffer(self, name: tuple) -> torch.Tensor:
+        """The scratch tensor ``name`` = (role, (shape, dtype, device), n)."""
+        if name not in self._scratch:
+            shape, dtype, device = name[1]
+            self._scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+        return self._scratch[name]
+
     def _capture(self, slot: _Slot, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
-                 ) -> torch.cuda.CUDAGraph:
+                 share: Sequence[int]) -> torch.cuda.CUDAGraph:
         current = torch.cuda.current_stream()
         if current.device not in self._streams:
             self._streams[current.device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
@@ -149,7 +178,10 @@ class GraphRunner:
             outs = fn(*warm, *consts)
         current.wait_stream(stream)
         if slot.outputs is None:                     # on the stream that will read them
-            slot.outputs = tuple(None if o is None else torch.empty_like(o) for o in outs)
+            slot.outputs = tuple(None if o is None else torch.empty(o.shape, dtype=o.dtype, device=o.device)
+                                 if i in share
+                                 else self._buffer(("out", *name))
+                                 for i, (o, name) in enumerate(zip(outs, _ordinals(outs))))
         del outs, warm
         self._wrote(slot.load(inputs))
         stream.wait_stream(current)

@@ -60,6 +60,12 @@ class TokenSplit:
         return torch.cat([self.dense_idx, self.dense_idx[:1].expand(extra)]) if extra else self.dense_idx
 
 
+def rows(hidden: torch.Tensor) -> torch.Tensor:
+    """``[..., hidden]`` as ``[tokens, hidden]`` (the layout the fused functions see too, so that a
+    CUDA graph's input buffer serves both)."""
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
 def sequence_means(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
     """Mean hidden state of each sequence's voting tokens (``votes`` [sequences, tokens]); zero
     for a sequence without any.
@@ -76,8 +82,7 @@ def sequence_means(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
 def voting_rows(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
     """``hidden`` as rows, zero where the token does not vote: the same L2 scores as gathering the
     voting rows, in a shape that does not depend on the batch's labels."""
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    return rows.masked_fill(~votes.reshape(-1, 1), 0)
+    return rows(hidden).masked_fill(~votes.reshape(-1, 1), 0)
 
 
 def choose_mlp(hidden, votes, gate_1, gate_2, up_1, up_2, keep, seq_average, outs=None):
@@ -363,7 +368,7 @@ class LayerSparsity:
             f = state.factors_like(hidden)
             gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
             keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
-            (idx,) = state.runner(hidden)(choose_mlp, (hidden, split.sparse_mask),
+            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.sparse_mask),
                                           (*gate, *up, keep, state.config.ffn_seq_average))
             return MLPChoice(idx)
 
@@ -380,7 +385,7 @@ class LayerSparsity:
         def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
             f = state.factors_like(hidden)
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
-            idx = state.runner(hidden)(choose_attn, (hidden, split.sparse_mask),
+            idx = state.runner(hidden)(choose_attn, (rows(hidden), split.sparse_mask),
                                        (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim,
                                         self.attn_kept()))
             return AttnChoice(*idx)
