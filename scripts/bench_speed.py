@@ -572,7 +572,7 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["random", "svd"], default="random",
                     help="random-valued factors of the right shapes (same cost), or the SVD build")
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
-    ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break", "traced"], default="eager-block",
+    ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break"], default="eager-block",
                     help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
     ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
     ap.add_argument("--eager-too", action="store_true",

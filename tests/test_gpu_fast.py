@@ -187,7 +187,7 @@ def _step(model, ids, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("mode", ["eager-block", "graph-break", "traced"])
+@pytest.mark.parametrize("mode", ["eager-block", "graph-break"])
 def test_inactive_is_bit_identical_and_active_is_sparse(tiny_dir, mode, monkeypatch):
     import sparse_unsloth as su
     from sparse_unsloth.patch import unsloth_fast
@@ -351,7 +351,7 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, monkeypatc
     eager_loss, eager_grads = _step(model, ids, labels)
     assert state._graphs.captures == 0
     monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
-    for _ in range(2):                                   # capture, then replay
+    for _ in range(3):                                   # eager (first sighting), capture, replay
         loss, grads = _step(model, ids, labels)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         for name, g in eager_grads.items():

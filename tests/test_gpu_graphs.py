@@ -1,9 +1,10 @@
-"""CUDA-graph replay of the sparse work (ops/graphs.py) against running it eagerly.
+"""CUDA-graph replay of the sparse work (ops/graphs.py) against running it eagerly, on a GPU
+(the runner's bookkeeping alone: tests/test_graphs_cpu.py).
 
 A replayed graph runs the kernels that the eager call launches, so results must agree to
-the bit for plain functions, and to GEMM rounding for the fused Functions (cuBLAS may pick
-another kernel on the capture stream). Through Unsloth: a training step with graphs gives the
-gradients of the same step without them (tests/test_gpu_fast.py).
+the bit for plain functions, and to GEMM rounding for the fused Functions (their token rows
+are padded to a bucket, and cuBLAS may pick other kernels). Through Unsloth: a training step
+with graphs gives the gradients of the same step without them (tests/test_gpu_fast.py).
 """
 
 import pytest
@@ -30,7 +31,7 @@ def _scaled_product(x, rows, w, s, outs=None):
 def test_replay_equals_eager_reads_parameters_fresh_and_returns_fresh_tensors():
     gen = torch.Generator(device=DEV).manual_seed(0)
     w1, w2 = (torch.randn(64, 48, device=DEV, generator=gen) for _ in range(2))
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
 
     def both(x, rows, w, s):
         got = runner(_scaled_product, (x, rows), (w, s))
@@ -60,23 +61,12 @@ def _doubled_in_place(x, w, outs=None):
 def test_a_function_overwriting_its_inputs_sees_them_fresh_at_every_call():
     gen = torch.Generator(device=DEV).manual_seed(2)
     w = torch.randn(16, 8, device=DEV, generator=gen)
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
     for _ in range(3):                       # capture (after an eager warm-up), replay, replay
         x = torch.randn(4, 16, device=DEV, generator=gen)
         want = (2 * x) @ w
         (got,) = runner(_doubled_in_place, (x,), (w,))
         assert torch.equal(got, want)
-
-
-def test_least_recently_used_graphs_are_dropped():
-    gen = torch.Generator(device=DEV).manual_seed(1)
-    ws = [torch.randn(32, 32, device=DEV, generator=gen) for _ in range(3)]
-    runner = GraphRunner(max_graphs=2)
-    x, rows = torch.randn(5, 32, device=DEV, generator=gen), torch.tensor([1], device=DEV)
-    for w in (*ws, ws[2], ws[0]):
-        got = runner(_scaled_product, (x, rows), (w, 1.0))
-        assert torch.equal(got[0], x @ w)
-    assert len(runner) == 2 and runner.captures == 4
 
 
 def _times(x, w, outs=None):
@@ -86,7 +76,7 @@ def _times(x, w, outs=None):
 def test_shared_results_are_the_buffers_and_adopted_inputs_are_read_in_place():
     gen = torch.Generator(device=DEV).manual_seed(3)
     w = torch.randn(16, 16, device=DEV, generator=gen)
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
     x = torch.randn(8, 16, device=DEV, generator=gen)
     (y,) = runner(_times, (x,), (w,), share=(0,))
     (y_again,) = runner(_times, (2 * x,), (w,), share=(0,))
@@ -108,7 +98,7 @@ def test_two_layers_recomputed_before_their_backwards_is_an_error():
     gen = torch.Generator(device=DEV).manual_seed(6)
     layers = [[_proj(gen, 300, 128), _proj(gen, 300, 128), _proj(gen, 128, 300)] for _ in range(2)]
     idx, dense_idx = _choose(gen, 300, 16), _choose(gen, 64, 8)
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
 
     def two_layers(x):
         for gate, up, down in layers:
@@ -140,8 +130,10 @@ def _padded(idx, extra):
 
 
 def _close(got, want, label):
+    # The graphs pad the token rows to a bucket (602 -> 640 here): cuBLAS may pick other kernels
+    # and sum in another order, a bf16 rounding difference; a wrong replay is off by O(1).
     for i, (g, w) in enumerate(zip(got, want)):
-        assert torch.equal(g, w) or _rel(g, w) < 1e-5, f"{label}[{i}]: rel {_rel(g, w):.2e}"
+        assert torch.equal(g, w) or _rel(g, w) < 5e-3, f"{label}[{i}]: rel {_rel(g, w):.2e}"
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "nf4"])
@@ -162,7 +154,7 @@ def test_fused_mlp_graphed_equals_eager(quantized):
             p = p._replace(weight=Dequantize(packed))
         projs.append(p)
     idx, dense_idx = _choose(gen, inter, 29), _padded(_choose(gen, n, 77), 51)
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
     loras = [t for p in projs for t in (p.lora_a, p.lora_b)]
     results = []
     for run in (run_eager, runner, runner):          # the second graphed call replays
@@ -191,7 +183,7 @@ def test_fused_attention_graphed_equals_eager():
     q_idx = kv_to_q_channels(kv_idx, heads, kv_heads, head_dim)
     dense_idx = _padded(_choose(gen, n, 90), 38)
     params = [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)] + [p.bias for p in (q, k, v)]
-    runner = GraphRunner()
+    runner = GraphRunner(capture_at=1)
     results = []
     for run in (run_eager, runner, runner):
         g2 = torch.Generator(device=DEV).manual_seed(5)

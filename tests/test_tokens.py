@@ -57,7 +57,7 @@ def test_sequence_means_average_each_rows_context_tokens():
     # row 0: tokens 0-1 are context (2 predicts the label at 3); row 1: token 0 only;
     # row 2: every token is an output token, so its row is zero (it scores no channel)
     expected = torch.stack([hidden[0, :2].mean(0), hidden[1, :1].mean(0), torch.zeros(2, dtype=torch.float64)])
-    torch.testing.assert_close(sequence_means(hidden, split.sparse_mask), expected)
+    torch.testing.assert_close(sequence_means(hidden.reshape(-1, 2), split.sequence_matrix(torch.float64)), expected)
 
 
 @pytest.mark.parametrize("dense_per_row", [0, 1, 7, DENSE_ROWS_STEP // 2])
@@ -86,20 +86,23 @@ def test_static_shape_choice_equals_the_gathered_rows():
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, :3] = 0                                  # left padding never votes
     split = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask)
-    hidden = torch.randn(3, 10, 12, dtype=torch.float64, generator=gen)
-    rows = hidden.reshape(-1, 12)[split.sparse_idx]
-    torch.testing.assert_close(voting_rows(hidden, split.sparse_mask)[split.sparse_idx], rows)
+    hidden = torch.randn(3, 10, 12, dtype=torch.float64, generator=gen).reshape(-1, 12)
+    rows = hidden[split.sparse_idx]
+    torch.testing.assert_close(voting_rows(hidden, split.vote_rows)[split.sparse_idx], rows)
 
     def factors(out):
         return (torch.randn(12, 4, dtype=torch.float64, generator=gen),
                 torch.randn(4, out, dtype=torch.float64, generator=gen))
 
     gate, up = factors(40), factors(40)
-    (idx,) = choose_mlp(hidden, split.sparse_mask, *gate, *up, 9, False)
+    (idx,) = choose_mlp(hidden, split.vote_rows, None, *gate, *up, 9, False)
     assert torch.equal(idx, ffn_channels(rows, gate, up, 9))
+    means = torch.stack([hidden[split.sparse_idx[split.sparse_idx // 10 == b]].mean(0) for b in range(3)])
+    (idx,) = choose_mlp(hidden, split.vote_rows, split.sequence_matrix(torch.float64), *gate, *up, 9, True)
+    assert torch.equal(idx, ffn_channels(means, gate, up, 9))
     heads, kv_heads, head_dim = 4, 2, 5
     q, k, v = factors(heads * head_dim), factors(kv_heads * head_dim), factors(kv_heads * head_dim)
-    got = choose_attn(hidden, split.sparse_mask, *q, *k, *v, heads, kv_heads, head_dim, 2)
+    got = choose_attn(hidden, split.vote_rows, *q, *k, *v, heads, kv_heads, head_dim, 2)
     want = (*qk_channels(rows, q, k, heads, kv_heads, head_dim, 2), *vo_channels(rows, v, heads, kv_heads, head_dim, 2))
     for g, w in zip(got, want):
         assert torch.equal(g, w)

@@ -63,7 +63,7 @@ class _SparseLoRAQKV(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         consts = (q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias)
-        outs = run(_qkv_forward, (x2, q_idx, k_idx, v_idx, dense_idx), consts)
+        outs = run(_qkv_forward, (x2, q_idx, k_idx, v_idx, dense_idx), consts, rows=((0,), (0, 1, 2)))
         ctx.weights, ctx.scales, ctx.biases, ctx.run = (q_w, k_w, v_w), (q_s, k_s, v_s), (q_bias, k_bias, v_bias), run
         ctx.save_for_backward(x2, q_idx, k_idx, v_idx, dense_idx, q_a, q_b, k_a, k_b, v_a, v_b)
         ctx.in_shape = shape
@@ -76,7 +76,7 @@ class _SparseLoRAQKV(torch.autograd.Function):
         consts = [c for w, a, b, s in zip(ctx.weights, loras[0::2], loras[1::2], ctx.scales) for c in (w, a, b, s)]
         needed = tuple(bias is not None and need for bias, need in zip(ctx.biases, ctx.needs_input_grad[5::5]))
         grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, q_idx, k_idx,
-                                        v_idx, dense_idx), (*consts, needed))
+                                        v_idx, dense_idx), (*consts, needed), rows=((0, 1, 2, 3), (0,)))
         out: list = [grads[0].view(ctx.in_shape)]
         for (d_a, d_b, d_bias), bias in zip(zip(*[iter(grads[1:])] * 3), ctx.biases):
             out += [None, d_a, d_b, None, None if d_bias is None else d_bias.to(bias.dtype)]
@@ -101,7 +101,7 @@ class _SparseLoRAO(torch.autograd.Function):
     def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        (out,) = run(_o_forward, (x2, idx, dense_idx), (w, a, b, s, bias))
+        (out,) = run(_o_forward, (x2, idx, dense_idx), (w, a, b, s, bias), rows=((0,), (0,)))
         ctx.weight, ctx.scale, ctx.bias, ctx.run = w, s, bias, run
         ctx.save_for_backward(x2, idx, dense_idx, a, b)
         return out.view(*shape[:-1], out.shape[-1])
@@ -112,7 +112,7 @@ class _SparseLoRAO(torch.autograd.Function):
         x, idx, dense_idx, a, b = ctx.saved_tensors
         needed = ctx.bias is not None and ctx.needs_input_grad[5]
         dx, d_a, d_b, d_bias = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, idx, dense_idx),
-                                       (ctx.weight, a, b, ctx.scale, needed))
+                                       (ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
         d_bias = None if d_bias is None else d_bias.to(ctx.bias.dtype)
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None
 

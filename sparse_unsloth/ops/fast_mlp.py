@@ -107,7 +107,7 @@ class _SparseLoRAMLP(torch.autograd.Function):
                            and torch._C._current_graph_task_id() != -1) else ()
         out, e, g = run(_forward, (x2, idx, dense_idx),
                         (gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
-                         down_s, act_forward, keep_acts), share=share)
+                         down_s, act_forward, keep_acts), share=share, rows=((0,), (0, 1, 2)))
         ctx.act_backward, ctx.run = act_backward, run
         ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
         ctx.save_for_backward(x2, *((None, None) if share else (e, g)), idx, dense_idx, *loras)
@@ -131,7 +131,7 @@ class _SparseLoRAMLP(torch.autograd.Function):
         gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
         grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, idx, dense_idx),
                         (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
-                        adopt=(2, 3))
+                        adopt=(2, 3), rows=((0, 1, 2, 3), (0,)))
         dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = grads
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
                 d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)

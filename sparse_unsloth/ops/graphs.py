@@ -5,14 +5,19 @@ whose launch cost on the host exceeds their GPU time, so an eagerly run sparse s
 the CPU (benchmarks/NOTES.md). Captured once per shape and layer, the pass costs the host a
 few input copies, one replay and the output copies.
 
-Memory stays close to eager's: the graphs of one :class:`GraphRunner` share one memory pool
-for their temporaries, and the graphs of one *slot* (the same function over inputs and
-operands of the same shapes: the same op of every layer) share one set of input and output
-buffers. That is safe because replays run one after another on one stream, and because
-:meth:`GraphRunner.__call__` copies the outputs out before it returns, except those the caller
-asks to *share*: a checkpointed layer's activations, which its backward (the next user of the
-slot's buffers) reads in place, checking with :meth:`GraphRunner.writes` that no other replay
-wrote them in between.
+Token counts vary from batch to batch (dynamic padding, padding-free packing), so the token
+rows of a call are padded to a bucket (at most 1/8 more rows, zeros below the real ones) and
+the graphs of a bucket serve every batch that rounds to it. A caller names which inputs and
+outputs are token rows; rows are independent in everything run here except sums over rows
+(LoRA and bias gradients, channel scores), which zero rows leave unchanged.
+
+Memory stays close to eager's: all graphs share one memory pool for their temporaries, and
+every input and output buffer is a view of one growing tensor per (role, trailing shape,
+dtype), shared by every op of every layer and every bucket. That is safe because replays run
+one after another on one stream, and because :meth:`GraphRunner.__call__` copies the outputs
+out before it returns, except those the caller asks to *share*: a checkpointed layer's
+activations, which its backward (the next user of the buffers) reads in place, checking with
+:meth:`GraphRunner.writes` that no other replay wrote them in between.
 
 Functions run this way must be functions of their tensor inputs (no host sync, no
 data-dependent shapes, no Python state read per call; they may overwrite their inputs, as
@@ -32,24 +37,27 @@ import torch
 Inputs = Sequence[torch.Tensor | None]
 Outputs = tuple[torch.Tensor | None, ...]
 Runner = Callable[..., Outputs]
+Rows = tuple[Sequence[int], Sequence[int]]       # (input positions, output positions) of token rows
 
 
 def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-              adopt: Sequence[int] = ()) -> Outputs:
+              adopt: Sequence[int] = (), rows: Rows = ((), ())) -> Outputs:
     """``fn(*inputs, *consts)``: the contract of a :class:`GraphRunner`, without graphs (the
-    results are the function's own tensors, so nothing needs sharing or adopting)."""
+    results are the function's own tensors, so nothing is shared, adopted or padded)."""
     return fn(*inputs, *consts)
 
 
-def _tensor_shape(t: torch.Tensor) -> tuple:
-    # No strides: inputs are copied into contiguous buffers, whatever their layout.
-    return tuple(t.shape), t.dtype, t.device
+def bucket(n: int) -> int:
+    """``n`` token rows rounded up to a bucket: a multiple of 1/8 of the power of two below it
+    (of 64 at least), so at most 1/8 (or 63 rows) of padding and 8 buckets per doubling."""
+    step = max(64, (1 << (max(n, 1).bit_length() - 1)) // 8)
+    return -(-n // step) * step
 
 
 def _shape_key(value: Any) -> Any:
     """What a slot's buffers depend on: shapes of tensors, the value of anything else."""
     if isinstance(value, torch.Tensor):
-        return _tensor_shape(value)
+        return tuple(value.shape), value.dtype, value.device
     shape = getattr(value, "graph_shape", None)      # e.g. a 4-bit weight's dequantizer
     return shape if shape is not None else value
 
@@ -62,151 +70,239 @@ def _identity_key(value: Any) -> Any:
     return key if key is not None else value
 
 
-def _ordinals(tensors: Sequence[torch.Tensor | None]) -> list[tuple | None]:
-    """Each tensor's (shape, n): the n-th of its shape in ``tensors`` (a scratch buffer's name)."""
-    seen: collections.Counter[tuple] = collections.Counter()
-    names: list[tuple | None] = []
-    for t in tensors:
-        if t is None:
-            names.append(None)
-            continue
-        sig = _tensor_shape(t)
-        names.append((sig, seen[sig]))
-        seen[sig] += 1
-    return names
+def _padded_shape(t: torch.Tensor, n: int | None) -> tuple:
+    return ((n, *t.shape[1:]) if n is not None else tuple(t.shape)), t.dtype, t.device
 
 
 class _Slot:
-    """The buffers every graph of one function over one shape reads and writes.
+    """The buffers that every graph of one function over one shape reads and writes (views of
+    the runner's shared tensors), and those graphs by their consts."""
 
-    Inputs and outputs that live only for one call (copied in before the replay, copied out
-    right after it) are scratch tensors of the runner, shared by every slot; adopted inputs
-    and shared outputs are the slot's own.
-    """
-
-    def __init__(self, inputs: Inputs, adopt: Sequence[int], scratch: Callable[[tuple], torch.Tensor]) -> None:
-        self.inputs = [t if t is None or i in adopt else scratch(("in", *name))
-                       for i, (t, name) in enumerate(zip(inputs, _ordinals(inputs)))]
-        self.adopted = [t for i, t in enumerate(self.inputs) if i in adopt and t is not None]
+    def __init__(self, inputs: list[torch.Tensor | None], adopted: list[bool], row_inputs: Sequence[int],
+                 n: int) -> None:
+        self.inputs = inputs
+        self.adopted = adopted              # per input: the buffer is another slot's shared result
+        self.row_inputs = row_inputs
+        self.n = n                          # the bucket: rows of every row buffer
         self.outputs: Outputs | None = None
-        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[Any, Any] = {}
 
-    def load(self, inputs: Inputs) -> list[torch.Tensor]:
-        """Copy ``inputs`` into the buffers (not those passed in as the buffer itself); the
-        adopted buffers written."""
+    def load(self, inputs: Inputs, n: int) -> list[torch.Tensor]:
+        """Copy the first ``n`` rows of the row inputs (zeros below) and the other inputs into the
+        buffers, skipping an input passed in as its buffer itself; returns the adopted buffers
+        written."""
         written = []
-        for buf, t in zip(self.inputs, inputs):
-            if buf is not None and buf is not t:
+        for i, (buf, t) in enumerate(zip(self.inputs, inputs)):
+            if buf is None or buf is t:
+                continue
+            if i in self.row_inputs and t.shape[0] != self.n:
+                buf[:t.shape[0]].copy_(t)
+                buf[t.shape[0]:].zero_()
+            else:
                 buf.copy_(t)
+            if self.adopted[i]:
                 written.append(buf)
-        return [b for b in written if any(b is a for a in self.adopted)]
+        return written
+
+
+class _Recorded:
+    """A body recorded as a CUDA graph (replayed on the current stream)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+        self.replay = graph.replay
 
 
 class GraphRunner:
     """``runner(fn, inputs, consts)`` computes ``fn(*inputs, *consts)`` by replaying a CUDA graph.
 
-    A graph is captured the first time a (function, shapes, consts) combination is seen, after
-    one eager warm-up run (Triton compiles, cuBLAS workspaces); at most ``max_graphs`` are kept,
-    the least recently used dropped first. ``captures`` counts the captures made.
+    A (function, shapes, consts) combination runs eagerly the first ``capture_at - 1`` times it
+    is seen (a batch shape that never comes back costs no capture), then is captured after one
+    eager warm-up (Triton compiles, cuBLAS workspaces) and replayed. ``rows`` names the token-row
+    inputs and outputs: those are padded to :func:`bucket` rows (and the outputs cut back). The
+    graphs of at most ``max_buckets`` buckets are kept, the least recently used dropped first.
+    ``captures`` counts the captures made.
 
     While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
     straight into them (returning them); anything else it returns is copied in. The results
-    come back as fresh tensors, except the positions in ``share``: those are the slot's buffers,
-    valid until the slot's next replay. ``adopt``: input positions whose first tensor becomes
-    the slot's buffer itself (a shared result of another slot, read without a copy).
+    come back as fresh tensors, except the positions in ``share``: those are the buffers
+    themselves (all bucket rows), valid until another replay writes them. ``adopt``: input
+    positions that take such a shared result and read it in place.
     """
 
-    def __init__(self, max_graphs: int = 4096) -> None:
-        self.max_graphs = max_graphs
+    def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
+        self.capture_at = capture_at
+        self.max_buckets = max_buckets
         self.captures = 0
         self._slots: dict[Any, _Slot] = {}
-        self._lru: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self._buckets: collections.OrderedDict[int, list] = collections.OrderedDict()   # rows -> slot keys
+        self._seen: collections.Counter[tuple] = collections.Counter()
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
         self._writes: collections.Counter[int] = collections.Counter()
-        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._store: dict[tuple, torch.Tensor] = {}     # every buffer is the first rows of one of these
+        self._regrown = False
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-                 adopt: Sequence[int] = ()) -> Outputs:
-        slot_key = (fn, tuple(None if t is None else _tensor_shape(t) for t in inputs),
-                    tuple(_shape_key(c) for c in consts), tuple(share), tuple(adopt),
+                 adopt: Sequence[int] = (), rows: Rows = ((), ())) -> Outputs:
+        row_in, row_out = rows
+        real = inputs[row_in[0]].shape[0] if row_in else None
+        n = bucket(real) if row_in else None
+        slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
+                              for i, t in enumerate(inputs)),
+                    tuple(_shape_key(c) for c in consts), tuple(share), tuple(adopt), tuple(row_in), tuple(row_out),
                     torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graph_key = tuple(_identity_key(c) for c in consts)
         slot = self._slots.get(slot_key)
-        if slot is None:
-            slot = self._slots[slot_key] = _Slot(inputs, adopt, self._buffer)
-        self._wrote(slot.load(inputs))
-        graph = slot.graphs.get(graph_key)
+        graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
-            device = next(t.device for t in inputs if t is not None)
-            with torch.cuda.device(device):     # a model split over GPUs: capture on the layer's own
-                graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share)
-            self._lru[slot_key, graph_key] = None
-            self._evict()
+            self._seen[slot_key, graph_key] += 1
+            if self._seen[slot_key, graph_key] < self.capture_at:
+                # A shared result may come padded from a captured pass: its real rows only.
+                return fn(*(t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)), *consts)
+            if slot is None:
+                slot = self._slots[slot_key] = self._slot(inputs, adopt, row_in, n or 0)
+                self._buckets.setdefault(n or 0, []).append(slot_key)
+            self._wrote(slot.load(inputs, n))
+            graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share, row_out)
+            self.captures += 1
         else:
-            self._lru.move_to_end((slot_key, graph_key))
+            self._wrote(slot.load(inputs, n))
+        self._buckets.move_to_end(n or 0)
         graph.replay()
+        if self._regrown:
+            self._prune()
         # The function may have written over its inputs (Unsloth's SwiGLU backward does).
-        self._wrote([*slot.adopted, *(o for o in slot.outputs if o is not None)])
-        return tuple(o if o is None or i in share else o.clone() for i, o in enumerate(slot.outputs))
+        self._wrote([b for b, a in zip(slot.inputs, slot.adopted) if a]
+                    + [o for o in slot.outputs if o is not None])
+        out = tuple(None if o is None else o if i in share else (o[:real] if i in row_out else o).clone()
+                    for i, o in enumerate(slot.outputs))
+        self._evict()
+        return out
 
     def writes(self, t: torch.Tensor) -> int:
-        """How many times a replay wrote the buffer ``t`` (to check that a shared result is intact)."""
+        """How many times the runner wrote the buffer ``t`` (to check that a shared result is intact)."""
         return self._writes[t.data_ptr()]
 
     def _wrote(self, bufs: Sequence[torch.Tensor]) -> None:
         for b in bufs:
             self._writes[b.data_ptr()] += 1
 
-    def _buffer(self, name: tuple) -> torch.Tensor:
-        """The scratch tensor ``name`` = (role, (shape, dtype, device), n)."""
-        if name not in self._scratch:
-            shape, dtype, device = name[1]
-            self._scratch[name] = torch.empty(shape, dtype=dtype, device=device)
-        return self._scratch[name]
+    def _slot(self, inputs: Inputs, adopt: Sequence[int], row_in: Sequence[int], n: int) -> _Slot:
+        bufs, adopted = [], []
+        taken: collections.Counter[tuple] = collections.Counter()
+        for i, t in enumerate(inputs):
+            rows_of = n if i in row_in else None
+            if t is not None and i in adopt and (rows_of is None or t.shape[0] == rows_of):
+                bufs.append(t)                    # a shared result of another slot, already padded
+                adopted.append(True)
+                continue
+            adopted.append(i in adopt and t is not None)
+            bufs.append(None if t is None else
+                        self._buffer("shared-in" if i in adopt else "in", i, _padded_shape(t, rows_of), taken,
+                                     rows_of is not None))
+        return _Slot(bufs, adopted, row_in, n)
+
+    def _buffer(self, role: str, position: int, sig: tuple, taken: collections.Counter, token_rows: bool,
+                ) -> torch.Tensor:
+        """A buffer of shape/dtype/device ``sig`` that every slot shares: for token rows, the first
+        rows of one tensor per (role, trailing shape, dtype, device, n-th such buffer of the call),
+        so that every bucket shares it too; else one tensor of exactly that shape.
+
+        Shared results and their adoptions are named by position instead, so that a slot's
+        shared output is the same tensor whichever op of whichever layer wrote it last. A bucket
+        with more rows than the tensor has replaces it; the graphs that read the old one are
+        dropped at the end of the call (a few times early on, as the largest batch grows).
+        """
+        shape, dtype, device = sig
+        family = (role, tuple(shape[1:]) if token_rows else tuple(shape), dtype, device)
+        key = (*family, position) if role.startswith("shared") else (*family, taken[family])
+        taken[family] += 1
+        old = self._store.get(key)
+        if old is None or old.shape[0] < shape[0]:
+            self._store[key] = torch.empty(shape, dtype=dtype, device=device)
+            self._regrown |= old is not None
+        store = self._store[key]
+        return store[:shape[0]] if token_rows else store
 
     def _capture(self, slot: _Slot, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
-                 share: Sequence[int]) -> torch.cuda.CUDAGraph:
-        current = torch.cuda.current_stream()
-        if current.device not in self._streams:
-            self._streams[current.device] = (torch.cuda.Stream(), torch.cuda.graph_pool_handle())
-        stream, pool = self._streams[current.device]
+                 share: Sequence[int], row_out: Sequence[int]):
         # Warm-up, eager: lazy initialisations happen here. It may write over its inputs: the
         # adopted ones (another slot's results, still needed) go in as copies.
-        warm = [t.clone() if any(t is a for a in slot.adopted) else t for t in slot.inputs]
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream), torch.no_grad():
-            outs = fn(*warm, *consts)
-        current.wait_stream(stream)
-        if slot.outputs is None:                     # on the stream that will read them
-            slot.outputs = tuple(None if o is None else torch.empty(o.shape, dtype=o.dtype, device=o.device)
-                                 if i in share
-                                 else self._buffer(("out", *name))
-                                 for i, (o, name) in enumerate(zip(outs, _ordinals(outs))))
+        warm = [t.clone() if a else t for t, a in zip(slot.inputs, slot.adopted)]
+        device = next(t.device for t in inputs if t is not None)
+        outs = self._warm_up(fn, warm, consts, device)
+        if slot.outputs is None:
+            taken: collections.Counter[tuple] = collections.Counter()
+            slot.outputs = tuple(None if o is None else
+                                 self._buffer("shared-out" if i in share else "out", i, _padded_shape(o, None), taken,
+                                              i in row_out)
+                                 for i, o in enumerate(outs))
         del outs, warm
-        self._wrote(slot.load(inputs))
-        stream.wait_stream(current)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream), torch.no_grad():
-            # The low-level capture calls: torch.cuda.graph() would also empty the allocator's
-            # cache and run the garbage collector at every capture.
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts, outs=slot.outputs)):
-                    if buf is not None and out.data_ptr() != buf.data_ptr():
-                        buf.copy_(out)
-            finally:
-                graph.capture_end()
-        current.wait_stream(stream)
-        self.captures += 1
-        return graph
+        self._wrote(slot.load(inputs, slot.n))
+
+        def body() -> None:
+            for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts, outs=slot.outputs)):
+                if buf is not None and out.data_ptr() != buf.data_ptr():
+                    buf.copy_(out)
+
+        return self._record(body, device)
+
+    # The two CUDA-specific steps (a CPU test replaces them to check the bookkeeping in CI).
+    def _warm_up(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
+                 device: torch.device) -> Outputs:
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream()
+            stream = self._stream(current.device)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream), torch.no_grad():
+                outs = fn(*inputs, *consts)
+            current.wait_stream(stream)      # the outputs' buffers are made on the stream that reads them
+        return outs
+
+    def _record(self, body: Callable[[], None], device: torch.device) -> _Recorded:
+        with torch.cuda.device(device):      # a model split over GPUs: capture on the layer's own
+            current = torch.cuda.current_stream()
+            stream = self._stream(current.device)
+            stream.wait_stream(current)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), torch.no_grad():
+                # The low-level capture calls: torch.cuda.graph() would also empty the allocator's
+                # cache and run the garbage collector at every capture.
+                graph.capture_begin(pool=self._streams[current.device][1], capture_error_mode="thread_local")
+                try:
+                    body()
+                finally:
+                    graph.capture_end()
+            current.wait_stream(stream)
+        return _Recorded(graph)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.graph_pool_handle())
+        return self._streams[device][0]
 
     def _evict(self) -> None:
-        while len(self._lru) > self.max_graphs:
-            slot_key, graph_key = self._lru.popitem(last=False)[0]
-            slot = self._slots[slot_key]
-            del slot.graphs[graph_key]
-            if not slot.graphs:
-                del self._slots[slot_key]
+        if len(self._buckets) > self.max_buckets:
+            self._drop(list(self._buckets)[:len(self._buckets) - self.max_buckets])
+
+    def _prune(self) -> None:
+        """Drop the slots whose buffers are views of replaced (smaller) tensors."""
+        live = {id(t) for t in self._store.values()}
+        for n, keys in list(self._buckets.items()):
+            for key in list(keys):
+                slot = self._slots[key]
+                if any(b is not None and b._base is not None and id(b._base) not in live
+                       for b in (*slot.inputs, *slot.outputs)):
+                    del self._slots[key]
+                    keys.remove(key)
+            if not keys:
+                del self._buckets[n]
+        self._regrown = False
+
+    def _drop(self, buckets: Sequence[int]) -> None:
+        for n in buckets:
+            for key in self._buckets.pop(n):
+                del self._slots[key]
+        self._seen.clear()
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return sum(len(slot.graphs) for slot in self._slots.values())

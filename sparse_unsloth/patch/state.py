@@ -41,11 +41,30 @@ class TokenSplit:
     dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
     sparse_idx: torch.Tensor     # context rows that are real tokens: the estimator scores them
     sparse_mask: torch.Tensor    # [sequences, tokens]: True at those rows
+    _sequence_matrices: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens: every one is dense or votes, and padding is neither."""
         return self.dense_idx.numel() + self.sparse_idx.numel()
+
+    @functools.cached_property
+    def vote_rows(self) -> torch.Tensor:
+        """[tokens]: True at the rows that vote."""
+        return self.sparse_mask.reshape(-1)
+
+    def sequence_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, sequences]: 1 where the token votes and belongs to the sequence, in ``dtype``.
+
+        One GEMM with it averages each sequence's voting tokens, with no reshape that would tie
+        the token count to [sequences, length] (CUDA graphs pad the token rows).
+        """
+        if dtype not in self._sequence_matrices:
+            b, s = self.sparse_mask.shape
+            seq = torch.arange(b * s, device=self.sparse_mask.device) // s
+            self._sequence_matrices[dtype] = (torch.nn.functional.one_hot(seq, b).to(dtype)
+                                              * self.vote_rows.unsqueeze(1).to(dtype))
+        return self._sequence_matrices[dtype]
 
     @functools.cached_property
     def dense_rows(self) -> torch.Tensor | None:
@@ -66,29 +85,32 @@ def rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def sequence_means(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-    """Mean hidden state of each sequence's voting tokens (``votes`` [sequences, tokens]); zero
-    for a sequence without any.
+def sequence_means(hidden: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Mean hidden state of each sequence's voting tokens; zero for a sequence without any.
 
-    A zero row scores no channel (silu(0) * 0 = 0 under an L2 norm over rows), so it needs no
-    filtering, and filtering would make the host wait for the GPU in every sparse MLP. A
-    padding-free batch arrives as one flattened row, so its packed sequences share one mean.
+    ``sequences`` [tokens, sequences]: 1 where the token votes and belongs to the sequence (see
+    :meth:`TokenSplit.sequence_matrix`). A zero row scores no channel (silu(0) * 0 = 0 under an
+    L2 norm over rows), so it needs no filtering, and filtering would make the host wait for the
+    GPU in every sparse MLP. A padding-free batch arrives as one flattened row, so its packed
+    sequences share one mean.
     """
-    mask = votes.to(hidden.dtype).unsqueeze(-1)
-    x = hidden.reshape(*votes.shape, hidden.shape[-1])
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (sequences.t() @ hidden) / sequences.sum(0).clamp(min=1).unsqueeze(1)
 
 
 def voting_rows(hidden: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-    """``hidden`` as rows, zero where the token does not vote: the same L2 scores as gathering the
-    voting rows, in a shape that does not depend on the batch's labels."""
-    return rows(hidden).masked_fill(~votes.reshape(-1, 1), 0)
+    """``hidden`` [tokens, hidden] zero where the token does not vote (``votes`` [tokens]): the
+    same L2 scores as gathering the voting rows, in a shape that does not depend on the labels."""
+    return hidden.masked_fill(~votes.unsqueeze(1), 0)
 
 
-def choose_mlp(hidden, votes, gate_1, gate_2, up_1, up_2, keep, seq_average, outs=None):
+def choose_mlp(hidden, votes, sequences, gate_1, gate_2, up_1, up_2, keep, seq_average, outs=None):
     """(kept intermediate channels,) of one MLP for one batch: a function of its tensors alone, so
-    it can run as a CUDA graph (``outs``: that graph's buffers, too small to matter here)."""
-    x = sequence_means(hidden, votes) if seq_average else voting_rows(hidden, votes)
+    it can run as a CUDA graph (``outs``: that graph's buffers, too small to matter here).
+
+    ``hidden`` [tokens, hidden]; ``votes`` [tokens]; ``sequences``: see :func:`sequence_means`
+    (None unless ``seq_average``).
+    """
+    x = sequence_means(hidden, sequences) if seq_average else voting_rows(hidden, votes)
     return (ffn_channels(x, (gate_1, gate_2), (up_1, up_2), keep),)
 
 
@@ -277,8 +299,8 @@ class SparseState:
 
     def runner(self, t: torch.Tensor) -> Runner:
         """How the sparse work on ``t``'s device runs: replayed CUDA graphs on a GPU, eagerly
-        on the CPU and while torch.compile traces it."""
-        if t.is_cuda and CUDA_GRAPHS and not torch.compiler.is_compiling():
+        on the CPU."""
+        if t.is_cuda and CUDA_GRAPHS:
             return self._graphs
         return run_eager
 
@@ -368,8 +390,10 @@ class LayerSparsity:
             f = state.factors_like(hidden)
             gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
             keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
-            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.sparse_mask),
-                                          (*gate, *up, keep, state.config.ffn_seq_average))
+            average = state.config.ffn_seq_average
+            sequences = split.sequence_matrix(hidden.dtype) if average else None
+            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
+                                          (*gate, *up, keep, average), rows=((0, 1, 2), ()))
             return MLPChoice(idx)
 
         return self._cached("mlp", hidden, choose, record)
@@ -385,9 +409,9 @@ class LayerSparsity:
         def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
             f = state.factors_like(hidden)
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
-            idx = state.runner(hidden)(choose_attn, (rows(hidden), split.sparse_mask),
+            idx = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
                                        (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim,
-                                        self.attn_kept()))
+                                        self.attn_kept()), rows=((0, 1), ()))
             return AttnChoice(*idx)
 
         return self._cached("attn", hidden, choose, record)

@@ -8,13 +8,13 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-The channel choice (the estimator with its Python-side per-batch cache) always runs outside
-any graph (``torch.compiler.disable``). ``MODE`` (env ``SPARSE_UNSLOTH_MODE``) says how the
-rest of a sparse layer runs while sparse: Unsloth's stock eager layer forward (default), its
-compiled block broken around our functions, or our Functions traced into that block. The sparse
-functions are module-level functions bound to each module, so every layer shares one function
-object (no per-layer recompiles). A projection without an active plain LoRA adapter
-(adapters disabled or merged) falls back to the original for that call.
+Our sparse functions (with the channel choice and its Python-side per-batch cache) always run
+outside torch.compile (``torch.compiler.disable``), their GPU work as replayed CUDA graphs
+(``ops/graphs.py``). ``MODE`` (env ``SPARSE_UNSLOTH_MODE``) says how the rest of a sparse layer
+runs while sparse: Unsloth's stock eager layer forward (default), or its compiled block broken
+around our functions. The sparse functions are module-level functions bound to each module, so
+every layer shares one function object (no per-layer recompiles). A projection without an
+active plain LoRA adapter (adapters disabled or merged) falls back to the original for that call.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ _MISSING = _Missing()
 #   "eager-block": the layer leaves Unsloth's compiled region (its stock eager forward) and runs
 #                  our Functions eagerly: no graph fragments, no recompiles.
 #   "graph-break": the compiled region breaks around our eagerly run sparse functions.
-#   "traced":      Dynamo traces our Functions into the compiled region (a break at the estimator).
-MODES = ("eager-block", "graph-break", "traced")
+# (Tracing our Functions into the compiled region lost to both, and cannot replay CUDA graphs.)
+MODES = ("eager-block", "graph-break")
 MODE = os.environ.get("SPARSE_UNSLOTH_MODE", "eager-block")
 _BLOCK_MODE = "_unsloth_block_mode"     # Unsloth's per-layer compile switch (_block_compile.py)
 
@@ -151,12 +151,11 @@ def _unsloth_swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor)
 
 
 def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
-    """Unsloth's SwiGLU Triton kernels in eager CUDA (2-D adapters), the torch ones elsewhere.
+    """Unsloth's SwiGLU Triton kernels on CUDA (2-D adapters), the torch ones elsewhere.
 
-    Under torch.compile the torch ones: Inductor fuses them with their neighbours. Module-level
-    functions, so that a CUDA graph of the MLP is found again by them.
+    Module-level functions, so that a CUDA graph of the MLP is found again by them.
     """
-    if not x.is_cuda or torch.compiler.is_compiling():
+    if not x.is_cuda:
         return swiglu_forward, swiglu_backward
     return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
@@ -178,9 +177,8 @@ def _dense_attn(attn: nn.Module, name: str) -> Callable:
     return lambda self, x: self.o_proj(x)
 
 
-@torch.compiler.disable
 def _pick_mlp(self: nn.Module, x: torch.Tensor):
-    """(kept channels, dense rows) for this forward, or None: the estimator, outside any graph.
+    """(kept channels, dense rows) for this forward, or None.
 
     Called only when the sparse function will run, so the statistics count what ran sparse.
     """
@@ -193,7 +191,6 @@ def _pick_mlp(self: nn.Module, x: torch.Tensor):
     return choice.idx, record.split.dense_rows
 
 
-@torch.compiler.disable
 def _pick_attn(self: nn.Module, x: torch.Tensor):
     ctl: LayerSparsity = self.__dict__[_CTL]
     record = ctl.state.record_for_call()
@@ -231,14 +228,9 @@ def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=self.__dict__[_CTL].state.runner(x))
 
 
-# Traced: Dynamo compiles our Functions into Unsloth's decoder-block graphs (one break per
-# sparse block, at the estimator). Eager: the whole sparse function breaks the graph.
-_TRACED = {"mlp": _sparse_mlp, "apply_qkv": _sparse_qkv, "apply_o": _sparse_o}
-_EAGER = {name: torch.compiler.disable(fn) for name, fn in _TRACED.items()}
-
-
-def _fns() -> dict[str, Callable]:
-    return _TRACED if MODE == "traced" else _EAGER
+# Never traced by Dynamo: inside Unsloth's compiled block each one is a graph break.
+_SPARSE_FNS = {name: torch.compiler.disable(fn)
+               for name, fn in {"mlp": _sparse_mlp, "apply_qkv": _sparse_qkv, "apply_o": _sparse_o}.items()}
 
 
 class AttnFunction:
@@ -252,7 +244,7 @@ class AttnFunction:
         self.name = name
 
     def __call__(self, module: nn.Module, x: torch.Tensor):
-        return _fns()[self.name](module, x)
+        return _SPARSE_FNS[self.name](module, x)
 
 
 class MLPForward:
@@ -262,7 +254,7 @@ class MLPForward:
         self.module = module
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _fns()["mlp"](self.module, x)
+        return _SPARSE_FNS["mlp"](self.module, x)
 
     def __deepcopy__(self, memo: dict) -> MLPForward:
         return MLPForward(copy.deepcopy(self.module, memo))

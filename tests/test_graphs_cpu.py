@@ -1,0 +1,243 @@
+"""The CUDA-graph runner's bookkeeping on the CPU (ops/graphs.py).
+
+Only recording and the warm-up's stream need a GPU; here a "graph" is its body called again,
+so everything else (when to capture, buffers shared between slots and passes, results copied
+out or shared, token rows padded to buckets, the guard against an overwritten shared result,
+eviction) runs in
+CI, down to a whole training step through the fast path's functions (float64).
+"""
+
+import copy
+import importlib
+import types
+
+import pytest
+import torch
+from helpers import tiny_lora_model
+from torch.utils.checkpoint import checkpoint
+
+import sparse_unsloth as su
+from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
+from sparse_unsloth.ops.graphs import GraphRunner, bucket, run_eager
+from sparse_unsloth.ops.sparse_mm import LoRAProj
+
+
+class CPUGraphs(GraphRunner):
+    """A GraphRunner whose recorded graph calls its body: replays compute, with the real buffers."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.replays = 0
+
+    def _warm_up(self, fn, inputs, consts, device):
+        with torch.no_grad():
+            return fn(*inputs, *consts)
+
+    def _record(self, body, device):
+        def replay():
+            self.replays += 1
+            body()
+        return types.SimpleNamespace(replay=replay)
+
+
+def _times(x, w, outs=None):
+    return (torch.mm(x, w, out=outs and outs[0]),)
+
+
+def _two(x, w, outs=None):
+    return x @ w, x.sum(0)
+
+
+def _doubled_in_place(x, w, outs=None):
+    return (x.mul_(2) @ w,)
+
+
+def test_captured_at_the_second_sighting_then_replayed():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    runner = CPUGraphs()
+    xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    for i, x in enumerate(xs):
+        (y,) = runner(_times, (x,), (w,))
+        assert torch.equal(y, x @ w)
+        assert (runner.captures, runner.replays) == [(0, 0), (1, 1), (1, 2)][i]
+    runner(_times, (xs[0],), (w.clone(),))       # other weights: another graph, seen once: eager
+    assert runner.captures == 1
+
+
+def test_results_are_fresh_unless_shared_and_inputs_are_copied_unless_adopted():
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y1, s1 = runner(_two, (x,), (w,))
+    y2, _ = runner(_two, (2 * x,), (w,))
+    assert torch.equal(y1, x @ w) and torch.equal(s1, x.sum(0))       # not overwritten by the replay
+    assert y1.data_ptr() != y2.data_ptr()
+    (z,) = runner(_times, (x,), (w,), share=(0,))
+    (z2,) = runner(_times, (3 * x,), (w,), share=(0,))
+    assert z.data_ptr() == z2.data_ptr() and torch.equal(z, 3 * x @ w)   # the slot's buffer itself
+    before = runner.writes(z)
+    (u,) = runner(_doubled_in_place, (z,), (w,), adopt=(0,))
+    assert torch.equal(u, (6 * x @ w) @ w)       # read in place: the graph doubled z itself
+    assert runner.writes(z) == before + 1
+    (u,) = runner(_doubled_in_place, (x.clone(),), (w,), adopt=(0,))
+    assert torch.equal(u, (2 * x) @ w)           # another tensor: copied into the adopted buffer
+    assert torch.equal(z, 2 * x)
+
+
+def test_slots_share_scratch_buffers():
+    w1, w2 = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    runner(_times, (x,), (w1,))
+    runner(_times, (x,), (w2,))                  # another weight shape: another slot, same input buffer
+    runner(_two, (x,), (w1,))
+    assert len(runner._slots) == 3 and len(runner) == 3
+    assert len({id(slot.inputs[0]._base) for slot in runner._slots.values()}) == 1
+    assert sum(key[0] == "in" for key in runner._store) == 1
+
+
+def _product_and_column_sums(x, w, outs=None):
+    return x @ w, x.sum(0)
+
+
+ROWS = ((0,), (0,))       # input 0 and output 0 are token rows
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 64, 65, 100, 1000, 4096, 4097, 5000)] == [64, 64, 128, 128, 1024, 4096, 4608, 5120]
+    for n in range(1, 20000, 7):
+        assert n <= bucket(n) < n + max(n / 8, 64)       # at most 1/8 or 63 rows of padding
+
+
+def test_token_rows_are_padded_with_zeros_and_cut_back():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    for n in (100, 120, 70):                     # one bucket (128 rows): one graph
+        x = torch.randn(n, 4, dtype=torch.float64)
+        y, sums = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
+        assert y.shape == (n, 3) and torch.equal(y, x @ w)
+        torch.testing.assert_close(sums, x.sum(0), rtol=1e-14, atol=1e-14)   # zero rows add nothing
+    assert runner.captures == 1 and runner.replays == 3
+
+
+def test_least_recently_used_buckets_are_dropped():
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1, max_buckets=2)
+    for n, captures in ((200, 1), (60, 2), (100, 3), (60, 3), (200, 4)):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        (y, _) = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
+        assert torch.equal(y, x @ w)
+        assert runner.captures == captures, n
+    assert len(runner) == 2
+
+
+def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    for n, captures in ((60, 1), (200, 2), (60, 3), (200, 3)):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        (y, _) = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
+        assert torch.equal(y, x @ w)
+        assert runner.captures == captures, n
+    assert all(t.shape[0] in (4, 256) for t in runner._store.values())
+
+
+def _proj(gen, fout, fin, rank=3):
+    w = torch.randn(fout, fin, dtype=torch.float64, generator=gen) / fin ** 0.5
+    a = torch.randn(rank, fin, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(fout, rank, dtype=torch.float64, generator=gen).requires_grad_()
+    return LoRAProj(w, a, b, 0.7)
+
+
+def _layers(gen, n=2):
+    return [[_proj(gen, 29, 12), _proj(gen, 29, 12), _proj(gen, 12, 29)] for _ in range(n)]
+
+
+def test_checkpointed_mlp_shares_its_activations_with_its_backward():
+    gen = torch.Generator().manual_seed(0)
+    layers = _layers(gen)
+    idx, dense_idx = torch.tensor([1, 4, 5, 11, 20]), torch.tensor([0, 3, 3, 7])
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [x] + [t for layer in layers for p in layer for t in (p.lora_a, p.lora_b)]
+
+    def run(runner):
+        h = x
+        for layer in layers:
+            h = h + checkpoint(lambda t, p=layer: sparse_lora_mlp(t, *p, idx, dense_idx, run=runner), h,
+                               use_reentrant=True)
+        for p in params:
+            p.grad = None
+        h.sum().backward()
+        return [p.grad.clone() for p in params]
+
+    want = run(run_eager)
+    runner = CPUGraphs(capture_at=1)
+    for _ in range(2):                           # capture, then replay
+        for g, w in zip(run(runner), want):       # padded to 64 rows: sums in another order
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # per layer: forward without grad, recompute sharing e and g, backward adopting them
+    assert runner.captures == 2 * 3 and len(runner._slots) == 3
+    backward = next(s for k, s in runner._slots.items() if k[4] == (2, 3))
+    shared = next(s for k, s in runner._slots.items() if k[3] == (1, 2))
+    assert backward.inputs[2] is shared.outputs[1] and backward.inputs[3] is shared.outputs[2]
+
+
+def test_a_shared_result_overwritten_before_its_backward_is_an_error():
+    gen = torch.Generator().manual_seed(1)
+    layers = _layers(gen)
+    idx, dense_idx = torch.tensor([2, 3]), torch.tensor([1])
+    runner = CPUGraphs(capture_at=1)
+
+    def two_layers(h):
+        for layer in layers:
+            h = h + sparse_lora_mlp(h, *layer, idx, dense_idx, run=runner)
+        return h
+
+    x = torch.randn(1, 4, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    with pytest.raises(RuntimeError, match="overwrote this MLP's activations"):
+        checkpoint(two_layers, x, use_reentrant=True).sum().backward()
+
+
+def test_training_steps_through_the_fast_path_with_graphs_equal_eager(monkeypatch):
+    """The fast path's plumbing with the graph runner (its CUDA steps replaced): the same loss and
+    gradients as the eager runner over steps of three batch shapes, which share one bucket's
+    graphs: captured at the second step, replayed at the third."""
+    from sparse_unsloth.patch import state as state_mod
+    from sparse_unsloth.patch import unsloth_fast
+
+    sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
+    config = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.9}, estimator_rank=3)
+    base = tiny_lora_model()
+    models = [su.sparsify(copy.deepcopy(base), config, progress=False) for _ in range(2)]
+    runner = CPUGraphs()
+    eager_state, graph_state = (su.sparse_state(m) for m in models)
+    for state in (eager_state, graph_state):
+        state.callback_attached = True
+    monkeypatch.setattr(state_mod.SparseState, "runner",
+                        lambda self, t: runner if self is graph_state else state_mod.run_eager)
+    for model in models:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+        model.train()
+    gen = torch.Generator().manual_seed(2)
+    for step, seq in enumerate((11, 13, 12)):        # 33, 39, 36 token rows: one bucket of 64
+        ids = torch.randint(0, 101, (3, seq), generator=gen)
+        labels = ids.clone()
+        labels[:, :6] = -100
+        results = []
+        for model in models:
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.requires_grad}))
+        (loss_e, grads_e), (loss_g, grads_g) = results
+        # equal up to the order of sums over the token rows (padded to 64)
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-12, atol=1e-12)
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_g[name], g, rtol=1e-10, atol=1e-12, msg=name)
+        if step == 1:
+            captured = runner.captures
+    # 3 MLPs x (forward, recompute, backward) + 3 channel choices, captured at the second step
+    assert captured == 3 * 3 + 3 and runner.captures == captured and runner.replays == 2 * captured
