@@ -6,8 +6,8 @@
 #   bash scripts/device_parity_calibrated.sh smollm2 GGUF     # device: SmolLM2 from the carried GGUF
 #   bash scripts/device_parity_calibrated.sh qwen GGUF        # device: Qwen2.5-Coder-0.5B from its GGUF
 #
-# On the device the wheelhouse is installed and PYTHONPATH set first (scripts/device_check.sh's
-# header), .parity_data is carried, and the GGUF was put together from the split folders
+# On the device the wheelhouse is installed and PYTHONPATH set first (as scripts/device_check.sh
+# does), .parity_data is carried, and the GGUF was put together from the split folders
 # (/work/shared/device/split-smollm2.sh: /tmp/g/m.gguf; /work/shared/models/qwen2.5-coder-0.5b/
 # split-for-device.sh: /tmp/q/m.gguf; both need the gguf wheel they carry installed).
 # Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
