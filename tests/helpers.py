@@ -94,3 +94,21 @@ def assert_same_grads(got: dict, want: dict, rtol: float = 1e-9, atol: float = 1
     assert got.keys() == want.keys()
     for name, g in got.items():
         torch.testing.assert_close(g, want[name], rtol=rtol, atol=atol, msg=name)
+
+
+def cuda_lora_proj(gen, fout, fin, rank=16, bias=False):
+    """A bf16 frozen weight on the GPU with float32 LoRA factors (and a trainable bias, large
+    enough that dropping it shows: Qwen2's q/k/v with LoRA bias="all")."""
+    from sparse_unsloth.ops.sparse_mm import LoRAProj
+
+    w = (torch.randn(fout, fin, device="cuda", generator=gen) / fin ** 0.5).bfloat16()
+    a = (torch.randn(rank, fin, device="cuda", generator=gen) / fin ** 0.5).requires_grad_()
+    b = (torch.randn(fout, rank, device="cuda", generator=gen) / rank ** 0.5).requires_grad_()
+    bb = torch.randn(fout, device="cuda", generator=gen).bfloat16().requires_grad_() if bias else None
+    return LoRAProj(w, a, b, 2.0, bb)
+
+
+def cuda_subset(gen, n, k):
+    """``k`` of ``range(n)``, sorted, on the GPU."""
+    return torch.randperm(n, device="cuda", generator=gen)[:k].sort().values
+

@@ -8,6 +8,8 @@ close to the error of Unsloth's own dense bf16 Function against a float32 dense 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cuda_lora_proj as _proj
+from helpers import cuda_subset as _choose
 
 from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
 from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
@@ -21,19 +23,6 @@ DEV = "cuda"
 def _rel(a, b):
     # Unsloth starts LoRA B at zero, so some gradients are exactly zero: 0 against 0 is no error.
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
-
-
-def _proj(gen, fout, fin, rank=16, bias=False):
-    w = (torch.randn(fout, fin, device=DEV, generator=gen) / fin ** 0.5).bfloat16()
-    a = (torch.randn(rank, fin, device=DEV, generator=gen) / fin ** 0.5).requires_grad_()
-    b = (torch.randn(fout, rank, device=DEV, generator=gen) / rank ** 0.5).requires_grad_()
-    # a trainable bias (Qwen2's q/k/v with LoRA bias="all"), large enough that dropping it shows
-    bb = torch.randn(fout, device=DEV, generator=gen).bfloat16().requires_grad_() if bias else None
-    return LoRAProj(w, a, b, 2.0, bb)
-
-
-def _choose(gen, n, k):
-    return torch.randperm(n, device=DEV, generator=gen)[:k].sort().values
 
 
 def _oracle_linear(x, p, idx, dense_idx, dim):

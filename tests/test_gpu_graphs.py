@@ -9,11 +9,12 @@ with graphs gives the gradients of the same step without them (tests/test_gpu_fa
 
 import pytest
 import torch
+from helpers import cuda_lora_proj as _proj
+from helpers import cuda_subset as _choose
 
 from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
 from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
 from sparse_unsloth.ops.graphs import GraphRunner, run_eager
-from sparse_unsloth.ops.sparse_mm import LoRAProj
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -111,18 +112,6 @@ def test_two_layers_recomputed_before_their_backwards_is_an_error():
     one_each.float().sum().backward()                   # one layer per region: fine
     with pytest.raises(RuntimeError, match="overwrote this MLP's activations"):
         checkpoint(two_layers, x, use_reentrant=True).float().sum().backward()
-
-
-def _proj(gen, fout, fin, rank=16, bias=False):
-    w = (torch.randn(fout, fin, device=DEV, generator=gen) / fin ** 0.5).bfloat16()
-    a = (torch.randn(rank, fin, device=DEV, generator=gen) / fin ** 0.5).requires_grad_()
-    b = (torch.randn(fout, rank, device=DEV, generator=gen) / rank ** 0.5).requires_grad_()
-    bb = torch.randn(fout, device=DEV, generator=gen).bfloat16().requires_grad_() if bias else None
-    return LoRAProj(w, a, b, 2.0, bb)
-
-
-def _choose(gen, n, k):
-    return torch.randperm(n, device=DEV, generator=gen)[:k].sort().values
 
 
 def _padded(idx, extra):
