@@ -54,20 +54,24 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _shape_key(value: Any) -> Any:
-    """What a slot's buffers depend on: shapes of tensors, the value of anything else."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype, value.device
-    shape = getattr(value, "graph_shape", None)      # e.g. a 4-bit weight's dequantizer
-    return shape if shape is not None else value
+def _const_keys(consts: Sequence[Any]) -> tuple[tuple, tuple]:
+    """(what a slot's buffers depend on, what a graph reads) of the consts: a tensor's shape and
+    its storage, a dequantizer's float shape and its packed weight, any other value itself.
 
-
-def _identity_key(value: Any) -> Any:
-    """What a graph reads: a tensor's storage, or a dequantizer's packed weight."""
-    if isinstance(value, torch.Tensor):
-        return value.data_ptr()
-    key = getattr(value, "graph_key", None)
-    return key if key is not None else value
+    One loop: it runs at every call, and its host time is what the graphs are there to save.
+    """
+    shapes, identities = [], []
+    for c in consts:
+        if isinstance(c, torch.Tensor):
+            shapes.append((c.shape, c.dtype, c.device))
+            identities.append(c.data_ptr())
+        elif hasattr(c, "graph_key"):                  # e.g. a 4-bit weight's dequantizer
+            shapes.append(c.graph_shape)
+            identities.append(c.graph_key)
+        else:
+            shapes.append(c)
+            identities.append(c)
+    return tuple(shapes), tuple(identities)
 
 
 def _padded_shape(t: torch.Tensor, n: int | None) -> tuple:
@@ -146,11 +150,11 @@ class GraphRunner:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
+        shapes, graph_key = _const_keys(consts)
         slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
                               for i, t in enumerate(inputs)),
-                    tuple(_shape_key(c) for c in consts), tuple(share), tuple(adopt), tuple(row_in), tuple(row_out),
+                    shapes, tuple(share), tuple(adopt), tuple(row_in), tuple(row_out),
                     torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        graph_key = tuple(_identity_key(c) for c in consts)
         slot = self._slots.get(slot_key)
         graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
