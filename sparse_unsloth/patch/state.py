@@ -61,9 +61,11 @@ class TokenSplit:
         """
         if dtype not in self._sequence_matrices:
             b, s = self.sparse_mask.shape
-            seq = torch.arange(b * s, device=self.sparse_mask.device) // s
-            self._sequence_matrices[dtype] = (torch.nn.functional.one_hot(seq, b).to(dtype)
-                                              * self.vote_rows.unsqueeze(1).to(dtype))
+            device = self.sparse_mask.device
+            seq = torch.arange(b * s, device=device) // s
+            # A comparison, not F.one_hot: that checks its indices on the host (a GPU sync).
+            member = seq.unsqueeze(1) == torch.arange(b, device=device)
+            self._sequence_matrices[dtype] = (member & self.vote_rows.unsqueeze(1)).to(dtype)
         return self._sequence_matrices[dtype]
 
     @functools.cached_property
