@@ -53,8 +53,8 @@ class _Missing:
 
 _MISSING = _Missing()
 # How a sparse layer runs while sparse (read when a layer is patched; benchmarks/NOTES.md):
-#   "eager-block": the layer leaves Unsloth's compiled region (its stock eager forward) and runs
-#                  our Functions eagerly: no graph fragments, no recompiles.
+#   "eager-block": the layer leaves Unsloth's compiled region (its stock eager forward), which
+#                  calls our functions: no graph fragments, no recompiles.
 #   "graph-break": the compiled region breaks around our eagerly run sparse functions.
 # (Tracing our Functions into the compiled region lost to both, and cannot replay CUDA graphs.)
 MODES = ("eager-block", "graph-break")
