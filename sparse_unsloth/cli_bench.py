@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("timing")
     run.add_argument("--steps", type=positive_int, default=10,
                      help="timed steps of each mode (default: %(default)s)")
-    run.add_argument("--warmup-steps", type=non_negative_int, default=1,
-                     help="untimed steps of each mode first: compilation, allocations (default: %(default)s)")
+    run.add_argument("--warmup-steps", type=non_negative_int, default=2,
+                     help="untimed steps of each mode first: compilation, allocations, and on a GPU the "
+                          "CUDA graphs, captured the second time a batch shape is seen (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=8,
                      help="rows per step (default: %(default)s)")
     run.add_argument("--max-length", type=positive_int, default=512,
