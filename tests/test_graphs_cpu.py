@@ -241,3 +241,32 @@ def test_training_steps_through_the_fast_path_with_graphs_equal_eager(monkeypatc
             captured = runner.captures
     # 3 MLPs x (forward, recompute, backward) + 3 channel choices, captured at the second step
     assert captured == 3 * 3 + 3 and runner.captures == captured and runner.replays == 2 * captured
+
+
+def test_attention_projections_through_the_runner_equal_eager():
+    """QKV with trainable biases and O, forward and backward, through the runner (LoRA and bias
+    gradients come out of a replay packed into one tensor)."""
+    from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+
+    gen = torch.Generator().manual_seed(3)
+    hidden, dq, dkv = 12, 12, 6
+    q, k, v = (_proj(gen, c, hidden)._replace(bias=torch.randn(c, dtype=torch.float64, generator=gen)
+                                              .requires_grad_()) for c in (dq, dkv, dkv))
+    o = _proj(gen, hidden, dq)
+    q_idx, kv_idx = torch.tensor([0, 2, 5, 6, 8, 11]), torch.tensor([1, 2, 4])
+    dense_idx = torch.tensor([0, 4, 4, 9])
+    params = [t for p in (q, k, v, o) for t in (p.lora_a, p.lora_b)] + [p.bias for p in (q, k, v)]
+    runner = CPUGraphs()
+    results = []
+    for run in (run_eager, runner, runner, runner):     # eager; eager (first sighting), capture, replay
+        g2 = torch.Generator().manual_seed(4)
+        x = torch.randn(2, 5, hidden, dtype=torch.float64, generator=g2, requires_grad=True)
+        a_in = torch.randn(2, 5, dq, dtype=torch.float64, generator=g2, requires_grad=True)
+        outs = (*sparse_lora_qkv(x, q, k, v, q_idx, kv_idx, kv_idx, dense_idx, run=run),
+                sparse_lora_o(a_in, o, q_idx, dense_idx, run=run))
+        grads = [torch.randn(o_.shape, dtype=torch.float64, generator=g2) for o_ in outs]
+        results.append([*outs, *torch.autograd.grad(outs, [x, a_in, *params], grads)])
+    assert runner.captures == 4 and runner.replays == 8
+    for got in results[1:]:
+        for g, w in zip(got, results[0]):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from sparse_unsloth.estimator.select import ffn_channels, qk_channels, vo_channels
+from sparse_unsloth.ops.sparse_mm import unpacked
 from sparse_unsloth.patch.state import (
     DENSE_ROWS_STEP,
+    attn_choice_sizes,
     choose_attn,
     choose_mlp,
     sequence_means,
@@ -102,7 +104,8 @@ def test_static_shape_choice_equals_the_gathered_rows():
     assert torch.equal(idx, ffn_channels(means, gate, up, 9))
     heads, kv_heads, head_dim = 4, 2, 5
     q, k, v = factors(heads * head_dim), factors(kv_heads * head_dim), factors(kv_heads * head_dim)
-    got = choose_attn(hidden, split.vote_rows, *q, *k, *v, heads, kv_heads, head_dim, 2)
+    (flat,) = choose_attn(hidden, split.vote_rows, *q, *k, *v, heads, kv_heads, head_dim, 2)
+    got = unpacked(flat, attn_choice_sizes(heads, kv_heads, 2))
     want = (*qk_channels(rows, q, k, heads, kv_heads, head_dim, 2), *vo_channels(rows, v, heads, kv_heads, head_dim, 2))
     for g, w in zip(got, want):
         assert torch.equal(g, w)

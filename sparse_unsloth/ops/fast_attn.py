@@ -22,6 +22,8 @@ from .sparse_mm import (
     kept_channels,
     lora_grads,
     lora_out,
+    packed,
+    unpacked,
     weight_like,
 )
 
@@ -40,7 +42,7 @@ def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, 
 
 def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
                   v_w, v_a, v_b, v_s, bias_grads, outs=None):
-    """(dx, dq_a, dq_b, d_q_bias, dk_a, ...): a bias's gradient where ``bias_grads`` says so."""
+    """(dx, packed (dq_a, dq_b, dq_bias, dk_a, ...)): a bias's gradient where ``bias_grads`` says so."""
     grads = [d.to(x.dtype) for d in (dq, dk, dv)]
     pairs = [(cast_like(a, x), cast_like(b, x)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
     lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, pairs, (q_s, k_s, v_s))]
@@ -49,10 +51,10 @@ def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, 
     dx = keep_rows(terms, dense_idx, outs and outs[0])
     for (_, _, dyb), (a, _) in zip(lora_g, pairs):
         dx.addmm_(dyb, a)
-    out = [dx]
+    small = []
     for (d_a, d_b, _), d, needed in zip(lora_g, grads, bias_grads):
-        out += [d_a, d_b, d.sum(0) if needed else None]
-    return tuple(out)
+        small += [d_a, d_b, d.sum(0)] if needed else [d_a, d_b]
+    return dx, packed(small)
 
 
 class _SparseLoRAQKV(torch.autograd.Function):
@@ -77,9 +79,14 @@ class _SparseLoRAQKV(torch.autograd.Function):
         needed = tuple(bias is not None and need for bias, need in zip(ctx.biases, ctx.needs_input_grad[5::5]))
         grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, q_idx, k_idx,
                                         v_idx, dense_idx), (*consts, needed), rows=((0, 1, 2, 3), (0,)))
-        out: list = [grads[0].view(ctx.in_shape)]
-        for (d_a, d_b, d_bias), bias in zip(zip(*[iter(grads[1:])] * 3), ctx.biases):
-            out += [None, d_a, d_b, None, None if d_bias is None else d_bias.to(bias.dtype)]
+        dx, flat = grads
+        shapes = [s for (a, b), bias, need in zip(zip(loras[0::2], loras[1::2]), ctx.biases, needed)
+                  for s in ((a.shape, b.shape, bias.shape) if need else (a.shape, b.shape))]
+        small = iter(unpacked(flat, shapes))
+        out: list = [dx.view(ctx.in_shape)]
+        for bias, need in zip(ctx.biases, needed):
+            d_a, d_b = next(small), next(small)
+            out += [None, d_a, d_b, None, next(small).to(bias.dtype) if need else None]
         return (*out, None, None, None, None, None)
 
 
@@ -92,7 +99,7 @@ def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
     dy, a = dy.to(x.dtype), cast_like(a, x)
     d_a, d_b, dyb = lora_grads(x, dy, a, cast_like(b, x), s)
     dx = keep_cols_(torch.mm(dyb, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
-    return dx, d_a, d_b, dy.sum(0) if bias_grad else None
+    return dx, packed((d_a, d_b, dy.sum(0)) if bias_grad else (d_a, d_b))
 
 
 class _SparseLoRAO(torch.autograd.Function):
@@ -111,9 +118,10 @@ class _SparseLoRAO(torch.autograd.Function):
     def backward(ctx, dy):
         x, idx, dense_idx, a, b = ctx.saved_tensors
         needed = ctx.bias is not None and ctx.needs_input_grad[5]
-        dx, d_a, d_b, d_bias = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, idx, dense_idx),
-                                       (ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
-        d_bias = None if d_bias is None else d_bias.to(ctx.bias.dtype)
+        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, idx, dense_idx),
+                           (ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
+        d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([ctx.bias.shape] if needed else [])])
+        d_bias = d_bias[0].to(ctx.bias.dtype) if needed else None
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None
 
 

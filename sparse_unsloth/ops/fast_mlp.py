@@ -31,6 +31,8 @@ from .sparse_mm import (
     kept_channels,
     lora_grads,
     lora_out,
+    packed,
+    unpacked,
     weight_like,
 )
 
@@ -69,7 +71,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
 
 def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
               down_a, down_b, down_s, act_backward, outs=None):
-    """(dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b); overwrites ``e`` and ``g``."""
+    """(dx, the LoRA gradients packed: gate A, B, up A, B, down A, B); overwrites ``e`` and ``g``."""
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
@@ -86,7 +88,7 @@ def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w,
     d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
     dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx, outs and outs[0])
     dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
-    return dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b
+    return dx, packed((d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b))
 
 
 class _SparseLoRAMLP(torch.autograd.Function):
@@ -132,7 +134,9 @@ class _SparseLoRAMLP(torch.autograd.Function):
         grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, idx, dense_idx),
                         (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
                         adopt=(2, 3), rows=((0, 1, 2, 3), (0,)))
-        dx, d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = grads
+        dx, flat = grads
+        d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(
+            flat, [t.shape for t in (ga, gb, ua, ub, da, db)])
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
                 d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)
 

@@ -15,6 +15,7 @@ gradient); a transposed view is fine, the gathers make contiguous copies.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -82,6 +83,18 @@ def kept_channels(idx: torch.Tensor, padded: torch.Tensor | None = None) -> Kept
 def add_bias_(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``out += bias`` in place (no-op without a bias)."""
     return out if bias is None else out.add_(bias.to(out.dtype))
+
+
+def packed(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors (of one dtype) flattened into one: a CUDA graph's small results come out in one
+    copy instead of one each (each copy is a launch on the host)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unpacked(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Views of ``flat`` (from :func:`packed`) in ``shapes``."""
+    sizes = [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(flat.split(sizes), shapes)]
 
 
 def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,

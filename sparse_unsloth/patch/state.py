@@ -26,6 +26,7 @@ from ..config import SparseConfig
 from ..estimator.factors import EstimatorFactors
 from ..estimator.select import ffn_channels, kept_count, qk_channels, vo_channels
 from ..ops.graphs import GraphRunner, Runner, run_eager
+from ..ops.sparse_mm import packed, unpacked
 from .models import AttentionGeometry
 
 # The sparse work of CUDA tensors runs as replayed CUDA graphs (ops/graphs.py); 0 runs it
@@ -118,11 +119,17 @@ def choose_mlp(hidden, votes, sequences, gate_1, gate_2, up_1, up_2, keep, seq_a
 
 def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_heads, head_dim, keep,
                 outs=None):
-    """(q_idx, k_idx, v_idx, o_idx) of one attention layer for one batch."""
+    """(q_idx, k_idx, v_idx, o_idx packed into one tensor,) of one attention layer for one batch
+    (see :func:`attn_choice_sizes`)."""
     x = voting_rows(hidden, votes)
     q_idx, k_idx = qk_channels(x, (q_1, q_2), (k_1, k_2), num_heads, num_kv_heads, head_dim, keep)
     v_idx, o_idx = vo_channels(x, (v_1, v_2), num_heads, num_kv_heads, head_dim, keep)
-    return q_idx, k_idx, v_idx, o_idx
+    return (packed((q_idx, k_idx, v_idx, o_idx)),)
+
+
+def attn_choice_sizes(num_heads: int, num_kv_heads: int, keep: int) -> list[tuple[int]]:
+    """The shapes of q_idx, k_idx, v_idx, o_idx: ``keep`` dims of every query or KV head."""
+    return [(num_heads * keep,), (num_kv_heads * keep,), (num_kv_heads * keep,), (num_heads * keep,)]
 
 
 def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
@@ -411,10 +418,11 @@ class LayerSparsity:
         def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
             f = state.factors_like(hidden)
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
-            idx = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
-                                       (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim,
-                                        self.attn_kept()), rows=((0, 1), ()))
-            return AttnChoice(*idx)
+            keep = self.attn_kept()
+            (flat,) = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
+                                           (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
+                                           rows=((0, 1), ()))
+            return AttnChoice(*unpacked(flat, attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)))
 
         return self._cached("attn", hidden, choose, record)
 
