@@ -195,7 +195,7 @@ class GraphRunner:
         taken: collections.Counter[tuple] = collections.Counter()
         for i, t in enumerate(inputs):
             rows_of = n if i in row_in else None
-            if t is not None and i in adopt and (rows_of is None or t.shape[0] == rows_of):
+            if t is not None and i in adopt and self._owns(t) and (rows_of is None or t.shape[0] == rows_of):
                 bufs.append(t)                    # a shared result of another slot, already padded
                 adopted.append(True)
                 continue
@@ -204,6 +204,10 @@ class GraphRunner:
                         self._buffer("shared-in" if i in adopt else "in", i, _padded_shape(t, rows_of), taken,
                                      rows_of is not None))
         return _Slot(bufs, adopted, row_in, n)
+
+    def _owns(self, t: torch.Tensor) -> bool:
+        """``t`` is one of the runner's buffers (another slot's shared result), not a caller's tensor."""
+        return any(t is store or t._base is store for store in self._store.values())
 
     def _buffer(self, role: str, position: int, sig: tuple, taken: collections.Counter, token_rows: bool,
                 ) -> torch.Tensor:
