@@ -182,6 +182,36 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
                              "calls_per_step": c} for k, t, c in rows[:top]]}
 
 
+def host_profile(step, n: int = 2, top: int = 40) -> dict:
+    """Where the host spends a step: cProfile over ``n`` steps, the functions and torch ops with
+    the most own time (a launch-bound step's time is here, not in the GPU profile).
+
+    cProfile's own overhead inflates Python-heavy functions; read the ranking, not the totals.
+    """
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = []
+    for (path, line, name), (_, calls, own, cum, _) in stats.items():
+        where = name if path == "~" else f"{'/'.join(path.split('/')[-2:])}:{line}({name})"
+        rows.append((own / n, cum / n, calls // n, where))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    return {"host_s_per_step": round(total, 5),
+            "top_own_time": [{"where": w, "own_s": round(o, 5), "cum_s": round(c, 5), "calls": k}
+                             for o, c, k, w in rows[:top]]}
+
+
 def guarded(fn, *args) -> dict:
     """``fn(*args)``, or its error: a failing profiler must not cost the timings measured before."""
     try:
@@ -351,6 +381,8 @@ def child_unsloth(args) -> dict:
     out["unsloth_dense_lora"] = time_steps(step, args.warmup, args.steps, ids.numel())
     log(f"[unsloth] dense {out['unsloth_dense_lora']['step_s_median']} s/step")
     profiles = {"unsloth_dense_lora": guarded(profile_steps, step)}
+    if args.host_profile:
+        out["unsloth_dense_lora"]["host_profile"] = guarded(host_profile, step)
 
     out["dynamo"] = {"unsloth_dense_lora": dynamo_counters()}
     config = load_config(args.preset)
@@ -378,6 +410,8 @@ def child_unsloth(args) -> dict:
         log(f"[unsloth] {name} {res['step_s_median']} s/step, estimator {res['estimator_s_median']} s")
         profiles[name] = guarded(profile_steps, step)
         res["sync_points"] = guarded(sync_points, step)
+        if args.host_profile:
+            res["host_profile"] = guarded(host_profile, step)
         timer.pop_s()
         out["dynamo"][name] = dynamo_counters()
         res["graph_captures"] = state._graphs.captures
@@ -430,7 +464,8 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--output-tokens", str(args.output_tokens)]
     cmd += ["--sparse-mode", args.sparse_mode]
     cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too),
-                                  ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too)) if on]
+                                  ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too),
+                                  ("--host-profile", args.host_profile)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, os.environ.get("PYTHONPATH", "")])})
@@ -575,6 +610,8 @@ def main() -> None:
     ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break"], default="eager-block",
                     help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
     ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also profile the host side of a dense and a sparse step (cProfile)")
     ap.add_argument("--eager-too", action="store_true",
                     help="also time the sparse step without CUDA graphs (SPARSE_UNSLOTH_CUDA_GRAPHS=0)")
     ap.add_argument("--assemble", action="store_true",
