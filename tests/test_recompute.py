@@ -55,16 +55,51 @@ def test_interleaved_forward_leaves_gradients_unchanged(backend, config, reentra
     assert_same_grads(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_two_forwards_then_one_backward(monkeypatch):
-    """DPO's chosen and rejected forwards, one loss: each recompute uses its own forward."""
-    model = _checkpointed(reference, CONFIG, False, monkeypatch)
+@pytest.mark.parametrize("backend,config", [(reference, CONFIG), (unsloth_fast, MLP_ONLY)],
+                         ids=["reference", "fast"])
+def test_two_forwards_then_one_backward(backend, config, monkeypatch):
+    """DPO's chosen and rejected forwards, one loss: each recompute uses its own forward's
+    channels, though the second forward's choice took each layer's index buffer."""
+    model = _checkpointed(backend, config, False, monkeypatch)
     (a, la), (b, lb) = token_batch(seed=1), token_batch(batch=2, seq=9, context=3, seed=2)
     _, grads_a = train_step(model, input_ids=a, labels=la)
     _, grads_b = train_step(model, input_ids=b, labels=lb)
     model.zero_grad(set_to_none=True)
-    (model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss).backward()
+    state = su.sparse_state(model)
+    loss_a = model(input_ids=a, labels=la).loss
+    first = state.current
+    loss_b = model(input_ids=b, labels=lb).loss
+    chosen = [key for key, choice in first.choices.items() if choice is not None]
+    assert chosen and not first.writes              # the first forward kept copies of its choices
+    assert all(first.choices[key].buffer is not state.owners[key].choices[key].buffer for key in chosen)
+    (loss_a + loss_b).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
+
+
+def test_one_forward_at_a_time_keeps_the_choices_in_place(monkeypatch):
+    """The usual loop (forward, backward, next forward) copies no choice: each layer's stays in
+    its buffer, which the CUDA graphs read in place."""
+    model = _checkpointed(unsloth_fast, MLP_ONLY, False, monkeypatch)
+    state = su.sparse_state(model)
+    for seed in (1, 2):
+        ids, labels = token_batch(seed=seed)
+        train_step(model, input_ids=ids, labels=labels)
+        record = state.owners[0, "mlp"]
+        assert record.finished and record.writes
+        for (layer, kind), choice in record.choices.items():
+            assert choice.buffer is state._choice_buffers[layer, kind, choice.buffer.device]
+
+
+def test_a_choice_overwritten_before_a_second_backward_is_an_error(monkeypatch):
+    model = _checkpointed(reference, CONFIG, False, monkeypatch)
+    (a, la), (b, lb) = token_batch(seed=1), token_batch(seed=2)
+    model.train()
+    loss_a = model(input_ids=a, labels=la).loss
+    loss_a.backward(retain_graph=True)
+    model(input_ids=b, labels=lb).loss.backward()
+    with pytest.raises(RuntimeError, match="chose were overwritten by a later forward"):
+        loss_a.backward()
 
 
 def test_recompute_outside_the_models_outputs_is_an_error(monkeypatch):

@@ -28,7 +28,7 @@ from .sparse_mm import (
 )
 
 
-def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias,
+def _qkv_forward(x, dense_idx, q_idx, k_idx, v_idx, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias,
                  v_w, v_a, v_b, v_s, v_bias, outs=None):
     """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx`` (written into
     ``outs`` when given)."""
@@ -40,7 +40,7 @@ def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, 
                  for (w, a, b, s, bias, idx), buf in zip(projs, outs or (None, None, None)))
 
 
-def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
+def _qkv_backward(dq, dk, dv, x, dense_idx, q_idx, k_idx, v_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
                   v_w, v_a, v_b, v_s, bias_grads, outs=None):
     """(dx, packed (dq_a, dq_b, dq_bias, dk_a, ...)): a bias's gradient where ``bias_grads`` says so."""
     grads = [d.to(x.dtype) for d in (dq, dk, dv)]
@@ -65,7 +65,8 @@ class _SparseLoRAQKV(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         consts = (q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias)
-        outs = run(_qkv_forward, (x2, q_idx, k_idx, v_idx, dense_idx), consts, rows=((0,), (0, 1, 2)))
+        # Kept channels as consts, read in place by a CUDA graph (see fast_mlp).
+        outs = run(_qkv_forward, (x2, dense_idx), (q_idx, k_idx, v_idx, *consts), rows=((0,), (0, 1, 2)))
         ctx.weights, ctx.scales, ctx.biases, ctx.run = (q_w, k_w, v_w), (q_s, k_s, v_s), (q_bias, k_bias, v_bias), run
         ctx.save_for_backward(x2, q_idx, k_idx, v_idx, dense_idx, q_a, q_b, k_a, k_b, v_a, v_b)
         ctx.in_shape = shape
@@ -77,8 +78,8 @@ class _SparseLoRAQKV(torch.autograd.Function):
         x, q_idx, k_idx, v_idx, dense_idx, *loras = ctx.saved_tensors
         consts = [c for w, a, b, s in zip(ctx.weights, loras[0::2], loras[1::2], ctx.scales) for c in (w, a, b, s)]
         needed = tuple(bias is not None and need for bias, need in zip(ctx.biases, ctx.needs_input_grad[5::5]))
-        grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, q_idx, k_idx,
-                                        v_idx, dense_idx), (*consts, needed), rows=((0, 1, 2, 3), (0,)))
+        grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, dense_idx),
+                        (q_idx, k_idx, v_idx, *consts, needed), rows=((0, 1, 2, 3), (0,)))
         dx, flat = grads
         shapes = [s for (a, b), bias, need in zip(zip(loras[0::2], loras[1::2]), ctx.biases, needed)
                   for s in ((a.shape, b.shape, bias.shape) if need else (a.shape, b.shape))]
@@ -90,12 +91,12 @@ class _SparseLoRAQKV(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-def _o_forward(x, idx, dense_idx, w, a, b, s, bias, outs=None):
+def _o_forward(x, dense_idx, idx, w, a, b, s, bias, outs=None):
     out = keep_rows([(x, weight_like(w, x).t(), kept_channels(idx))], dense_idx, outs and outs[0])
     return (add_bias_(add_lora_(out, x, cast_like(a, x), cast_like(b, x), s), bias),)
 
 
-def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
+def _o_backward(dy, x, dense_idx, idx, w, a, b, s, bias_grad, outs=None):
     dy, a = dy.to(x.dtype), cast_like(a, x)
     d_a, d_b, dyb = lora_grads(x, dy, a, cast_like(b, x), s)
     dx = keep_cols_(torch.mm(dyb, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
@@ -108,7 +109,7 @@ class _SparseLoRAO(torch.autograd.Function):
     def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        (out,) = run(_o_forward, (x2, idx, dense_idx), (w, a, b, s, bias), rows=((0,), (0,)))
+        (out,) = run(_o_forward, (x2, dense_idx), (idx, w, a, b, s, bias), rows=((0,), (0,)))
         ctx.weight, ctx.scale, ctx.bias, ctx.run = w, s, bias, run
         ctx.save_for_backward(x2, idx, dense_idx, a, b)
         return out.view(*shape[:-1], out.shape[-1])
@@ -118,8 +119,8 @@ class _SparseLoRAO(torch.autograd.Function):
     def backward(ctx, dy):
         x, idx, dense_idx, a, b = ctx.saved_tensors
         needed = ctx.bias is not None and ctx.needs_input_grad[5]
-        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, idx, dense_idx),
-                           (ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
+        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, dense_idx),
+                           (idx, ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
         d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([ctx.bias.shape] if needed else [])])
         d_bias = d_bias[0].to(ctx.bias.dtype) if needed else None
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None

@@ -51,7 +51,7 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
     return f * g, dh * f, d_gate.to(dh.dtype)
 
 
-def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
+def _forward(x, dense_idx, idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
              down_b, down_s, act_forward, keep_acts, outs=None):
     """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``), written
     into ``outs`` when given (a CUDA graph's buffers)."""
@@ -69,7 +69,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     return (out, e, g) if keep_acts else (out, None, None)
 
 
-def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
+def _backward(dy, x, e, g, dense_idx, idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
               down_a, down_b, down_s, act_backward, outs=None):
     """(dx, the LoRA gradients packed: gate A, B, up A, B, down A, B); overwrites ``e`` and ``g``."""
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
@@ -107,8 +107,10 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # buffers (no copy out, none back in), checked in backward to be untouched.
         share = (1, 2) if (keep_acts and isinstance(run, GraphRunner)
                            and torch._C._current_graph_task_id() != -1) else ()
-        out, e, g = run(_forward, (x2, idx, dense_idx),
-                        (gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
+        # The kept channels go in with the weights, as consts: a CUDA graph reads them where
+        # they are (the patch keeps each layer's choice in one buffer), no copy per pass.
+        out, e, g = run(_forward, (x2, dense_idx),
+                        (idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
                          down_s, act_forward, keep_acts), share=share, rows=((0,), (0, 1, 2)))
         ctx.act_backward, ctx.run = act_backward, run
         ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
@@ -131,8 +133,8 @@ class _SparseLoRAMLP(torch.autograd.Function):
             raise RuntimeError("the sparse MLP ran without keeping its activations (grad mode was off "
                                "when it was called), so it has no backward")
         gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
-        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, idx, dense_idx),
-                        (gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
+        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, dense_idx),
+                        (idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
                         adopt=(2, 3), rows=((0, 1, 2, 3), (0,)))
         dx, flat = grads
         d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(

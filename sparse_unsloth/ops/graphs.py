@@ -41,10 +41,14 @@ Rows = tuple[Sequence[int], Sequence[int]]       # (input positions, output posi
 
 
 def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-              adopt: Sequence[int] = (), rows: Rows = ((), ())) -> Outputs:
+              adopt: Sequence[int] = (), rows: Rows = ((), ()), into: Sequence[torch.Tensor] = ()) -> Outputs:
     """``fn(*inputs, *consts)``: the contract of a :class:`GraphRunner`, without graphs (the
-    results are the function's own tensors, so nothing is shared, adopted or padded)."""
-    return fn(*inputs, *consts)
+    results are the function's own tensors, so nothing is shared, adopted or padded; results
+    asked ``into`` the caller's tensors are copied there)."""
+    res = fn(*inputs, *consts)
+    for t, r in zip(into, res):
+        t.copy_(r)
+    return tuple(into) or res
 
 
 def bucket(n: int) -> int:
@@ -110,10 +114,11 @@ class _Slot:
 
 
 class _Recorded:
-    """A body recorded as a CUDA graph (replayed on the current stream)."""
+    """A body recorded as a CUDA graph (replayed on the current stream), and the buffers it writes."""
 
     def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
         self.replay = graph.replay
+        self.outputs: Outputs = ()
 
 
 class GraphRunner:
@@ -130,7 +135,9 @@ class GraphRunner:
     straight into them (returning them); anything else it returns is copied in. The results
     come back as fresh tensors, except the positions in ``share``: those are the buffers
     themselves (all bucket rows), valid until another replay writes them. ``adopt``: input
-    positions that take such a shared result and read it in place.
+    positions that take such a shared result and read it in place. ``into``: the caller's own
+    tensors to write the results into (each graph writes its own: per-layer results that live on),
+    returned themselves.
     """
 
     def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
@@ -146,11 +153,11 @@ class GraphRunner:
         self._regrown = False
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-                 adopt: Sequence[int] = (), rows: Rows = ((), ())) -> Outputs:
+                 adopt: Sequence[int] = (), rows: Rows = ((), ()), into: Sequence[torch.Tensor] = ()) -> Outputs:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
-        shapes, graph_key = _const_keys(consts)
+        shapes, graph_key = _const_keys((*consts, *into))
         slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
                               for i, t in enumerate(inputs)),
                     shapes, tuple(share), tuple(adopt), tuple(row_in), tuple(row_out),
@@ -161,12 +168,18 @@ class GraphRunner:
             self._seen[slot_key, graph_key] += 1
             if self._seen[slot_key, graph_key] < self.capture_at:
                 # A shared result may come padded from a captured pass: its real rows only.
-                return fn(*(t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)), *consts)
+                res = fn(*(t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)), *consts)
+                if not into:
+                    return res
+                for t, r in zip(into, res):
+                    t.copy_(r)
+                self._wrote(into)
+                return tuple(into)
             if slot is None:
                 slot = self._slots[slot_key] = self._slot(inputs, adopt, row_in, n or 0)
                 self._buckets.setdefault(n or 0, []).append(slot_key)
             self._wrote(slot.load(inputs, n))
-            graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share, row_out)
+            graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share, row_out, into)
             self.captures += 1
         else:
             self._wrote(slot.load(inputs, n))
@@ -176,9 +189,12 @@ class GraphRunner:
             self._prune()
         # The function may have written over its inputs (Unsloth's SwiGLU backward does).
         self._wrote([b for b, a in zip(slot.inputs, slot.adopted) if a]
-                    + [o for o in slot.outputs if o is not None])
+                    + [o for o in graph.outputs if o is not None])
+        if into:
+            self._evict()
+            return tuple(into)
         out = tuple(None if o is None else o if i in share else (o[:real] if i in row_out else o).clone()
-                    for i, o in enumerate(slot.outputs))
+                    for i, o in enumerate(graph.outputs))
         self._evict()
         return out
 
@@ -232,13 +248,13 @@ class GraphRunner:
         return store[:shape[0]] if token_rows else store
 
     def _capture(self, slot: _Slot, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
-                 share: Sequence[int], row_out: Sequence[int]):
+                 share: Sequence[int], row_out: Sequence[int], into: Sequence[torch.Tensor]):
         # Warm-up, eager: lazy initialisations happen here. It may write over its inputs: the
         # adopted ones (another slot's results, still needed) go in as copies.
         warm = [t.clone() if a else t for t, a in zip(slot.inputs, slot.adopted)]
         device = next(t.device for t in inputs if t is not None)
         outs = self._warm_up(fn, warm, consts, device)
-        if slot.outputs is None:
+        if slot.outputs is None and not into:
             taken: collections.Counter[tuple] = collections.Counter()
             slot.outputs = tuple(None if o is None else
                                  self._buffer("shared-out" if i in share else "out", i, _padded_shape(o, None), taken,
@@ -247,12 +263,16 @@ class GraphRunner:
         del outs, warm
         self._wrote(slot.load(inputs, slot.n))
 
+        outputs = tuple(into) or slot.outputs
+
         def body() -> None:
-            for buf, out in zip(slot.outputs, fn(*slot.inputs, *consts, outs=slot.outputs)):
+            for buf, out in zip(outputs, fn(*slot.inputs, *consts, outs=outputs)):
                 if buf is not None and out.data_ptr() != buf.data_ptr():
                     buf.copy_(out)
 
-        return self._record(body, device)
+        graph = self._record(body, device)
+        graph.outputs = outputs
+        return graph
 
     # The two CUDA-specific steps (a CPU test replaces them to check the bookkeeping in CI).
     def _warm_up(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
@@ -299,7 +319,7 @@ class GraphRunner:
             for key in list(keys):
                 slot = self._slots[key]
                 if any(b is not None and b._base is not None and id(b._base) not in live
-                       for b in (*slot.inputs, *slot.outputs)):
+                       for b in (*slot.inputs, *(slot.outputs or ()))):
                     del self._slots[key]
                     keys.remove(key)
             if not keys:

@@ -13,6 +13,7 @@ State lives on objects that the patched modules reach through their own attribut
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -166,15 +167,29 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
 
 @dataclasses.dataclass
 class MLPChoice:
-    idx: torch.Tensor            # intermediate channels kept (gate/up rows, down columns)
+    buffer: torch.Tensor         # where the choice lives (its layer's buffer, or a copy)
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """Intermediate channels kept (gate/up rows, down columns)."""
+        return self.buffer
+
+    def copy(self) -> MLPChoice:
+        return MLPChoice(self.buffer.clone())
 
 
 @dataclasses.dataclass
 class AttnChoice:
+    buffer: torch.Tensor         # q_idx, k_idx, v_idx, o_idx packed (their views below)
     q_idx: torch.Tensor
     k_idx: torch.Tensor
     v_idx: torch.Tensor
     o_idx: torch.Tensor
+
+    def copy(self) -> AttnChoice:
+        buffer = self.buffer.clone()
+        return AttnChoice(buffer, *unpacked(buffer, [t.shape for t in (self.q_idx, self.k_idx, self.v_idx,
+                                                                       self.o_idx)]))
 
 
 class BatchRecord:
@@ -184,6 +199,10 @@ class BatchRecord:
         self.split = split
         self.choices: dict[tuple[int, str], MLPChoice | AttnChoice | None] = {}
         self.counted: set[tuple[int, str]] = set()    # (layer, kind) whose sparse work was counted
+        # A choice lives in its layer's index buffer until a later forward's choice needs it:
+        # the buffer's write count (SparseState.choice_writes) when this record's choice went in.
+        self.writes: dict[tuple[int, str], int] = {}
+        self.finished = False        # a backward through this forward's outputs has ended
 
 
 class _EnterBackward:
@@ -228,10 +247,15 @@ class SparseState:
         self._warned: set[str] = set()
         self._graphs = GraphRunner()
         self._captures_logged = 0
+        self._choice_buffers: dict[tuple, torch.Tensor] = {}
+        self.owners: dict[tuple[int, str], BatchRecord] = {}    # whose choice each buffer holds
+        self.choice_writes: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._entered: list[BatchRecord] = []
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged"):
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged", "_choice_buffers",
+                    "owners", "choice_writes", "_entered"):
             state.pop(key)
         return state
 
@@ -288,10 +312,25 @@ class SparseState:
     def enter_backward(self, record: BatchRecord | None) -> None:
         if self._backward is _NO_BACKWARD:
             torch.autograd.Variable._execution_engine.queue_callback(self._leave_backward)
+            self._entered = []
         self._backward = record
+        if record is not None:
+            self._entered.append(record)
 
     def _leave_backward(self) -> None:
         self._backward = _NO_BACKWARD
+        for record in self._entered:
+            record.finished = True
+        self._entered = []
+
+    def choice_buffer(self, layer: int, kind: str, size: int, device: torch.device) -> torch.Tensor:
+        """Layer ``layer``'s buffer for its ``kind`` channel choice (``size`` indices): the choice
+        is written there and the sparse functions' CUDA graphs read it there, so neither copies
+        it; ``owners`` says which forward's choice it holds."""
+        key = (layer, kind, device)
+        if key not in self._choice_buffers or self._choice_buffers[key].numel() != size:
+            self._choice_buffers[key] = torch.zeros(size, dtype=torch.long, device=device)
+        return self._choice_buffers[key]
 
     def record_for_call(self) -> BatchRecord | None:
         """The record a patched layer computes with now: in backward (a checkpointed layer's
@@ -376,18 +415,35 @@ class LayerSparsity:
 
     def _cached(self, kind: str, hidden: torch.Tensor, choose, record: BatchRecord):
         key = (self.layer, kind)
+        state = self.state
         if key in record.choices:
-            return record.choices[key]
+            choice = record.choices[key]
+            if key in record.writes and state.choice_writes[key] != record.writes[key]:
+                raise RuntimeError(
+                    "sparse_unsloth: the channels this forward chose were overwritten by a later forward "
+                    "after a backward through it had ended (a second backward with retain_graph=True "
+                    "after another training forward?). Run each backward before the next forward, or "
+                    "train this model dense.")
+            return choice
         if record.split.sparse_idx.numel() == 0:
-            choice = None               # every real token is an output token: nothing to skip
-        else:
-            start = time.perf_counter()
-            # Channel choice is discrete: no gradient flows through it, and recording a graph
-            # would make checkpointing's recompute (which hits the cache) save fewer tensors.
-            with torch.no_grad():
-                choice = choose(hidden.detach(), record.split)
-            self.state.stats["estimator_s"] += time.perf_counter() - start
+            record.choices[key] = None      # every real token is an output token: nothing to skip
+            return None
+        owner = state.owners.get(key)
+        if owner is not None and owner is not record and not owner.finished and key in owner.writes:
+            # An earlier forward still to be differentiated (two forwards, one backward): it
+            # keeps a copy of its choice before this one takes the buffer.
+            owner.choices[key] = owner.choices[key].copy()
+            del owner.writes[key]
+        start = time.perf_counter()
+        # Channel choice is discrete: no gradient flows through it, and recording a graph
+        # would make checkpointing's recompute (which hits the cache) save fewer tensors.
+        with torch.no_grad():
+            choice = choose(hidden.detach(), record.split)
+        state.stats["estimator_s"] += time.perf_counter() - start
         record.choices[key] = choice
+        state.choice_writes[key] += 1
+        record.writes[key] = state.choice_writes[key]
+        state.owners[key] = record
         return choice
 
     def mlp_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> MLPChoice | None:
@@ -401,9 +457,10 @@ class LayerSparsity:
             keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
             average = state.config.ffn_seq_average
             sequences = split.sequence_matrix(hidden.dtype) if average else None
-            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
-                                          (*gate, *up, keep, average), rows=((0, 1, 2), ()))
-            return MLPChoice(idx)
+            buffer = state.choice_buffer(self.layer, "mlp", keep, hidden.device)
+            state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
+                                 (*gate, *up, keep, average), rows=((0, 1, 2), ()), into=(buffer,))
+            return MLPChoice(buffer)
 
         return self._cached("mlp", hidden, choose, record)
 
@@ -419,10 +476,12 @@ class LayerSparsity:
             f = state.factors_like(hidden)
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
             keep = self.attn_kept()
-            (flat,) = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
-                                           (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
-                                           rows=((0, 1), ()))
-            return AttnChoice(*unpacked(flat, attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)))
+            sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
+            buffer = state.choice_buffer(self.layer, "attn", sum(s[0] for s in sizes), hidden.device)
+            state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
+                                 (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
+                                 rows=((0, 1), ()), into=(buffer,))
+            return AttnChoice(buffer, *unpacked(buffer, sizes))
 
         return self._cached("attn", hidden, choose, record)
 
