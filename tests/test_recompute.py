@@ -77,6 +77,22 @@ def test_two_forwards_then_one_backward(backend, config, monkeypatch):
     assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
 
 
+def test_two_forwards_then_one_backward_without_checkpointing(monkeypatch):
+    """No recompute: the first forward's backward asks for its indices, which the second forward's
+    choice moved out of their buffers (a kept reference would read the second one's)."""
+    model = tiny_lora_model("llama")
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
+    su.sparsify(model, MLP_ONLY, progress=False)
+    su.sparse_state(model).callback_attached = True
+    (a, la), (b, lb) = token_batch(seed=1), token_batch(seed=2)
+    _, grads_a = train_step(model, input_ids=a, labels=la)
+    _, grads_b = train_step(model, input_ids=b, labels=lb)
+    model.zero_grad(set_to_none=True)
+    (model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
+
+
 def test_one_forward_at_a_time_keeps_the_choices_in_place(monkeypatch):
     """The usual loop (forward, backward, next forward) copies no choice: each layer's stays in
     its buffer, which the CUDA graphs read in place."""
@@ -87,8 +103,9 @@ def test_one_forward_at_a_time_keeps_the_choices_in_place(monkeypatch):
         train_step(model, input_ids=ids, labels=labels)
         record = state.owners[0, "mlp"]
         assert record.finished and record.writes
-        for (layer, kind), choice in record.choices.items():
-            assert choice.buffer is state._choice_buffers[layer, kind, choice.buffer.device]
+        for key, choice in record.choices.items():
+            assert choice.buffer is state._buffers[key, choice.buffer.device]
+        assert record.dense_rows is state._buffers[("dense", record.dense_rows.numel()), record.dense_rows.device]
 
 
 def test_a_choice_overwritten_before_a_second_backward_is_an_error(monkeypatch):

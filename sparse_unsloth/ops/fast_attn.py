@@ -8,6 +8,8 @@ o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are den
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .graphs import Runner, run_eager
@@ -28,7 +30,7 @@ from .sparse_mm import (
 )
 
 
-def _qkv_forward(x, dense_idx, q_idx, k_idx, v_idx, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias,
+def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias,
                  v_w, v_a, v_b, v_s, v_bias, outs=None):
     """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx`` (written into
     ``outs`` when given)."""
@@ -40,7 +42,7 @@ def _qkv_forward(x, dense_idx, q_idx, k_idx, v_idx, q_w, q_a, q_b, q_s, q_bias, 
                  for (w, a, b, s, bias, idx), buf in zip(projs, outs or (None, None, None)))
 
 
-def _qkv_backward(dq, dk, dv, x, dense_idx, q_idx, k_idx, v_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
+def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
                   v_w, v_a, v_b, v_s, bias_grads, outs=None):
     """(dx, packed (dq_a, dq_b, dq_bias, dk_a, ...)): a bias's gradient where ``bias_grads`` says so."""
     grads = [d.to(x.dtype) for d in (dq, dk, dv)]
@@ -61,14 +63,16 @@ class _SparseLoRAQKV(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias,
-                q_idx, k_idx, v_idx, dense_idx, run):
+                q_idx, k_idx, v_idx, dense_idx, run, indices_now):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         consts = (q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias)
-        # Kept channels as consts, read in place by a CUDA graph (see fast_mlp).
-        outs = run(_qkv_forward, (x2, dense_idx), (q_idx, k_idx, v_idx, *consts), rows=((0,), (0, 1, 2)))
+        # Kept channels and dense rows as consts, read in place by a CUDA graph (see fast_mlp).
+        outs = run(_qkv_forward, (x2,), (q_idx, k_idx, v_idx, dense_idx, *consts), rows=((0,), (0, 1, 2)))
         ctx.weights, ctx.scales, ctx.biases, ctx.run = (q_w, k_w, v_w), (q_s, k_s, v_s), (q_bias, k_bias, v_bias), run
-        ctx.save_for_backward(x2, q_idx, k_idx, v_idx, dense_idx, q_a, q_b, k_a, k_b, v_a, v_b)
+        ctx.indices_now = indices_now
+        indices = (None,) * 4 if indices_now else (q_idx, k_idx, v_idx, dense_idx)
+        ctx.save_for_backward(x2, *indices, q_a, q_b, k_a, k_b, v_a, v_b)
         ctx.in_shape = shape
         return tuple(o.view(*shape[:-1], -1) for o in outs)
 
@@ -76,10 +80,12 @@ class _SparseLoRAQKV(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dq, dk, dv):
         x, q_idx, k_idx, v_idx, dense_idx, *loras = ctx.saved_tensors
+        if ctx.indices_now is not None:
+            q_idx, k_idx, v_idx, dense_idx = ctx.indices_now()
         consts = [c for w, a, b, s in zip(ctx.weights, loras[0::2], loras[1::2], ctx.scales) for c in (w, a, b, s)]
         needed = tuple(bias is not None and need for bias, need in zip(ctx.biases, ctx.needs_input_grad[5::5]))
-        grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, dense_idx),
-                        (q_idx, k_idx, v_idx, *consts, needed), rows=((0, 1, 2, 3), (0,)))
+        grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x),
+                        (q_idx, k_idx, v_idx, dense_idx, *consts, needed), rows=((0, 1, 2, 3), (0,)))
         dx, flat = grads
         shapes = [s for (a, b), bias, need in zip(zip(loras[0::2], loras[1::2]), ctx.biases, needed)
                   for s in ((a.shape, b.shape, bias.shape) if need else (a.shape, b.shape))]
@@ -88,15 +94,15 @@ class _SparseLoRAQKV(torch.autograd.Function):
         for bias, need in zip(ctx.biases, needed):
             d_a, d_b = next(small), next(small)
             out += [None, d_a, d_b, None, next(small).to(bias.dtype) if need else None]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
-def _o_forward(x, dense_idx, idx, w, a, b, s, bias, outs=None):
+def _o_forward(x, idx, dense_idx, w, a, b, s, bias, outs=None):
     out = keep_rows([(x, weight_like(w, x).t(), kept_channels(idx))], dense_idx, outs and outs[0])
     return (add_bias_(add_lora_(out, x, cast_like(a, x), cast_like(b, x), s), bias),)
 
 
-def _o_backward(dy, x, dense_idx, idx, w, a, b, s, bias_grad, outs=None):
+def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
     dy, a = dy.to(x.dtype), cast_like(a, x)
     d_a, d_b, dyb = lora_grads(x, dy, a, cast_like(b, x), s)
     dx = keep_cols_(torch.mm(dyb, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
@@ -106,37 +112,44 @@ def _o_backward(dy, x, dense_idx, idx, w, a, b, s, bias_grad, outs=None):
 class _SparseLoRAO(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run):
+    def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run, indices_now):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        (out,) = run(_o_forward, (x2, dense_idx), (idx, w, a, b, s, bias), rows=((0,), (0,)))
+        (out,) = run(_o_forward, (x2,), (idx, dense_idx, w, a, b, s, bias), rows=((0,), (0,)))
         ctx.weight, ctx.scale, ctx.bias, ctx.run = w, s, bias, run
-        ctx.save_for_backward(x2, idx, dense_idx, a, b)
+        ctx.indices_now = indices_now
+        ctx.save_for_backward(x2, *((None, None) if indices_now else (idx, dense_idx)), a, b)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, idx, dense_idx, a, b = ctx.saved_tensors
+        if ctx.indices_now is not None:
+            idx, dense_idx = ctx.indices_now()
         needed = ctx.bias is not None and ctx.needs_input_grad[5]
-        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x, dense_idx),
-                           (idx, ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
+        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x),
+                           (idx, dense_idx, ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
         d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([ctx.bias.shape] if needed else [])])
         d_bias = d_bias[0].to(ctx.bias.dtype) if needed else None
-        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None
+        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None, None
 
 
 def sparse_lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor,
                     k_idx: torch.Tensor, v_idx: torch.Tensor, dense_idx: torch.Tensor | None,
-                    run: Runner = run_eager) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    run: Runner = run_eager, indices_now: Callable[[], tuple] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q, K, V) of ``x`` (``[..., hidden]``), context rows keeping output channels ``*_idx``.
 
     ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
+    ``indices_now``: the backward's source of ``(q_idx, k_idx, v_idx, dense_idx)`` (see
+    :func:`~sparse_unsloth.ops.fast_mlp.sparse_lora_mlp`).
     """
-    return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx, run)
+    return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx, run, indices_now)
 
 
-def sparse_lora_o(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor,
-                  dense_idx: torch.Tensor | None, run: Runner = run_eager) -> torch.Tensor:
-    """The O projection of ``x``, context rows reading only input channels ``idx``."""
-    return _SparseLoRAO.apply(x, *o, idx, dense_idx, run)
+def sparse_lora_o(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.Tensor | None,
+                  run: Runner = run_eager, indices_now: Callable[[], tuple] | None = None) -> torch.Tensor:
+    """The O projection of ``x``, context rows reading only input channels ``idx``
+    (``indices_now``: the backward's source of ``(idx, dense_idx)``)."""
+    return _SparseLoRAO.apply(x, *o, idx, dense_idx, run, indices_now)

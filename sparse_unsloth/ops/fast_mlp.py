@@ -51,7 +51,7 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
     return f * g, dh * f, d_gate.to(dh.dtype)
 
 
-def _forward(x, dense_idx, idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
+def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
              down_b, down_s, act_forward, keep_acts, outs=None):
     """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``), written
     into ``outs`` when given (a CUDA graph's buffers)."""
@@ -69,7 +69,7 @@ def _forward(x, dense_idx, idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     return (out, e, g) if keep_acts else (out, None, None)
 
 
-def _backward(dy, x, e, g, dense_idx, idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
+def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
               down_a, down_b, down_s, act_backward, outs=None):
     """(dx, the LoRA gradients packed: gate A, B, up A, B, down A, B); overwrites ``e`` and ``g``."""
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
@@ -95,7 +95,7 @@ class _SparseLoRAMLP(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts):
+                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts, indices_now):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # The weights themselves (or their dequantizing functions), never a pass's copies: a
@@ -107,14 +107,15 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # buffers (no copy out, none back in), checked in backward to be untouched.
         share = (1, 2) if (keep_acts and isinstance(run, GraphRunner)
                            and torch._C._current_graph_task_id() != -1) else ()
-        # The kept channels go in with the weights, as consts: a CUDA graph reads them where
-        # they are (the patch keeps each layer's choice in one buffer), no copy per pass.
-        out, e, g = run(_forward, (x2, dense_idx),
-                        (idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
+        # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
+        # them where they are (the patch keeps them in buffers of their own), no copy per pass.
+        out, e, g = run(_forward, (x2,),
+                        (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
                          down_s, act_forward, keep_acts), share=share, rows=((0,), (0, 1, 2)))
-        ctx.act_backward, ctx.run = act_backward, run
+        ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
         ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
-        ctx.save_for_backward(x2, *((None, None) if share else (e, g)), idx, dense_idx, *loras)
+        ctx.save_for_backward(x2, *((None, None) if share else (e, g)),
+                              *((None, None) if indices_now else (idx, dense_idx)), *loras)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -133,24 +134,29 @@ class _SparseLoRAMLP(torch.autograd.Function):
             raise RuntimeError("the sparse MLP ran without keeping its activations (grad mode was off "
                                "when it was called), so it has no backward")
         gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
-        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g, dense_idx),
-                        (idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
+        if ctx.indices_now is not None:
+            idx, dense_idx = ctx.indices_now()
+        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g),
+                        (idx, dense_idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
                         adopt=(2, 3), rows=((0, 1, 2, 3), (0,)))
         dx, flat = grads
         d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(
             flat, [t.shape for t in (ga, gb, ua, ub, da, db)])
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
-                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None)
 
 
 def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                     idx: torch.Tensor, dense_idx: torch.Tensor | None,
                     act_forward: Callable = swiglu_forward,
-                    act_backward: Callable = swiglu_backward, run: Runner = run_eager) -> torch.Tensor:
+                    act_backward: Callable = swiglu_backward, run: Runner = run_eager,
+                    indices_now: Callable[[], tuple] | None = None) -> torch.Tensor:
     """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
 
     ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; repeats are
     fine). ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
+    ``indices_now``: where the indices live in buffers that a later forward may take, the
+    backward asks it for ``(idx, dense_idx)`` as they are then, instead of keeping them.
     """
     if any(p.bias is not None for p in (gate, up, down)):
         raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
@@ -158,4 +164,4 @@ def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAPro
     keep_acts = torch.is_grad_enabled() and (x.requires_grad or any(
         t.requires_grad for p in (gate, up, down) for t in (p.lora_a, p.lora_b)))
     return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward,
-                                run, keep_acts)
+                                run, keep_acts, indices_now)

@@ -199,10 +199,33 @@ class BatchRecord:
         self.split = split
         self.choices: dict[tuple[int, str], MLPChoice | AttnChoice | None] = {}
         self.counted: set[tuple[int, str]] = set()    # (layer, kind) whose sparse work was counted
-        # A choice lives in its layer's index buffer until a later forward's choice needs it:
-        # the buffer's write count (SparseState.choice_writes) when this record's choice went in.
-        self.writes: dict[tuple[int, str], int] = {}
+        # A choice (and the padded dense rows) live in a buffer of the state until a later
+        # forward needs it: the buffer's write count (SparseState.writes) when this record's went in.
+        self.writes: dict[tuple, int] = {}
         self.finished = False        # a backward through this forward's outputs has ended
+        self.dense_rows: torch.Tensor | None = None     # placed by SparseState.dense_rows
+
+    def keep_copy(self, key: tuple) -> None:
+        """Copy what this record holds in the buffer ``key`` out of it (a later forward takes it)."""
+        if key[0] == "dense":
+            self.dense_rows = self.dense_rows.clone()
+        else:
+            self.choices[key] = self.choices[key].copy()
+        del self.writes[key]
+
+
+class IndicesNow:
+    """What a sparse function's backward asks for the indices of its forward: the record's as they
+    are then (in their buffers, or in the copies a later forward left it), checked intact."""
+
+    def __init__(self, state: SparseState, record: BatchRecord, key: tuple[int, str], fields: tuple[str, ...],
+                 ) -> None:
+        self.state, self.record, self.key, self.fields = state, record, key, fields
+
+    def __call__(self) -> tuple:
+        self.state.check_intact(self.record, self.key)
+        choice = self.record.choices[self.key]
+        return (*(getattr(choice, f) for f in self.fields), self.state.dense_rows(self.record))
 
 
 class _EnterBackward:
@@ -247,15 +270,15 @@ class SparseState:
         self._warned: set[str] = set()
         self._graphs = GraphRunner()
         self._captures_logged = 0
-        self._choice_buffers: dict[tuple, torch.Tensor] = {}
-        self.owners: dict[tuple[int, str], BatchRecord] = {}    # whose choice each buffer holds
-        self.choice_writes: collections.Counter[tuple[int, str]] = collections.Counter()
+        self._buffers: dict[tuple, torch.Tensor] = {}        # see take()
+        self.owners: dict[tuple, BatchRecord] = {}           # whose indices each buffer holds
+        self.writes: collections.Counter[tuple] = collections.Counter()
         self._entered: list[BatchRecord] = []
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged", "_choice_buffers",
-                    "owners", "choice_writes", "_entered"):
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged", "_buffers",
+                    "owners", "writes", "_entered"):
             state.pop(key)
         return state
 
@@ -323,14 +346,44 @@ class SparseState:
             record.finished = True
         self._entered = []
 
-    def choice_buffer(self, layer: int, kind: str, size: int, device: torch.device) -> torch.Tensor:
-        """Layer ``layer``'s buffer for its ``kind`` channel choice (``size`` indices): the choice
-        is written there and the sparse functions' CUDA graphs read it there, so neither copies
-        it; ``owners`` says which forward's choice it holds."""
-        key = (layer, kind, device)
-        if key not in self._choice_buffers or self._choice_buffers[key].numel() != size:
-            self._choice_buffers[key] = torch.zeros(size, dtype=torch.long, device=device)
-        return self._choice_buffers[key]
+    def take(self, key: tuple, record: BatchRecord, size: int, device: torch.device) -> torch.Tensor:
+        """The buffer ``key`` (``size`` indices), handed to ``record`` to write its own into.
+
+        A layer's channel choice (key ``(layer, kind)``) and a size of padded dense rows (key
+        ``("dense", size)``) each have one buffer; the sparse functions' CUDA graphs read it in
+        place, as a const. An earlier forward that still holds it and whose backward has not
+        run (two forwards, one backward) keeps a copy first.
+        """
+        owner = self.owners.get(key)
+        if owner is not None and owner is not record and not owner.finished and key in owner.writes:
+            owner.keep_copy(key)
+        where = (key, device)
+        if where not in self._buffers or self._buffers[where].numel() != size:
+            self._buffers[where] = torch.zeros(size, dtype=torch.long, device=device)
+        self.writes[key] += 1
+        record.writes[key] = self.writes[key]
+        self.owners[key] = record
+        return self._buffers[where]
+
+    def check_intact(self, record: BatchRecord, key: tuple) -> None:
+        """Refuse to compute with what ``record`` holds in buffer ``key`` if a later forward wrote it."""
+        if key in record.writes and self.writes[key] != record.writes[key]:
+            raise RuntimeError(
+                "sparse_unsloth: the channels this forward chose were overwritten by a later forward "
+                "after a backward through it had ended (a second backward with retain_graph=True "
+                "after another training forward?). Run each backward before the next forward, or "
+                "train this model dense.")
+
+    def dense_rows(self, record: BatchRecord) -> torch.Tensor | None:
+        """``record``'s padded dense rows (TokenSplit.dense_rows), in the buffer of their size."""
+        rows = record.split.dense_rows
+        if rows is None:
+            return None
+        key = ("dense", rows.numel())
+        if record.dense_rows is None:
+            record.dense_rows = self.take(key, record, rows.numel(), rows.device).copy_(rows)
+        self.check_intact(record, key)
+        return record.dense_rows
 
     def record_for_call(self) -> BatchRecord | None:
         """The record a patched layer computes with now: in backward (a checkpointed layer's
@@ -417,33 +470,18 @@ class LayerSparsity:
         key = (self.layer, kind)
         state = self.state
         if key in record.choices:
-            choice = record.choices[key]
-            if key in record.writes and state.choice_writes[key] != record.writes[key]:
-                raise RuntimeError(
-                    "sparse_unsloth: the channels this forward chose were overwritten by a later forward "
-                    "after a backward through it had ended (a second backward with retain_graph=True "
-                    "after another training forward?). Run each backward before the next forward, or "
-                    "train this model dense.")
-            return choice
+            state.check_intact(record, key)
+            return record.choices[key]
         if record.split.sparse_idx.numel() == 0:
             record.choices[key] = None      # every real token is an output token: nothing to skip
             return None
-        owner = state.owners.get(key)
-        if owner is not None and owner is not record and not owner.finished and key in owner.writes:
-            # An earlier forward still to be differentiated (two forwards, one backward): it
-            # keeps a copy of its choice before this one takes the buffer.
-            owner.choices[key] = owner.choices[key].copy()
-            del owner.writes[key]
         start = time.perf_counter()
         # Channel choice is discrete: no gradient flows through it, and recording a graph
         # would make checkpointing's recompute (which hits the cache) save fewer tensors.
         with torch.no_grad():
-            choice = choose(hidden.detach(), record.split)
+            choice = choose(hidden.detach(), record)
         state.stats["estimator_s"] += time.perf_counter() - start
         record.choices[key] = choice
-        state.choice_writes[key] += 1
-        record.writes[key] = state.choice_writes[key]
-        state.owners[key] = record
         return choice
 
     def mlp_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> MLPChoice | None:
@@ -451,13 +489,14 @@ class LayerSparsity:
             return None
         state = self.state
 
-        def choose(hidden: torch.Tensor, split: TokenSplit) -> MLPChoice:
+        def choose(hidden: torch.Tensor, record: BatchRecord) -> MLPChoice:
+            split = record.split
             f = state.factors_like(hidden)
             gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
             keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
             average = state.config.ffn_seq_average
             sequences = split.sequence_matrix(hidden.dtype) if average else None
-            buffer = state.choice_buffer(self.layer, "mlp", keep, hidden.device)
+            buffer = state.take((self.layer, "mlp"), record, keep, hidden.device)
             state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
                                  (*gate, *up, keep, average), rows=((0, 1, 2), ()), into=(buffer,))
             return MLPChoice(buffer)
@@ -472,12 +511,13 @@ class LayerSparsity:
             return None
         state, geo = self.state, self.state.geometry
 
-        def choose(hidden: torch.Tensor, split: TokenSplit) -> AttnChoice:
+        def choose(hidden: torch.Tensor, record: BatchRecord) -> AttnChoice:
+            split = record.split
             f = state.factors_like(hidden)
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
             keep = self.attn_kept()
             sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
-            buffer = state.choice_buffer(self.layer, "attn", sum(s[0] for s in sizes), hidden.device)
+            buffer = state.take((self.layer, "attn"), record, sum(s[0] for s in sizes), hidden.device)
             state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
                                  (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
                                  rows=((0, 1), ()), into=(buffer,))

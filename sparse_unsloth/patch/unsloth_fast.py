@@ -32,7 +32,7 @@ from ..ops.fast_mlp import sparse_lora_mlp, swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj
 from .models import decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
-from .state import LayerSparsity
+from .state import IndicesNow, LayerSparsity
 
 _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
@@ -178,7 +178,7 @@ def _dense_attn(attn: nn.Module, name: str) -> Callable:
 
 
 def _pick_mlp(self: nn.Module, x: torch.Tensor):
-    """(kept channels, dense rows) for this forward, or None.
+    """(choice, dense rows, record) for this forward, or None.
 
     Called only when the sparse function will run, so the statistics count what ran sparse.
     """
@@ -188,7 +188,7 @@ def _pick_mlp(self: nn.Module, x: torch.Tensor):
     if choice is None:
         return None
     ctl.count(record, "mlp")
-    return choice.idx, record.split.dense_rows
+    return choice, ctl.state.dense_rows(record), record
 
 
 def _pick_attn(self: nn.Module, x: torch.Tensor):
@@ -198,7 +198,7 @@ def _pick_attn(self: nn.Module, x: torch.Tensor):
     if choice is None:
         return None
     ctl.count(record, "attn")
-    return choice, record.split.dense_rows
+    return choice, ctl.state.dense_rows(record), record
 
 
 def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +206,11 @@ def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     picked = None if any(p is None for p in projs) else _pick_mlp(self, x)
     if picked is None:
         return _dense_mlp(self, x)
-    return sparse_lora_mlp(x, *projs, *picked, *_swiglu(x), run=self.__dict__[_CTL].state.runner(x))
+    choice, dense_idx, record = picked
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    now = IndicesNow(ctl.state, record, (ctl.layer, "mlp"), ("idx",))
+    return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=ctl.state.runner(x),
+                           indices_now=now)
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
@@ -214,9 +218,11 @@ def _sparse_qkv(self: nn.Module, x: torch.Tensor):
     picked = None if any(p is None for p in projs) else _pick_attn(self, x)
     if picked is None:
         return _dense_attn(self, "apply_qkv")(self, x)
-    choice, dense_idx = picked
+    choice, dense_idx, record = picked
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    now = IndicesNow(ctl.state, record, (ctl.layer, "attn"), ("q_idx", "k_idx", "v_idx"))
     return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx,
-                           run=self.__dict__[_CTL].state.runner(x))
+                           run=ctl.state.runner(x), indices_now=now)
 
 
 def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -224,8 +230,10 @@ def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     picked = None if proj is None else _pick_attn(self, x)
     if picked is None:
         return _dense_attn(self, "apply_o")(self, x)
-    choice, dense_idx = picked
-    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=self.__dict__[_CTL].state.runner(x))
+    choice, dense_idx, record = picked
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    now = IndicesNow(ctl.state, record, (ctl.layer, "attn"), ("o_idx",))
+    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=ctl.state.runner(x), indices_now=now)
 
 
 # Never traced by Dynamo: inside Unsloth's compiled block each one is a graph break.
