@@ -112,3 +112,28 @@ def cuda_subset(gen, n, k):
     """``k`` of ``range(n)``, sorted, on the GPU."""
     return torch.randperm(n, device="cuda", generator=gen)[:k].sort().values
 
+
+def cpu_graphs(**kw):
+    """A GraphRunner whose "graph" calls its body again (only its two CUDA steps replaced), so that
+    its bookkeeping runs on the CPU; ``.replays`` counts the replays."""
+    import types
+
+    from sparse_unsloth.ops.graphs import GraphRunner
+
+    class CPUGraphs(GraphRunner):
+        def __init__(self, **kw) -> None:
+            super().__init__(**kw)
+            self.replays = 0
+
+        def _warm_up(self, fn, inputs, consts, device):
+            with torch.no_grad():
+                return fn(*inputs, *consts)
+
+        def _record(self, body, device):
+            def replay():
+                self.replays += 1
+                body()
+            return types.SimpleNamespace(replay=replay)
+
+    return CPUGraphs(**kw)
+

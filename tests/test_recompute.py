@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_same_grads, tiny_lora_model, token_batch, train_step
+from helpers import assert_same_grads, cpu_graphs, tiny_lora_model, token_batch, train_step
 
 import sparse_unsloth as su
 from sparse_unsloth.patch import reference, unsloth_fast
@@ -55,49 +55,50 @@ def test_interleaved_forward_leaves_gradients_unchanged(backend, config, reentra
     assert_same_grads(got, want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend,config", [(reference, CONFIG), (unsloth_fast, MLP_ONLY)],
-                         ids=["reference", "fast"])
-def test_two_forwards_then_one_backward(backend, config, monkeypatch):
-    """DPO's chosen and rejected forwards, one loss: each recompute uses its own forward's
-    channels, though the second forward's choice took each layer's index buffer."""
-    model = _checkpointed(backend, config, False, monkeypatch)
+def _in_place(model, monkeypatch):
+    """The fast path's indices in the shared buffers, as with CUDA graphs (their CPU stand-in)."""
+    state = su.sparse_state(model)
+    runner = cpu_graphs()
+    monkeypatch.setattr(state, "runner", lambda _t: runner)
+    return state
+
+
+@pytest.mark.parametrize("backend,config,in_place", [(reference, CONFIG, False), (unsloth_fast, MLP_ONLY, False),
+                                                     (unsloth_fast, MLP_ONLY, True)],
+                         ids=["reference", "fast", "fast-in-place"])
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["checkpointed", "not-checkpointed"])
+def test_two_forwards_then_one_backward(backend, config, in_place, checkpointed, monkeypatch):
+    """DPO's chosen and rejected forwards, one loss: each backward uses its own forward's
+    channels, though (in place) the second forward's choice took each layer's index buffer."""
+    if checkpointed:
+        model = _checkpointed(backend, config, False, monkeypatch)
+    else:
+        model = tiny_lora_model("llama")
+        monkeypatch.setattr(sparsify_module, "_backend", lambda _m: backend)
+        su.sparsify(model, config, progress=False)
+        su.sparse_state(model).callback_attached = True
+    state = _in_place(model, monkeypatch) if in_place else su.sparse_state(model)
     (a, la), (b, lb) = token_batch(seed=1), token_batch(batch=2, seq=9, context=3, seed=2)
     _, grads_a = train_step(model, input_ids=a, labels=la)
     _, grads_b = train_step(model, input_ids=b, labels=lb)
     model.zero_grad(set_to_none=True)
-    state = su.sparse_state(model)
     loss_a = model(input_ids=a, labels=la).loss
     first = state.current
     loss_b = model(input_ids=b, labels=lb).loss
-    chosen = [key for key, choice in first.choices.items() if choice is not None]
-    assert chosen and not first.writes              # the first forward kept copies of its choices
-    assert all(first.choices[key].buffer is not state.owners[key].choices[key].buffer for key in chosen)
+    if in_place:
+        chosen = [key for key, choice in first.choices.items() if choice is not None]
+        assert chosen and not first.writes          # the first forward kept copies of its indices
+        assert all(first.choices[key].buffer is not state.owners[key].choices[key].buffer for key in chosen)
     (loss_a + loss_b).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
 
 
-def test_two_forwards_then_one_backward_without_checkpointing(monkeypatch):
-    """No recompute: the first forward's backward asks for its indices, which the second forward's
-    choice moved out of their buffers (a kept reference would read the second one's)."""
-    model = tiny_lora_model("llama")
-    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
-    su.sparsify(model, MLP_ONLY, progress=False)
-    su.sparse_state(model).callback_attached = True
-    (a, la), (b, lb) = token_batch(seed=1), token_batch(seed=2)
-    _, grads_a = train_step(model, input_ids=a, labels=la)
-    _, grads_b = train_step(model, input_ids=b, labels=lb)
-    model.zero_grad(set_to_none=True)
-    (model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss).backward()
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
-
-
 def test_one_forward_at_a_time_keeps_the_choices_in_place(monkeypatch):
-    """The usual loop (forward, backward, next forward) copies no choice: each layer's stays in
-    its buffer, which the CUDA graphs read in place."""
+    """The usual loop (forward, backward, next forward) copies no index: each layer's choice and
+    the dense rows stay in their buffers, which the CUDA graphs read in place."""
     model = _checkpointed(unsloth_fast, MLP_ONLY, False, monkeypatch)
-    state = su.sparse_state(model)
+    state = _in_place(model, monkeypatch)
     for seed in (1, 2):
         ids, labels = token_batch(seed=seed)
         train_step(model, input_ids=ids, labels=labels)
@@ -109,7 +110,8 @@ def test_one_forward_at_a_time_keeps_the_choices_in_place(monkeypatch):
 
 
 def test_a_choice_overwritten_before_a_second_backward_is_an_error(monkeypatch):
-    model = _checkpointed(reference, CONFIG, False, monkeypatch)
+    model = _checkpointed(unsloth_fast, MLP_ONLY, False, monkeypatch)
+    _in_place(model, monkeypatch)
     (a, la), (b, lb) = token_batch(seed=1), token_batch(seed=2)
     model.train()
     loss_a = model(input_ids=a, labels=la).loss

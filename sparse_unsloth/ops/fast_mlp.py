@@ -114,7 +114,11 @@ class _SparseLoRAMLP(torch.autograd.Function):
                          down_s, act_forward, keep_acts), share=share, rows=((0,), (0, 1, 2)))
         ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
         ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
-        ctx.save_for_backward(x2, *((None, None) if share else (e, g)),
+        # Shared or not, e and g are saved as [tokens, channels]: non-reentrant checkpointing
+        # wants the recompute to save what the first forward saved (a shared buffer's real rows
+        # are only a view of it; the backward reads the whole, padded buffer).
+        n = x2.shape[0]
+        ctx.save_for_backward(x2, *(None if t is None else t[:n] for t in (e, g)),
                               *((None, None) if indices_now else (idx, dense_idx)), *loras)
         return out.view(*shape[:-1], out.shape[-1])
 

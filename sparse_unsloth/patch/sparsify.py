@@ -105,6 +105,7 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
                               model_id=name, progress=progress,
                               revision=getattr(model_config(model), "_commit_hash", None) or "")
     state = SparseState(config, factors, attention_geometry(model))
+    state.fast = backend is unsloth_fast
     try:
         for i, layer in enumerate(layers):
             ctl = LayerSparsity(state, i)

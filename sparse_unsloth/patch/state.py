@@ -256,6 +256,7 @@ class SparseState:
         self.enabled = True          # the callback turns this off for the dense warm-up
         self.layers: dict[int, LayerSparsity] = {}
         self.callback_attached = False
+        self.fast = False                    # the Unsloth fast path's functions run the layers
         self.sparse_batches_total = 0        # never reset: the callback counts sparse steps by it
         self._transient()
         self.reset_stats()
@@ -377,8 +378,8 @@ class SparseState:
     def dense_rows(self, record: BatchRecord) -> torch.Tensor | None:
         """``record``'s padded dense rows (TokenSplit.dense_rows), in the buffer of their size."""
         rows = record.split.dense_rows
-        if rows is None:
-            return None
+        if rows is None or not self.in_place(rows):
+            return rows
         key = ("dense", rows.numel())
         if record.dense_rows is None:
             record.dense_rows = self.take(key, record, rows.numel(), rows.device).copy_(rows)
@@ -399,11 +400,17 @@ class SparseState:
         return self._backward
 
     def runner(self, t: torch.Tensor) -> Runner:
-        """How the sparse work on ``t``'s device runs: replayed CUDA graphs on a GPU, eagerly
-        on the CPU."""
-        if t.is_cuda and CUDA_GRAPHS:
+        """How the sparse work on ``t``'s device runs: replayed CUDA graphs on the fast path's GPU,
+        eagerly elsewhere (the reference path keeps its indices in autograd's saved tensors, so
+        they must not live in buffers that a later forward rewrites)."""
+        if self.fast and t.is_cuda and CUDA_GRAPHS:
             return self._graphs
         return run_eager
+
+    def in_place(self, t: torch.Tensor) -> bool:
+        """Whether indices for ``t``'s device go into the shared buffers (:meth:`take`): only for
+        the CUDA graphs, which read them there."""
+        return isinstance(self.runner(t), GraphRunner)
 
     def factors_like(self, hidden: torch.Tensor) -> EstimatorFactors:
         """The factors on ``hidden``'s device and dtype (cast once; the model may have moved)."""
@@ -496,10 +503,10 @@ class LayerSparsity:
             keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
             average = state.config.ffn_seq_average
             sequences = split.sequence_matrix(hidden.dtype) if average else None
-            buffer = state.take((self.layer, "mlp"), record, keep, hidden.device)
-            state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
-                                 (*gate, *up, keep, average), rows=((0, 1, 2), ()), into=(buffer,))
-            return MLPChoice(buffer)
+            into = (state.take((self.layer, "mlp"), record, keep, hidden.device),) if state.in_place(hidden) else ()
+            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
+                                          (*gate, *up, keep, average), rows=((0, 1, 2), ()), into=into)
+            return MLPChoice(idx)
 
         return self._cached("mlp", hidden, choose, record)
 
@@ -517,11 +524,12 @@ class LayerSparsity:
             factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
             keep = self.attn_kept()
             sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
-            buffer = state.take((self.layer, "attn"), record, sum(s[0] for s in sizes), hidden.device)
-            state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
-                                 (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
-                                 rows=((0, 1), ()), into=(buffer,))
-            return AttnChoice(buffer, *unpacked(buffer, sizes))
+            into = ((state.take((self.layer, "attn"), record, sum(s[0] for s in sizes), hidden.device),)
+                    if state.in_place(hidden) else ())
+            (flat,) = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
+                                           (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
+                                           rows=((0, 1), ()), into=into)
+            return AttnChoice(flat, *unpacked(flat, sizes))
 
         return self._cached("attn", hidden, choose, record)
 
