@@ -167,7 +167,7 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
 
 @dataclasses.dataclass
 class MLPChoice:
-    buffer: torch.Tensor         # where the choice lives (its layer's buffer, or a copy)
+    buffer: torch.Tensor         # where the choice lives (its layer's buffer, a copy, or its own)
 
     @property
     def idx(self) -> torch.Tensor:
