@@ -95,9 +95,9 @@ class _Slot:
         self.outputs: Outputs | None = None
         self.graphs: dict[Any, Any] = {}
 
-    def load(self, inputs: Inputs, n: int) -> list[torch.Tensor]:
-        """Copy the first ``n`` rows of the row inputs (zeros below) and the other inputs into the
-        buffers, skipping an input passed in as its buffer itself; returns the adopted buffers
+    def load(self, inputs: Inputs) -> list[torch.Tensor]:
+        """Copy the row inputs into their buffers' first rows (zeros below) and the other inputs into
+        theirs, skipping an input passed in as its buffer itself; returns the adopted buffers
         written."""
         written = []
         for i, (buf, t) in enumerate(zip(self.inputs, inputs)):
@@ -178,11 +178,11 @@ class GraphRunner:
             if slot is None:
                 slot = self._slots[slot_key] = self._slot(inputs, adopt, row_in, n or 0)
                 self._buckets.setdefault(n or 0, []).append(slot_key)
-            self._wrote(slot.load(inputs, n))
+            self._wrote(slot.load(inputs))
             graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share, row_out, into)
             self.captures += 1
         else:
-            self._wrote(slot.load(inputs, n))
+            self._wrote(slot.load(inputs))
         self._buckets.move_to_end(n or 0)
         graph.replay()
         if self._regrown:
@@ -261,7 +261,7 @@ class GraphRunner:
                                               i in row_out)
                                  for i, o in enumerate(outs))
         del outs, warm
-        self._wrote(slot.load(inputs, slot.n))
+        self._wrote(slot.load(inputs))
 
         outputs = tuple(into) or slot.outputs
 

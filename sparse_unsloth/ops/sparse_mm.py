@@ -72,11 +72,10 @@ class Kept(NamedTuple):
     k: int
 
 
-def kept_channels(idx: torch.Tensor, padded: torch.Tensor | None = None) -> Kept:
-    """``Kept`` for ``idx``; pass ``padded`` when it was made before (backward)."""
-    if padded is None:
-        extra = -idx.numel() % _ALIGN
-        padded = torch.cat([idx, idx[:1].expand(extra)]) if extra else idx
+def kept_channels(idx: torch.Tensor) -> Kept:
+    """``Kept`` for ``idx``."""
+    extra = -idx.numel() % _ALIGN
+    padded = torch.cat([idx, idx[:1].expand(extra)]) if extra else idx
     return Kept(idx, padded, idx.numel())
 
 

@@ -456,8 +456,8 @@ class SparseState:
                 out["sparse/mlp_kept_frac"] = s["mlp_kept"] / s["mlp_total"]
             if s["attn_total"]:
                 out["sparse/attn_kept_frac"] = s["attn_kept"] / s["attn_total"]
-            # Captures happen for each new shape: a count that keeps growing means the batches'
-            # shapes keep changing (pad them to a few sizes, e.g. SFTConfig(pad_to_multiple_of=64)).
+            # Captures happen for each new bucket of batch shape: a count that keeps growing means
+            # the batches' token counts span more buckets than the runner keeps.
             if self._graphs.captures:
                 out["sparse/graph_captures"] = self._graphs.captures - self._captures_logged
         self.reset_stats()
