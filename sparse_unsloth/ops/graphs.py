@@ -11,9 +11,10 @@ the graphs of a bucket serve every batch that rounds to it. A caller names which
 outputs are token rows; rows are independent in everything run here except sums over rows
 (LoRA and bias gradients, channel scores), which zero rows leave unchanged.
 
-Memory stays close to eager's: all graphs share one memory pool for their temporaries, and
-every input and output buffer is a view of one growing tensor per (role, trailing shape,
-dtype), shared by every op of every layer and every bucket. That is safe because replays run
+Memory stays close to eager's: all graphs share one memory pool for their temporaries, every
+token-row buffer is a view of one growing tensor per (role, trailing shape, dtype), and every
+other buffer one tensor per shape, each shared by every op of every layer and every bucket
+(results asked ``into`` the caller's own tensors are the exception). That is safe because replays run
 one after another on one stream, and because :meth:`GraphRunner.__call__` copies the outputs
 out before it returns, except those the caller asks to *share*: a checkpointed layer's
 activations, which its backward (the next user of the buffers) reads in place, checking with
