@@ -14,12 +14,19 @@
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
 #   ops        scripts/bench_ops.py; products: its --products; kernels: the gather-GEMM GPU tests
+#   parts      keep what this call carries for the notebooks: SmolLM2's GGUF parts (.m1 .m2 .m3, from
+#              /work/shared/device/split-smollm2.sh) into /tmp/g, and the wheels of .nb1 .nb2 .m3
+#              (nbclient, ipykernel, matplotlib, gguf, ...) into /tmp/site. A call carries 64 MiB at
+#              most: three calls in a row on the warm machine, e.g. [".m1", ".nb1"], [".m2", ".nb2"],
+#              [".m3", ".whl"]; the last one goes on with `smollm2 notebooks`
+#   smollm2    put the GGUF together and convert it (sparse_unsloth.smollm2): the notebooks' model
+#   notebooks  scripts/run_gpu_notebooks.sh on it (NB_STEPS timed pairs, NB_TRAIN_STEPS; 6 and 10)
 # Speed cases time 10 steps after 3 warm-up steps, without HF PEFT unless said. Their result
 # files are written as benchmarks/results expects (copy them from the tarball).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 W=$(mktemp -d)
-if [ ! -d /tmp/site/unsloth ]; then        # a warm machine keeps it from the call before
+if [ ! -d /tmp/site/unsloth ] && [ -d .whl ]; then   # a warm machine keeps it from the call before
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl > "$W/install.log" 2>&1 || { tail -20 "$W/install.log"; exit 1; }
 fi
@@ -51,6 +58,17 @@ for s in "$@"; do
     ops) run_step ops python3 scripts/bench_ops.py --out "$W/ops/bench_ops.json" ;;
     products) run_step products python3 scripts/bench_ops.py --products --out "$W/products/bench_products.json" ;;
     kernels) run_step kernels python3 -m pytest -q -p no:cacheprovider tests/test_gather_mm.py ;;
+    parts) mkdir -p /tmp/g
+           for d in .m1 .m2 .m3; do [ -d "$d" ] && cp "$d"/gpart* /tmp/g/; done
+           wheels=$(ls .nb1/*.whl .nb2/*.whl .m3/*.whl 2>/dev/null)
+           [ -z "$wheels" ] || run_step parts python3 -m pip install -q --no-index --no-deps --no-compile \
+             --no-cache-dir --upgrade --target /tmp/site $wheels
+           ls -l /tmp/g ;;
+    smollm2) [ -f /tmp/g/m.gguf ] || cat /tmp/g/gpart0? > /tmp/g/m.gguf
+             run_step smollm2 python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='/tmp/g/m.gguf'))"
+             tail -1 "$W/smollm2/smollm2.log" > /tmp/smollm2_dir ;;
+    notebooks) OUT="$W/notebooks" STEPS=${NB_STEPS:-6} TRAIN_STEPS=${NB_TRAIN_STEPS:-10} \
+                 run_step notebooks bash scripts/run_gpu_notebooks.sh "$(cat /tmp/smollm2_dir)" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
@@ -62,3 +80,5 @@ grep -h -E "passed|failed|error" "$W"/tests/tests.log "$W"/kernels/kernels.log 2
 for d in "$W"/*/; do
   grep -h -A12 "^run " "$d"/*.log 2>/dev/null | sed "s|^|$(basename "$d"): |"
 done
+[ -f "$W/notebooks/notebooks.log" ] && tail -14 "$W/notebooks/notebooks.log" | sed 's|^|notebooks: |'
+exit 0
