@@ -390,12 +390,8 @@ def child_unsloth(args) -> dict:
     timer = EstimatorTimer()
     from sparse_unsloth.patch import state as state_mod
 
-    others = [m for m in unsloth_fast.MODES if m != args.sparse_mode] if args.other_modes_too else []
-    variants = [("sparse", args.sparse_mode, True)] + [(f"sparse_{m}", m, True) for m in others]
-    if args.eager_too:
-        variants.append(("sparse_eager", args.sparse_mode, False))
-    for name, mode, graphs in variants:
-        unsloth_fast.MODE = mode          # read by sparsify's patch_layer
+    variants = [("sparse", True)] + ([("sparse_eager", False)] if args.eager_too else [])
+    for name, graphs in variants:
         state_mod.CUDA_GRAPHS = graphs    # read at every call
         su.sparsify(model, config, estimator, progress=False)
         state = su.sparse_state(model)
@@ -462,8 +458,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--model-dir", args.model_dir, "--layers", str(args.layers), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--preset", args.preset, "--estimator", args.estimator,
            "--batch", str(args.batch), "--seq", str(args.seq), "--output-tokens", str(args.output_tokens)]
-    cmd += ["--sparse-mode", args.sparse_mode]
-    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft), ("--other-modes-too", args.other_modes_too),
+    cmd += [flag for flag, on in (("--skip-peft", args.skip_peft),
                                   ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too),
                                   ("--host-profile", args.host_profile)) if on]
     log(f"[driver] {' '.join(cmd)}")
@@ -555,7 +550,7 @@ def driver(args) -> None:
         "settings": {"batch": args.batch, "seq_len": args.seq, "output_tokens": args.output_tokens,
                      "lora_r": RANK, "lora_alpha": ALPHA, "preset": args.preset, "layers": args.layers,
                      "dtype": "nf4" if args.load_in_4bit else "bf16", "warmup_steps": args.warmup,
-                     "timed_steps": args.steps, "estimator": args.estimator, "sparse_mode": args.sparse_mode,
+                     "timed_steps": args.steps, "estimator": args.estimator,
                      "gradient_checkpointing": "unsloth (dense, sparse); non-reentrant (hf_peft_lora)",
                      "block_compile": os.environ.get("UNSLOTH_BLOCK_COMPILE", "1 (default)")},
         "baseline": "unsloth_dense_lora",
@@ -607,9 +602,6 @@ def main() -> None:
     ap.add_argument("--estimator", choices=["random", "svd"], default="random",
                     help="random-valued factors of the right shapes (same cost), or the SVD build")
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
-    ap.add_argument("--sparse-mode", choices=["eager-block", "graph-break"], default="eager-block",
-                    help="how sparse layers run (sparse_unsloth.patch.unsloth_fast.MODES)")
-    ap.add_argument("--other-modes-too", action="store_true", help="also time the other --sparse-mode values")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a dense and a sparse step (cProfile)")
     ap.add_argument("--eager-too", action="store_true",

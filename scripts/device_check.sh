@@ -9,7 +9,6 @@
 #   tests      tests/test_gpu_graphs.py + tests/test_gpu_fast.py (TESTS_K=expr: pytest -k)
 #   a          the paper setting (8 x 512, 128 output tokens), graphs vs eager in one process, and
 #              a host-side profile (cProfile) of a dense and a sparse step
-#   a-gb       the same with Unsloth's compiled block broken around our functions (graph-break)
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
@@ -51,7 +50,6 @@ for s in "$@"; do
     tests) run_step tests python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
              tests/test_gpu_graphs.py tests/test_gpu_fast.py ;;
     a) speed a --skip-peft --eager-too --host-profile ;;
-    a-gb) speed a-gb --skip-peft --sparse-mode graph-break ;;
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;
     c) speed c --skip-peft --preset llama3-8b-csr ;;
     nf4) speed nf4 --load-in-4bit ;;
