@@ -24,7 +24,7 @@ import torch
 
 from sparse_unsloth.data import gsm8k_sft_rows
 from sparse_unsloth.finetune import LoraSettings, finetune, load_lora_model
-from sparse_unsloth.smollm2 import name_model, smollm2_path
+from sparse_unsloth.smollm2 import smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     for config in [None, *configs]:
         torch.manual_seed(args.seed)
-        model = load_lora_model(model_dir, lora)
-        name_model(model)   # its estimator is cached under the real model id
+        model = load_lora_model(model_dir, lora)   # its folder names the real model (estimator cache)
         with tempfile.TemporaryDirectory() as tmp:
             result = finetune(model, tokenizer, train, output_dir=tmp, eval_rows=held_out,
                               sparse=config, max_steps=args.steps, batch_size=args.batch,

@@ -57,6 +57,7 @@ from .patch.models import (
     decoder_layers,
     estimated_weights,
     frozen_linear,
+    model_identity,
     weight_getter,
 )
 
@@ -493,8 +494,8 @@ def run_calibration(model: nn.Module, rows: Sequence[dict], budget: float = 0.01
     if estimator is None or estimator.rank < ranks[-1]:
         # Every layer at the largest rank, sliced for the smaller ones; cached like sparsify's files.
         every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
-        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        estimator = resolve_factors(every, ranks[-1], fingerprint(every), model_id=name_or_path,
+        model_id, revision = model_identity(model)
+        estimator = resolve_factors(every, ranks[-1], fingerprint(every), model_id=model_id, revision=revision,
                                     progress=progress, allow_hub=False)
     factors = estimator.to(device, torch.float32)
     # In forward-pass units: the dense loss 1, the sensitivity pass (forward + backward) 3, a search step 1.

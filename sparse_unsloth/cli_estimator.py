@@ -94,16 +94,13 @@ def _weights(layers, which: dict[str, list[int]] | None = None):
     return needed, fingerprint(every)
 
 
-def _revision(model, args: argparse.Namespace) -> str:
-    return getattr(model.config, "_commit_hash", None) or args.revision or ""
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from .config import MODULE_KINDS, load_config
     from .estimator.cache import cache_path
     from .estimator.resolve import build_estimator
     from .estimator.store import save_factors
     from .finetune import model_layers
+    from .patch.models import model_identity
 
     if args.config:  # before the weights load: an unknown preset or a layer the model lacks fails at once
         load_config(args.config, num_layers=model_layers(args.model))
@@ -116,8 +113,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     needed, fp = _weights(layers, which)
     if not needed:
         raise CommandError(f"config {args.config} makes no layer sparse; nothing to build")
-    factors = build_estimator(needed, rank, fp, args.model, _revision(model, args))
-    path = Path(args.out) if args.out else cache_path(args.model, rank, fp, args.cache)
+    model_id, revision = model_identity(model)     # where sparsify will look for it
+    factors = build_estimator(needed, rank, fp, model_id, revision or args.revision or "")
+    path = Path(args.out) if args.out else cache_path(model_id, rank, fp, args.cache)
     print(save_factors(factors, path))
     return 0
 

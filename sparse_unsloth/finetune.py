@@ -186,10 +186,6 @@ def load_model(spec: str, lora: LoraSettings, *, unsloth: bool = False, load_in_
     except OSError as err:  # transformers' "not found / cannot reach the Hub" errors are OSErrors
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelSourceError(f"could not load model {spec!r}: {first} {_OFFLINE_HINT}") from None
-    if spec == SHIPPED_MODEL:
-        from .smollm2 import name_model
-
-        name_model(model)   # cache its estimator under its real id, not the cache folder's path
     return model, tokenizer
 
 

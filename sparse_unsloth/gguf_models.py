@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["GGUF_PIP", "build_once", "default_cache_root", "dequantize_gguf", "gguf_model_path"]
+__all__ = ["GGUF_PIP", "build_once", "default_cache_root", "dequantize_gguf", "gguf_model_path",
+           "recorded_identity"]
 
 GGUF_PIP = "pip install gguf==0.19.0"
-# Written last: a folder with this file is complete. Bump FORMAT to rebuild old caches.
+# Written last: a folder with this file is complete. Bump FORMAT to rebuild old caches (2: the
+# metadata may name the model, see recorded_identity).
 DONE = "sparse_unsloth_done.json"
-FORMAT = 1
+FORMAT = 2
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -42,6 +44,21 @@ def is_complete(folder: Path) -> bool:
         return json.loads(done.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
+
+
+def recorded_identity(folder: str | Path) -> tuple[str, str] | None:
+    """(model id, revision) that a converted folder records as what it is, else None.
+
+    ``from_pretrained(folder)`` names a model after the folder; this is how its estimator gets
+    cached and recorded under the real model's name instead (the weights' fingerprint still
+    tells converted weights from the original release).
+    """
+    try:
+        meta = json.loads((Path(folder) / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    model_id = meta.get("model_id") if isinstance(meta, dict) else None
+    return (model_id, meta.get("revision", "")) if model_id else None
 
 
 def require_gguf(what: str, pip: str = GGUF_PIP) -> None:

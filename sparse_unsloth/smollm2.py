@@ -23,10 +23,16 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .gguf_models import build_once, default_cache_root, dequantize_gguf, is_complete, require_gguf
+from .gguf_models import (
+    build_once,
+    default_cache_root,
+    dequantize_gguf,
+    is_complete,
+    require_gguf,
+)
 
 __all__ = ["MODEL_DIRNAME", "MODEL_ID", "NUM_LAYERS", "PIP_COMMAND", "REVISION", "SHIPPED_MODEL",
-           "default_cache_root", "find_smollm2_gguf", "name_model", "smollm2_path"]
+           "default_cache_root", "find_smollm2_gguf", "smollm2_path"]
 
 #: ``--model smollm2`` (CLI) / ``load_model("smollm2")``: this model.
 SHIPPED_MODEL = "smollm2"
@@ -107,19 +113,8 @@ def smollm2_path(cache_dir: str | None = None, gguf: str | None = None) -> str:
 
     def build(work: Path) -> dict:
         _convert(gguf, work)
-        return {"source": f"{DIST}=={DIST_VERSION}/{GGUF_FILE}", "gguf_bytes": gguf.stat().st_size,
-                "dtype": "bfloat16"}
+        # Recorded, so that a model loaded from this folder is known by its real name.
+        return {"source": REVISION, "gguf_bytes": gguf.stat().st_size, "dtype": "bfloat16",
+                "model_id": MODEL_ID, "revision": REVISION}
 
     return build_once(target, build)
-
-
-def name_model(model) -> None:
-    """Give a model loaded from :func:`smollm2_path` its real name.
-
-    ``from_pretrained(folder)`` names a model after the folder, so its estimator would be cached
-    under the cache folder's path (``root--.cache--sparse_unsloth--smollm2-135m``) with an empty
-    revision. Named :data:`MODEL_ID` at :data:`REVISION`, it is cached and recorded as what it is;
-    the weights' fingerprint still tells these dequantized weights from the Hub's bf16 release.
-    """
-    model.config._name_or_path = MODEL_ID
-    model.config._commit_hash = REVISION

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..estimator.factors import ESTIMATED_PROJS
+from ..gguf_models import recorded_identity
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -32,6 +33,16 @@ def model_config(model: nn.Module):
         raise UnsupportedModelError(f"{type(model).__name__} has no .config; pass a Hugging Face "
                                     "causal LM (or a PEFT model wrapping one)")
     return config
+
+
+def model_identity(model: nn.Module) -> tuple[str, str]:
+    """(model id, revision) that name the model's estimator: what a folder converted by
+    sparse_unsloth records as its real name, else ``config._name_or_path`` (a Hub id or a
+    folder) and ``config._commit_hash``."""
+    config = model_config(model)
+    name = getattr(config, "_name_or_path", "") or ""
+    recorded = recorded_identity(name) if name else None
+    return recorded or (name, getattr(config, "_commit_hash", None) or "")
 
 
 def check_supported(model: nn.Module) -> str:

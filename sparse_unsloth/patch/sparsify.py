@@ -21,7 +21,7 @@ from .models import (
     decoder_layers,
     estimated_weights,
     frozen_linear,
-    model_config,
+    model_identity,
 )
 from .state import LayerSparsity, SparseState
 
@@ -100,10 +100,9 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     backend = _backend(model)
     every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
     needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
-    name = model_id or getattr(model_config(model), "_name_or_path", "") or ""
+    name, revision = model_identity(model)
     factors = resolve_factors(needed, config.estimator_rank, fingerprint(every), source=estimator,
-                              model_id=name, progress=progress,
-                              revision=getattr(model_config(model), "_commit_hash", None) or "")
+                              model_id=model_id or name, progress=progress, revision=revision)
     state = SparseState(config, factors, attention_geometry(model))
     state.fast = backend is unsloth_fast
     try:
