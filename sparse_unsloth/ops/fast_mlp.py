@@ -52,9 +52,9 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
 
 
 def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-             down_b, down_s, act_forward, keep_acts, outs=None):
-    """(out, e, g) of the sparse MLP on 2-D ``x`` (``e, g`` None unless ``keep_acts``), written
-    into ``outs`` when given (a CUDA graph's buffers)."""
+             down_b, down_s, act_forward, outs=None):
+    """(out, e, g) of the sparse MLP on 2-D ``x``, written into ``outs`` when given (a CUDA graph's
+    buffers)."""
     out_buf, e_buf, g_buf = outs or (None, None, None)
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
@@ -66,7 +66,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     h = act_forward(e, g)
     out = keep_rows([(h, down_w.t(), kept)], dense_idx, out_buf)
     add_lora_(out, h, da, db, down_s)
-    return (out, e, g) if keep_acts else (out, None, None)
+    return out, e, g
 
 
 def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
@@ -102,18 +102,22 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # 4-bit weight is dequantized again in backward rather than kept alive in between.
         ctx.consts = (gate_w, gate_s, up_w, up_s, down_w, down_s)
         loras = (gate_a, gate_b, up_a, up_b, down_a, down_b)
-        # A checkpointed layer's recompute (a forward inside backward) is followed by its own
-        # backward before any other layer's: its activations can stay in the CUDA graph's
-        # buffers (no copy out, none back in), checked in backward to be untouched.
-        share = (1, 2) if (keep_acts and isinstance(run, GraphRunner)
-                           and torch._C._current_graph_task_id() != -1) else ()
+        # e and g stay in the CUDA graph's buffers (no copy out) unless a backward that is not
+        # the next one keeps them: a checkpointed layer's recompute (a forward inside backward)
+        # is followed by its own backward before any other layer's, which reads them in place
+        # (checked untouched), and a forward without grad drops them. So the first, no-grad
+        # forward of a checkpointed layer and its recompute are one graph, writing one buffer.
+        share = (1, 2) if (isinstance(run, GraphRunner)
+                           and (not keep_acts or torch._C._current_graph_task_id() != -1)) else ()
         # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
         # them where they are (the patch keeps them in buffers of their own), no copy per pass.
         out, e, g = run(_forward, (x2,),
                         (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
-                         down_s, act_forward, keep_acts), share=share, rows=((0,), (0, 1, 2)))
+                         down_s, act_forward), share=share, rows=((0,), (0, 1, 2)))
         ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
-        ctx.shared = (e, g, run.writes(e), run.writes(g)) if share else None
+        if not keep_acts:
+            e = g = None
+        ctx.shared = (e, g, run.writes(e), run.writes(g)) if share and keep_acts else None
         # Shared or not, e and g are saved as [tokens, channels]: non-reentrant checkpointing
         # wants the recompute to save what the first forward saved (a shared buffer's real rows
         # are only a view of it; the backward reads the whole, padded buffer).
