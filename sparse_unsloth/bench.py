@@ -4,7 +4,9 @@ One TRL SFTTrainer run on a sparsified LoRA model (loaded through Unsloth where 
 real training step is what gets timed). Its steps come in pairs on one batch each, one step dense
 and one sparse, in the order dense-sparse, sparse-dense, ... (:mod:`.timing`): both modes see the
 same machine, the same batches and the same model. The first pairs (compilation, allocator
-warm-up) are not timed. ``sparse-unsloth bench`` (:mod:`.cli_bench`) and the demo use it;
+warm-up, CUDA graph captures) are not timed, and the timed pairs go round the warm-up's batches
+again: what is timed is the steady state of a long run, in which every batch size has been seen,
+not the first sight of each size (with padding-free packing on a GPU a short run is mostly that). ``sparse-unsloth bench`` (:mod:`.cli_bench`) and the demo use it;
 ``scripts/bench_speed.py`` stays the reproducible synthetic benchmark (random Llama-3-8B-shaped
 weights, fixed token layout).
 """
@@ -85,15 +87,17 @@ class _Alternate(StepTimer):
             self.peak_bytes.append(torch.cuda.max_memory_allocated())
 
 
-def pair_indices(available: int, batch_size: int, pairs: int) -> list[int]:
+def pair_indices(available: int, batch_size: int, pairs: int, distinct: int | None = None) -> list[int]:
     """Row indices, read in order, in which each batch of ``batch_size`` comes twice in a row (one
-    pair); rows are reused from the start when there are fewer than ``pairs * batch_size``."""
+    pair). Pair ``k`` trains batch ``k % distinct`` (default: every pair its own batch); rows are
+    reused from the start when there are fewer than ``distinct * batch_size``."""
     if available < 1:
         raise ValueError("bench needs at least one row")
-    picked = [i % available for i in range(pairs * batch_size)]
+    distinct = distinct or pairs
+    picked = [i % available for i in range(distinct * batch_size)]
     out: list[int] = []
     for k in range(pairs):
-        batch = picked[k * batch_size:(k + 1) * batch_size]
+        batch = picked[k % distinct * batch_size:(k % distinct + 1) * batch_size]
         out += batch + batch
     return out
 
@@ -114,9 +118,10 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
             progress: bool = True) -> BenchResult:
     """Time ``steps`` dense and ``steps`` sparse training steps of the sparsified LoRA ``model``.
 
-    ``warmup_steps`` pairs run first, untimed. Each timed pair trains one batch of ``batch_size``
-    rows twice, dense and sparse, in alternating order. The model keeps training (its LoRA
-    weights change), as it would in a real run.
+    ``warmup_steps`` pairs run first, untimed, each on a batch of its own; the timed pairs go round
+    the same batches again (with ``warmup_steps=0``, each on a new one). Each pair trains its batch
+    of ``batch_size`` rows twice, dense and sparse, in alternating order. The model keeps training
+    (its LoRA weights change), as it would in a real run.
     """
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
@@ -126,10 +131,11 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     if not rows:
         raise ValueError("bench needs at least one row")
     pairs = warmup_steps + steps
+    distinct = warmup_steps or pairs
     schedule = alternating_schedule(pairs)
     callback = _Alternate(model, schedule)
     # A seeded sample, so that the timed batches look like a training run's whatever the file's order.
-    sample = random.Random(seed).sample(rows, min(len(rows), pairs * batch_size))
+    sample = random.Random(seed).sample(rows, min(len(rows), distinct * batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(model, tokenizer, sample, output_dir=tmp, max_steps=2 * pairs,
                                 batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
@@ -141,12 +147,19 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         if kept == 0:
             raise ValueError(f"none of the {len(sample)} rows drawn keeps a labelled (completion) token "
                              f"within max_length {max_length}: raise the maximum length")
-        trainer.train_dataset = trainer.train_dataset.select(pair_indices(kept, batch_size, pairs))
+        trainer.train_dataset = trainer.train_dataset.select(pair_indices(kept, batch_size, pairs, distinct))
         was_enabled = state.enabled
+        # The warm-up sees each batch once: its CUDA graphs are captured then, not in a timed step.
+        graphs = state.runner(next(model.parameters()))
+        capture_at = getattr(graphs, "capture_at", None)
+        if capture_at is not None:
+            graphs.capture_at = 1
         try:
             trainer.train()
         finally:
             state.enabled = was_enabled
+            if capture_at is not None:
+                graphs.capture_at = capture_at
     if len(callback.step_s) != 2 * pairs:
         raise RuntimeError(f"the trainer ran {len(callback.step_s)} steps, not the {2 * pairs} scheduled")
 

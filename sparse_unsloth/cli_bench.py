@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--steps", type=positive_int, default=10,
                      help="timed steps of each mode (default: %(default)s)")
     run.add_argument("--warmup-steps", type=non_negative_int, default=2,
-                     help="untimed steps of each mode first: compilation, allocations, and on a GPU the "
-                          "CUDA graphs, captured the second time a batch shape is seen (default: %(default)s)")
+                     help="untimed steps of each mode first, each on a batch of its own (compilation, "
+                          "allocations, and on a GPU the CUDA graphs); the timed steps go round the same "
+                          "batches again, so they time the steady state (default: %(default)s)")
     run.add_argument("--batch-size", type=positive_int, default=8,
                      help="rows per step (default: %(default)s)")
     run.add_argument("--max-length", type=positive_int, default=512,

@@ -22,6 +22,8 @@ sparsity:
 
 def test_pair_indices_repeat_each_batch_once():
     assert bench.pair_indices(5, batch_size=2, pairs=3) == [0, 1, 0, 1, 2, 3, 2, 3, 4, 0, 4, 0]
+    # timed pairs going round the warm-up's two batches
+    assert bench.pair_indices(5, batch_size=2, pairs=5, distinct=2) == [0, 1, 0, 1, 2, 3, 2, 3] * 2 + [0, 1, 0, 1]
     with pytest.raises(ValueError, match="at least one row"):
         bench.pair_indices(0, 2, 1)
 
@@ -62,15 +64,17 @@ def test_measure_interleaves_dense_and_sparse_steps(tiny_sparse, monkeypatch):
     monkeypatch.setattr(bench, "build_trainer", keep_trainer)
     # Rows whose prompt fills max_length keep no labelled token: TRL drops them. The pairs must not shift.
     long_rows = [{"prompt": "one two three four five six seven eight nine ten " * 8, "completion": " odd"}]
-    result = bench.measure(model, tokenizer, ARITHMETIC[:40] + 40 * long_rows, steps=3, warmup_steps=1,
+    result = bench.measure(model, tokenizer, ARITHMETIC[:40] + 40 * long_rows, steps=3, warmup_steps=2,
                            batch_size=4, max_length=32, progress=False)
     ids = trainers[0].train_dataset["input_ids"]
-    assert len(ids) == 2 * 4 * 4
-    for k in range(4):                                      # both steps of a pair train the same batch
-        assert ids[8 * k:8 * k + 4] == ids[8 * k + 4:8 * k + 8]
-    assert ids[0:4] != ids[8:12]
+    assert len(ids) == 2 * 5 * 4
+    batches = [ids[8 * k:8 * k + 4] for k in range(5)]
+    for k in range(5):                                      # both steps of a pair train the same batch
+        assert ids[8 * k + 4:8 * k + 8] == batches[k]
+    # the two warm-up batches differ; the timed pairs go round them again
+    assert batches[0] != batches[1] and batches[2:] == [batches[0], batches[1], batches[0]]
     assert any("rows drawn had no labelled token within max_length 32" in note for note in result.notes)
-    assert [enabled for enabled, _, _ in seen] == [False, True, True, False, False, True, True, False]
+    assert [enabled for enabled, _, _ in seen] == [False, True, True, False] * 2 + [False, True]
     for enabled, estimator_s, mlp_total in seen:           # dense steps really ran dense, sparse ones sparse
         assert (estimator_s > 0, mlp_total > 0) == (enabled, enabled)
     assert sparse_state(model).enabled is True              # left as it was
@@ -133,3 +137,28 @@ def test_measure_needs_a_sparsified_model(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir, LoraSettings(r=4, alpha=8), progress=False)
     with pytest.raises(ValueError, match="bench needs a sparsified model"):
         bench.measure(model, tokenizer, [{"prompt": "a", "completion": "b"}], steps=1)
+
+
+def test_measure_captures_graphs_in_the_warm_up(tiny_sparse, monkeypatch):
+    """On a GPU the warm-up must capture the CUDA graphs of the batches the timed pairs replay:
+    the runner captures at the first sighting while bench runs, and as before afterwards."""
+    from helpers import ARITHMETIC, cpu_graphs
+
+    from sparse_unsloth.patch import sparse_state
+    from sparse_unsloth.patch import state as state_mod
+
+    model, tokenizer = tiny_sparse
+    runner = cpu_graphs(capture_at=2)
+    monkeypatch.setattr(state_mod.SparseState, "runner", lambda self, t: runner)
+    during = []
+    original_end = bench._Alternate.on_step_end
+
+    def spy(self, *args, **kwargs):
+        during.append(runner.capture_at)
+        return original_end(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench._Alternate, "on_step_end", spy)
+    bench.measure(model, tokenizer, ARITHMETIC[:20], steps=1, warmup_steps=1, batch_size=2, max_length=32,
+                  progress=False)
+    assert during == [1] * 4 and runner.capture_at == 2
+    assert sparse_state(model).enabled is True
