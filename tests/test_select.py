@@ -79,3 +79,22 @@ def test_kv_to_q_matches_repeat_kv_layout():
 def test_kept_count():
     assert [kept_count(14336, 0.99), kept_count(128, 0.75), kept_count(10, 0.999)] == [143, 32, 1]
     assert [kept_count(n, 0.0) for n in (1, 7, 100)] == [1, 7, 100]
+
+
+@pytest.mark.parametrize("rows,hidden,out,rank", [(17, 12, 30, 5), (1, 7, 9, 1), (64, 16, 40, 16)])
+def test_low_rank_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, rank):
+    """The attention scores' column norms come from a rank x rank Gram matrix, never from
+    ``x @ w1 @ w2`` itself; zero (non-voting, padding) rows count for nothing either way."""
+    from sparse_unsloth.estimator.select import _low_rank_norms
+
+    gen = torch.Generator().manual_seed(rows + out)
+    x = torch.randn(rows, hidden, dtype=torch.float64, generator=gen)
+    x[::3] = 0
+    w1 = torch.randn(hidden, rank, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(rank, out, dtype=torch.float64, generator=gen)
+    want = (x @ w1 @ w2).norm(dim=0)
+    torch.testing.assert_close(_low_rank_norms(x, (w1, w2)), want, rtol=1e-10, atol=1e-12)
+    # bf16 activations and factors (the GPU path): accumulated in float32, close to float64
+    got = _low_rank_norms(x.bfloat16(), (w1.bfloat16(), w2.bfloat16()))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.max().item())

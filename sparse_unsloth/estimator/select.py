@@ -31,6 +31,20 @@ def _column_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
+def _low_rank_norms(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:func:`_column_norms` of ``x @ w1 @ w2`` without forming that ``[rows, out]`` product.
+
+    Column j's squared norm is ``w2_j^T (Z^T Z) w2_j`` with ``Z = x @ w1`` (``[rows, rank]``): one
+    pass over ``x`` and a ``rank x rank`` Gram matrix, instead of writing and reading back
+    ``[rows, out]`` (an attention layer's q alone is as large as its input).
+    """
+    w1, w2 = factors
+    acc = torch.promote_types(x.dtype, torch.float32)
+    z = (x.to(w1.dtype) @ w1).to(acc)
+    w2 = w2.to(acc)
+    return (w2 * ((z.t() @ z) @ w2)).sum(0).clamp_(min=0).sqrt_()
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
@@ -66,8 +80,8 @@ def qk_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor],
     KV dim ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``.
     """
     rep = num_heads // num_kv_heads
-    q_norm = _column_norms(_low_rank(x, q)).view(num_kv_heads, rep, head_dim).sum(1)
-    k_norm = _column_norms(_low_rank(x, k)).view(num_kv_heads, head_dim)
+    q_norm = _low_rank_norms(x, q).view(num_kv_heads, rep, head_dim).sum(1)
+    k_norm = _low_rank_norms(x, k).view(num_kv_heads, head_dim)
     k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
     return kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx
 
@@ -76,6 +90,6 @@ def vo_channels(x: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor], num_heads
                 num_kv_heads: int, head_dim: int, keep_per_head: int,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(v_idx, o_idx): V output dims with the largest ``||v||``; O inputs that read them."""
-    v_norm = _column_norms(_low_rank(x, v)).view(num_kv_heads, head_dim)
+    v_norm = _low_rank_norms(x, v).view(num_kv_heads, head_dim)
     v_idx = _group_dims(_top(v_norm, keep_per_head), head_dim)
     return v_idx, kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim)
