@@ -98,3 +98,13 @@ def test_lora_params_in_float32_under_lower_precision_activations():
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16
     assert p.lora_a.grad.dtype == torch.float32 and p.lora_b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (1, 6), (6, 1)])
+def test_kept_columns_of_a_transposed_weight_gather_its_rows(shape):
+    from sparse_unsloth.ops.sparse_mm import _cols
+
+    w = torch.randn(*shape, dtype=torch.float64)
+    for m in (w, w.t()):
+        idx = torch.tensor([m.shape[1] - 1, 0, m.shape[1] - 1])
+        assert torch.equal(_cols(m, idx), m.index_select(1, idx))

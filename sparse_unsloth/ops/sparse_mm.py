@@ -10,7 +10,7 @@ no token gather/scatter of the big activations and no copy of the dropped part o
 only the kept slice of ``M`` (a few percent of it) and the dense rows of ``X`` are gathered.
 
 ``M`` is the right operand as used (``W.T`` for a forward product, ``W`` for an input
-gradient); a transposed view is fine, the gathers make contiguous copies.
+gradient); a transposed view is fine.
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return d_a, d_b, dy_b
 
 
+def _cols(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``m[:, idx]``; for a transposed view (``W.T``) gathered as rows of ``W``, which reads whole
+    rows (coalesced) instead of one element per row, and returned transposed (cuBLAS takes it)."""
+    if m.dim() == 2 and m.stride(0) == 1 and m.stride(1) == m.shape[0]:
+        return m.t().index_select(0, idx).t()
+    return m.index_select(1, idx)
+
+
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
                dense_idx: torch.Tensor | None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``out += x @ m`` where non-dense rows get only the output columns ``kept`` (in place).
@@ -127,7 +135,7 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
     if has_rows(dense_idx):
         x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
         rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
-    out.index_add_(1, kept.idx, (x @ m.index_select(1, kept.padded))[:, :kept.k])
+    out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
