@@ -165,6 +165,41 @@ def test_checkpointed_mlp_shares_its_activations_with_its_backward():
     assert backward.inputs[2] is shared.outputs[1] and backward.inputs[3] is shared.outputs[2]
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_recompute_without_the_output_gives_the_same_gradients(graphs, monkeypatch):
+    """``out_in_recompute=False`` (the patch's choice for decoder layers ending ``residual +
+    mlp(x)``): the recompute skips the down product, and every gradient stays the same."""
+    from sparse_unsloth.ops import fast_mlp
+
+    gen = torch.Generator().manual_seed(5)
+    layers = _layers(gen)
+    idx, dense_idx = torch.tensor([0, 3, 7, 8, 28]), torch.tensor([1, 2, 2, 6])
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [x] + [t for layer in layers for p in layer for t in (p.lora_a, p.lora_b)]
+    calls = []
+    keep_rows = fast_mlp.keep_rows
+    monkeypatch.setattr(fast_mlp, "keep_rows", lambda *a, **k: calls.append(1) or keep_rows(*a, **k))
+
+    def grads(out_in_recompute):
+        runner = CPUGraphs(capture_at=1) if graphs else run_eager
+        h = x
+        for layer in layers:
+            h = h + checkpoint(lambda t, p=layer: sparse_lora_mlp(t, *p, idx, dense_idx, run=runner,
+                                                                  out_in_recompute=out_in_recompute),
+                               h, use_reentrant=True)
+        for p in params:
+            p.grad = None
+        calls.clear()
+        h.square().sum().backward()
+        return [p.grad.clone() for p in params], len(calls)
+
+    (want, with_down), (got, without_down) = grads(True), grads(False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if not graphs:        # (a capture runs a body more than once) in backward, per layer: the
+        assert (with_down, without_down) == (2 * 2, 2 * 1)   # recompute's down product or not, and dx's
+
+
 def test_a_shared_result_overwritten_before_its_backward_is_an_error():
     gen = torch.Generator().manual_seed(1)
     layers = _layers(gen)
@@ -224,10 +259,9 @@ def test_training_steps_through_the_fast_path_with_graphs_equal_eager(monkeypatc
         for name, g in grads_e.items():
             torch.testing.assert_close(grads_g[name], g, rtol=1e-10, atol=1e-12, msg=name)
         captured.append(runner.captures)
-    # The MLP forward graphs are seen twice in the first step (the forward without grad and its
-    # recompute are one graph), the backward and choice graphs at the second step; nothing new after.
-    assert captured == [3, 3 * 2 + 3, 3 * 2 + 3]
-    assert runner.replays == 3 + 2 * 3 * (2 + 1 + 1)    # per layer and step: forward twice, backward, choice
+    # 3 MLPs x (forward, recompute without the down product, backward) + 3 channel choices,
+    # captured at the second step; nothing new after
+    assert captured == [0, 3 * 3 + 3, 3 * 3 + 3] and runner.replays == 2 * captured[-1]
 
 
 def test_attention_projections_through_the_runner_equal_eager():

@@ -59,6 +59,24 @@ def test_mlp_matches_reference_backend(monkeypatch):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_checkpointed_mlp_matches_reference_backend(reentrant, monkeypatch):
+    """With gradient checkpointing the fast MLP's recompute skips its down product (the layer
+    only adds the output to its residual); the gradients stay the reference path's."""
+    base = tiny_lora_model()
+    ids, labels = _batch()
+    models = []
+    for backend in (unsloth_fast, su.patch.reference):
+        model = copy.deepcopy(base)
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        models.append(_sparsify(model, MLP_ONLY, backend, monkeypatch))
+    (loss, grads), (ref_loss, ref_grads) = (_run(m, ids, labels) for m in models)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_attention_functions_match_reference_ops(monkeypatch):
     model = _sparsify(tiny_lora_model(), WITH_ATTN, unsloth_fast, monkeypatch)
     ids, labels = _batch()

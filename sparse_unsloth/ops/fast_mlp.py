@@ -52,9 +52,9 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
 
 
 def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-             down_b, down_s, act_forward, outs=None):
+             down_b, down_s, act_forward, with_out, outs=None):
     """(out, e, g) of the sparse MLP on 2-D ``x``, written into ``outs`` when given (a CUDA graph's
-    buffers)."""
+    buffers). Without ``with_out``, ``out`` is left uncomputed (its buffer, or zeros)."""
     out_buf, e_buf, g_buf = outs or (None, None, None)
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
@@ -63,6 +63,8 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     e = keep_cols_(lora_out(x, ga, gb, gate_s, e_buf), x, gate_w.t(), kept, dense_idx, x_rows)
     g = keep_cols_(lora_out(x, ua, ub, up_s, g_buf), x, up_w.t(), kept, dense_idx, x_rows)
     del x_rows
+    if not with_out:
+        return (out_buf if out_buf is not None else x.new_zeros(x.shape[0], down_w.shape[0])), e, g
     h = act_forward(e, g)
     out = keep_rows([(h, down_w.t(), kept)], dense_idx, out_buf)
     add_lora_(out, h, da, db, down_s)
@@ -95,7 +97,8 @@ class _SparseLoRAMLP(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts, indices_now):
+                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts, indices_now,
+                out_in_recompute):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # The weights themselves (or their dequantizing functions), never a pass's copies: a
@@ -105,15 +108,21 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # e and g stay in the CUDA graph's buffers (no copy out) unless a backward that is not
         # the next one keeps them: a checkpointed layer's recompute (a forward inside backward)
         # is followed by its own backward before any other layer's, which reads them in place
-        # (checked untouched), and a forward without grad drops them. So the first, no-grad
-        # forward of a checkpointed layer and its recompute are one graph, writing one buffer.
-        share = (1, 2) if (isinstance(run, GraphRunner)
-                           and (not keep_acts or torch._C._current_graph_task_id() != -1)) else ()
+        # (checked untouched), and a forward without grad drops them (so its e and g take the
+        # recompute's buffers, not room in the graphs' memory pool).
+        in_backward = torch._C._current_graph_task_id() != -1
+        share = (1, 2) if isinstance(run, GraphRunner) and (not keep_acts or in_backward) else ()
+        # A recompute exists for e and g; where the layer only adds the MLP's output to its
+        # residual (whose backward reads no values), that output is never read: no down product,
+        # and its buffer comes back as it is, uncopied.
+        with_out = out_in_recompute or not (keep_acts and in_backward)
+        if not with_out and share:
+            share = (0, 1, 2)
         # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
         # them where they are (the patch keeps them in buffers of their own), no copy per pass.
         out, e, g = run(_forward, (x2,),
                         (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
-                         down_s, act_forward), share=share, rows=((0,), (0, 1, 2)))
+                         down_s, act_forward, with_out), share=share, rows=((0,), (0, 1, 2)))
         ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
         if not keep_acts:
             e = g = None
@@ -122,6 +131,7 @@ class _SparseLoRAMLP(torch.autograd.Function):
         # wants the recompute to save what the first forward saved (a shared buffer's real rows
         # are only a view of it; the backward reads the whole, padded buffer).
         n = x2.shape[0]
+        out = out[:n]                          # a shared (uncomputed) output is the padded buffer
         ctx.save_for_backward(x2, *(None if t is None else t[:n] for t in (e, g)),
                               *((None, None) if indices_now else (idx, dense_idx)), *loras)
         return out.view(*shape[:-1], out.shape[-1])
@@ -151,20 +161,27 @@ class _SparseLoRAMLP(torch.autograd.Function):
         d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(
             flat, [t.shape for t in (ga, gb, ua, ub, da, db)])
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
-                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None)
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None,
+                None)
 
 
 def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                     idx: torch.Tensor, dense_idx: torch.Tensor | None,
                     act_forward: Callable = swiglu_forward,
                     act_backward: Callable = swiglu_backward, run: Runner = run_eager,
-                    indices_now: Callable[[], tuple] | None = None) -> torch.Tensor:
+                    indices_now: Callable[[], tuple] | None = None, out_in_recompute: bool = True,
+                    ) -> torch.Tensor:
     """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
 
     ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; repeats are
     fine). ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
     ``indices_now``: where the indices live in buffers that a later forward may take, the
     backward asks it for ``(idx, dense_idx)`` as they are then, instead of keeping them.
+    ``out_in_recompute=False``: in a checkpointed layer's recompute (a forward inside backward)
+    the returned values are not computed (the down product is skipped; e and g, which the backward
+    needs, are). Right only where nothing differentiated after the MLP reads its output's values,
+    as in a decoder layer that ends ``residual + mlp(x)`` (the recomputed layer output itself is
+    discarded by checkpointing).
     """
     if any(p.bias is not None for p in (gate, up, down)):
         raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
@@ -172,4 +189,4 @@ def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAPro
     keep_acts = torch.is_grad_enabled() and (x.requires_grad or any(
         t.requires_grad for p in (gate, up, down) for t in (p.lora_a, p.lora_b)))
     return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward,
-                                run, keep_acts, indices_now)
+                                run, keep_acts, indices_now, out_in_recompute)

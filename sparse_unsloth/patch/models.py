@@ -12,6 +12,9 @@ from ..estimator.factors import ESTIMATED_PROJS
 from ..gguf_models import recorded_identity
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Each of their decoder layers ends ``residual + mlp(post_attention_layernorm(h))``: nothing
+# differentiated reads the MLP's output values (see ops.fast_mlp's out_in_recompute). A model
+# type added here must end its layers the same way, or the patch must pass True for it.
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -201,8 +201,10 @@ def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     choice, dense_idx, record = picked
     ctl: LayerSparsity = self.__dict__[_CTL]
     now = IndicesNow(ctl.state, record, (ctl.layer, "mlp"), ("idx",))
+    # The supported decoder layers only add the MLP's output to the residual (patch/models.py):
+    # a recompute need not compute it.
     return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=ctl.state.runner(x),
-                           indices_now=now)
+                           indices_now=now, out_in_recompute=False)
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
