@@ -108,3 +108,29 @@ def test_kept_columns_of_a_transposed_weight_gather_its_rows(shape):
     for m in (w, w.t()):
         idx = torch.tensor([m.shape[1] - 1, 0, m.shape[1] - 1])
         assert torch.equal(_cols(m, idx), m.index_select(1, idx))
+
+
+def test_each_weight_is_dequantized_once_per_pass_that_reads_it():
+    """4-bit weights come in as functions (dequantize on call). Checkpointed with
+    ``out_in_recompute=False``: forward, recompute and backward read gate/up once each; down is
+    read by the forward and the backward only (the recompute skips the down product)."""
+    from torch.utils.checkpoint import checkpoint
+
+    gen = torch.Generator().manual_seed(7)
+    calls = {"gate": 0, "up": 0, "down": 0}
+
+    def counted(name, w):
+        def weight():
+            calls[name] += 1
+            return w
+        return weight
+
+    gate, up, down = _proj(gen, 21, 10), _proj(gen, 21, 10), _proj(gen, 10, 21)
+    gate, up, down = (p._replace(weight=counted(n, p.weight)) for n, p in zip(calls, (gate, up, down)))
+    x = torch.randn(2, 6, 10, dtype=torch.float64, generator=gen, requires_grad=True)
+    idx, dense_idx = torch.tensor([2, 3, 9, 17]), torch.tensor([0, 5, 7])
+    y = checkpoint(lambda t: sparse_lora_mlp(t, gate, up, down, idx, dense_idx, out_in_recompute=False), x,
+                   use_reentrant=True)
+    assert calls == {"gate": 1, "up": 1, "down": 1}
+    y.square().sum().backward()
+    assert calls == {"gate": 3, "up": 3, "down": 2}

@@ -56,17 +56,17 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     """(out, e, g) of the sparse MLP on 2-D ``x``, written into ``outs`` when given (a CUDA graph's
     buffers). Without ``with_out``, ``out`` is left uncomputed (its buffer, or zeros)."""
     out_buf, e_buf, g_buf = outs or (None, None, None)
-    gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
+    gate_w, up_w = weight_like(gate_w, x), weight_like(up_w, x)
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
     x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
     e = keep_cols_(lora_out(x, ga, gb, gate_s, e_buf), x, gate_w.t(), kept, dense_idx, x_rows)
     g = keep_cols_(lora_out(x, ua, ub, up_s, g_buf), x, up_w.t(), kept, dense_idx, x_rows)
     del x_rows
-    if not with_out:
-        return (out_buf if out_buf is not None else x.new_zeros(x.shape[0], down_w.shape[0])), e, g
+    if not with_out:                 # (nor is a 4-bit down weight dequantized)
+        return (out_buf if out_buf is not None else x.new_zeros(x.shape[0], db.shape[0])), e, g
     h = act_forward(e, g)
-    out = keep_rows([(h, down_w.t(), kept)], dense_idx, out_buf)
+    out = keep_rows([(h, weight_like(down_w, x).t(), kept)], dense_idx, out_buf)
     add_lora_(out, h, da, db, down_s)
     return out, e, g
 
