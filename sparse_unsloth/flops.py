@@ -5,7 +5,9 @@ for a decoder of gate/up/down MLPs and q/k/v/o attention with LoRA on all seven 
 
 - frozen projections: 3 x forward (forward, gradient checkpointing's recompute, input grad);
   a sparse layer computes its context tokens with the kept fraction of the channels, its
-  output tokens with all of them;
+  output tokens with all of them (the fast path also skips a sparse MLP's down projection in
+  the recompute, whose output nothing reads; that saving is not the method's and is not
+  counted, so a measured speed-up can pass 1 / fraction by a little);
 - LoRA: 4 x forward (forward, recompute, input grad, weight grad), always dense;
 - attention core (QK^T and PV over causal pairs): 4.5 x forward, dense;
 - LM head: forward + input grad on the output tokens only (Unsloth's fused cross entropy);
