@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .config import CALIBRATION_LEVELS, CALIBRATION_RANKS, MODULE_KINDS, SparseConfig
 from .estimator.factors import ESTIMATED_PROJS, EstimatorFactors
 from .estimator.resolve import resolve_factors
-from .estimator.select import ffn_channels, kept_count, qk_channels, vo_channels
+from .estimator.select import attn_channels, ffn_channels, kept_count
 from .estimator.store import fingerprint
 from .flops import flop_count
 from .patch import sparsify, unsparsify
@@ -324,9 +324,8 @@ def _predicted(scores: _Scores, batches: Sequence[ProbeBatch], factors: Estimato
         else:
             keep = kept_count(geo.head_dim, sparsity)
             rows = x[ctx]
-            q_idx, k_idx = qk_channels(rows, f["q_proj"], f["k_proj"], geo.num_heads, geo.num_kv_heads,
-                                       geo.head_dim, keep)
-            _, o_idx = vo_channels(rows, f["v_proj"], geo.num_heads, geo.num_kv_heads, geo.head_dim, keep)
+            q_idx, k_idx, _, o_idx = attn_channels(rows, f["q_proj"], f["k_proj"], f["v_proj"], geo.num_heads,
+                                                   geo.num_kv_heads, geo.head_dim, keep)
             s = -(_dropped_sum(scores.a[(layer, "q")][j], q_idx) + _dropped_sum(scores.a[(layer, "k")][j], k_idx)
                   + _dropped_sum(scores.a[(layer, "o")][j], o_idx))
         has = batch.outputs > 0

@@ -4,11 +4,10 @@ import torch.nn.functional as F
 
 from sparse_unsloth.estimator.factors import svd_factors
 from sparse_unsloth.estimator.select import (
+    attn_channels,
     ffn_channels,
     kept_count,
     kv_to_q_channels,
-    qk_channels,
-    vo_channels,
 )
 
 
@@ -60,10 +59,14 @@ def test_gqa_channels_brute_force(heads, kv_heads, head_dim, keep):
         g = h // group
         exp_q += [h * head_dim + (c - g * head_dim) for c in exp_k if c // head_dim == g]
         exp_o += [h * head_dim + (c - g * head_dim) for c in exp_v if c // head_dim == g]
-    q_idx, k_idx = qk_channels(x, qf, kf, heads, kv_heads, head_dim, keep)
-    v_idx, o_idx = vo_channels(x, vf, heads, kv_heads, head_dim, keep)
+    q_idx, k_idx, v_idx, o_idx = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep)
     assert k_idx.tolist() == exp_k and q_idx.tolist() == exp_q
     assert v_idx.tolist() == exp_v and o_idx.tolist() == exp_o
+    # rows that do not vote count for nothing: the same as leaving them out
+    votes = torch.arange(x.shape[0]) % 3 != 1
+    masked = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep, votes)
+    for got, want in zip(masked, attn_channels(x[votes], qf, kf, vf, heads, kv_heads, head_dim, keep)):
+        assert torch.equal(got, want)
 
 
 def test_kv_to_q_matches_repeat_kv_layout():
@@ -82,19 +85,23 @@ def test_kept_count():
 
 
 @pytest.mark.parametrize("rows,hidden,out,rank", [(17, 12, 30, 5), (1, 7, 9, 1), (64, 16, 40, 16)])
-def test_low_rank_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, rank):
-    """The attention scores' column norms come from a rank x rank Gram matrix, never from
-    ``x @ w1 @ w2`` itself; zero (non-voting, padding) rows count for nothing either way."""
-    from sparse_unsloth.estimator.select import _low_rank_norms
+def test_gram_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, rank):
+    """The attention scores' column norms come from rank x rank Gram matrices, never from
+    ``x @ w1 @ w2`` itself; zero (padding) rows and non-voting rows count for nothing."""
+    from sparse_unsloth.estimator.select import _grams, _norms
 
     gen = torch.Generator().manual_seed(rows + out)
     x = torch.randn(rows, hidden, dtype=torch.float64, generator=gen)
     x[::3] = 0
-    w1 = torch.randn(hidden, rank, dtype=torch.float64, generator=gen)
-    w2 = torch.randn(rank, out, dtype=torch.float64, generator=gen)
-    want = (x @ w1 @ w2).norm(dim=0)
-    torch.testing.assert_close(_low_rank_norms(x, (w1, w2)), want, rtol=1e-10, atol=1e-12)
+    votes = torch.arange(rows) % 4 != 2
+    pairs = [(torch.randn(hidden, r, dtype=torch.float64, generator=gen),
+              torch.randn(r, out + r, dtype=torch.float64, generator=gen)) for r in (rank, rank + 2)]
+    grams = _grams(x, [w1 for w1, _ in pairs], votes)
+    for gram, (w1, w2) in zip(grams, pairs):
+        want = (x[votes] @ w1 @ w2).norm(dim=0)
+        torch.testing.assert_close(_norms(gram, w2), want, rtol=1e-10, atol=1e-12)
     # bf16 activations and factors (the GPU path): accumulated in float32, close to float64
-    got = _low_rank_norms(x.bfloat16(), (w1.bfloat16(), w2.bfloat16()))
+    (gram,) = _grams(x.bfloat16(), [pairs[0][0].bfloat16()], None)
+    got, want = _norms(gram, pairs[0][1].bfloat16()), (x @ pairs[0][0] @ pairs[0][1]).norm(dim=0)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.max().item())

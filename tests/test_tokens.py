@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparse_unsloth.estimator.select import ffn_channels, qk_channels, vo_channels
+from sparse_unsloth.estimator.select import attn_channels, ffn_channels
 from sparse_unsloth.ops.sparse_mm import unpacked
 from sparse_unsloth.patch.state import (
     DENSE_ROWS_STEP,
@@ -106,6 +106,6 @@ def test_static_shape_choice_equals_the_gathered_rows():
     q, k, v = factors(heads * head_dim), factors(kv_heads * head_dim), factors(kv_heads * head_dim)
     (flat,) = choose_attn(hidden, split.vote_rows, *q, *k, *v, heads, kv_heads, head_dim, 2)
     got = unpacked(flat, attn_choice_sizes(heads, kv_heads, 2))
-    want = (*qk_channels(rows, q, k, heads, kv_heads, head_dim, 2), *vo_channels(rows, v, heads, kv_heads, head_dim, 2))
+    want = attn_channels(rows, q, k, v, heads, kv_heads, head_dim, 2)      # the voting rows gathered
     for g, w in zip(got, want):
         assert torch.equal(g, w)

@@ -31,18 +31,25 @@ def _column_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
-def _low_rank_norms(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """:func:`_column_norms` of ``x @ w1 @ w2`` without forming that ``[rows, out]`` product.
-
-    Column j's squared norm is ``w2_j^T (Z^T Z) w2_j`` with ``Z = x @ w1`` (``[rows, rank]``): one
-    pass over ``x`` and a ``rank x rank`` Gram matrix, instead of writing and reading back
-    ``[rows, out]`` (an attention layer's q alone is as large as its input).
-    """
-    w1, w2 = factors
+def _grams(x: torch.Tensor, w1s: list[torch.Tensor], votes: torch.Tensor | None) -> list[torch.Tensor]:
+    """``Z_i^T Z_i`` for ``Z_i = x @ w1_i`` (rows where ``votes`` is False zeroed), from one product
+    over ``x``, in at least float32."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    z = (x.to(w1.dtype) @ w1).to(acc)
-    w2 = w2.to(acc)
-    return (w2 * ((z.t() @ z) @ w2)).sum(0).clamp_(min=0).sqrt_()
+    z = (x.to(w1s[0].dtype) @ torch.cat(w1s, dim=1)).to(acc)
+    if votes is not None:
+        z = z.masked_fill(~votes.unsqueeze(1), 0)
+    gram, out, start = z.t() @ z, [], 0
+    for w1 in w1s:
+        out.append(gram[start:start + w1.shape[1], start:start + w1.shape[1]])
+        start += w1.shape[1]
+    return out
+
+
+def _norms(gram: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Column norms of ``Z @ w2`` from ``gram = Z^T Z``: ``||Z w2_j||^2 = w2_j^T gram w2_j``, so the
+    ``[rows, out]`` product (an attention layer's q alone is as large as its input) is never formed."""
+    w2 = w2.to(gram.dtype)
+    return (w2 * (gram @ w2)).sum(0).clamp_(min=0).sqrt_()
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,24 +79,23 @@ def kv_to_q_channels(kv_idx: torch.Tensor, num_heads: int, num_kv_heads: int,
     return (heads[:, None] * head_dim + dims.repeat_interleave(rep, dim=0)).flatten()
 
 
-def qk_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor],
-                k: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int,
-                head_dim: int, keep_per_head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_idx, k_idx) by the ``||q|| * ||k||`` proxy of each dim's share of the attention logits.
+def attn_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], k: tuple[torch.Tensor, torch.Tensor],
+                  v: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int,
+                  keep_per_head: int, votes: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_idx, k_idx, v_idx, o_idx) of one attention layer, from the rows of ``x`` (``votes``
+    [rows]: only the rows where it is True count).
 
-    KV dim ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``.
+    Q/K by the ``||q|| * ||k||`` proxy of each dim's share of the attention logits: KV dim
+    ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``. V by
+    ``||v||``; O keeps the inputs that read the kept V dims. One low-rank product over ``x``
+    serves all three.
     """
     rep = num_heads // num_kv_heads
-    q_norm = _low_rank_norms(x, q).view(num_kv_heads, rep, head_dim).sum(1)
-    k_norm = _low_rank_norms(x, k).view(num_kv_heads, head_dim)
+    gq, gk, gv = _grams(x, [q[0], k[0], v[0]], votes)
+    q_norm = _norms(gq, q[1]).view(num_kv_heads, rep, head_dim).sum(1)
+    k_norm = _norms(gk, k[1]).view(num_kv_heads, head_dim)
     k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
-    return kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx
-
-
-def vo_channels(x: torch.Tensor, v: tuple[torch.Tensor, torch.Tensor], num_heads: int,
-                num_kv_heads: int, head_dim: int, keep_per_head: int,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v_idx, o_idx): V output dims with the largest ``||v||``; O inputs that read them."""
-    v_norm = _low_rank_norms(x, v).view(num_kv_heads, head_dim)
-    v_idx = _group_dims(_top(v_norm, keep_per_head), head_dim)
-    return v_idx, kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim)
+    v_idx = _group_dims(_top(_norms(gv, v[1]).view(num_kv_heads, head_dim), keep_per_head), head_dim)
+    return (kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx, v_idx,
+            kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim))

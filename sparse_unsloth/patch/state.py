@@ -25,7 +25,7 @@ import torch
 
 from ..config import SparseConfig
 from ..estimator.factors import EstimatorFactors
-from ..estimator.select import ffn_channels, kept_count, qk_channels, vo_channels
+from ..estimator.select import attn_channels, ffn_channels, kept_count
 from ..ops.graphs import GraphRunner, Runner, run_eager
 from ..ops.sparse_mm import packed, unpacked
 from .models import AttentionGeometry
@@ -122,10 +122,8 @@ def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_h
                 outs=None):
     """(q_idx, k_idx, v_idx, o_idx packed into one tensor,) of one attention layer for one batch
     (see :func:`attn_choice_sizes`)."""
-    x = voting_rows(hidden, votes)
-    q_idx, k_idx = qk_channels(x, (q_1, q_2), (k_1, k_2), num_heads, num_kv_heads, head_dim, keep)
-    v_idx, o_idx = vo_channels(x, (v_1, v_2), num_heads, num_kv_heads, head_dim, keep)
-    return (packed((q_idx, k_idx, v_idx, o_idx)),)
+    return (packed(attn_channels(hidden, (q_1, q_2), (k_1, k_2), (v_1, v_2), num_heads, num_kv_heads, head_dim,
+                                 keep, votes)),)
 
 
 def attn_choice_sizes(num_heads: int, num_kv_heads: int, keep: int) -> list[tuple[int]]:
