@@ -6,7 +6,8 @@ and one sparse, in the order dense-sparse, sparse-dense, ... (:mod:`.timing`): b
 same machine, the same batches and the same model. The first pairs (compilation, allocator
 warm-up, CUDA graph captures) are not timed, and the timed pairs go round the warm-up's batches
 again: what is timed is the steady state of a long run, in which every batch size has been seen,
-not the first sight of each size (with padding-free packing on a GPU a short run is mostly that). ``sparse-unsloth bench`` (:mod:`.cli_bench`) and the demo use it;
+not the first sight of each size (with padding-free packing on a GPU a short run is mostly that).
+``sparse-unsloth bench`` (:mod:`.cli_bench`) and the demo use it;
 ``scripts/bench_speed.py`` stays the reproducible synthetic benchmark (random Llama-3-8B-shaped
 weights, fixed token layout).
 """
