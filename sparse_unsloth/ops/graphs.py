@@ -169,13 +169,10 @@ class GraphRunner:
             self._seen[slot_key, graph_key] += 1
             if self._seen[slot_key, graph_key] < self.capture_at:
                 # A shared result may come padded from a captured pass: its real rows only.
-                res = fn(*(t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)), *consts)
-                if not into:
-                    return res
-                for t, r in zip(into, res):
-                    t.copy_(r)
+                real_inputs = [t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)]
+                res = run_eager(fn, real_inputs, consts, into=into)
                 self._wrote(into)
-                return tuple(into)
+                return res
             if slot is None:
                 slot = self._slots[slot_key] = self._slot(inputs, adopt, row_in, n or 0)
                 self._buckets.setdefault(n or 0, []).append(slot_key)
