@@ -169,65 +169,55 @@ def _dense_attn(attn: nn.Module, name: str) -> Callable:
     return lambda self, x: self.o_proj(x)
 
 
-def _pick_mlp(self: nn.Module, x: torch.Tensor):
-    """(choice, dense rows, record) for this forward, or None.
+def _pick(self: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
+    """(choice, dense rows, where the backward asks for them) for this forward, or None.
 
-    Called only when the sparse function will run, so the statistics count what ran sparse.
+    ``kind``: "mlp" or "attn" (apply_o gets the choice apply_qkv cached for this forward);
+    ``fields``: the choice's indices the function reads. Called only when the sparse function
+    will run, so the statistics count what ran sparse.
     """
     ctl: LayerSparsity = self.__dict__[_CTL]
     record = ctl.state.record_for_call()
-    choice = ctl.mlp_choice(x, record)
+    choice = (ctl.mlp_choice if kind == "mlp" else ctl.attn_choice)(x, record)
     if choice is None:
         return None
-    ctl.count(record, "mlp")
-    return choice, ctl.state.dense_rows(record), record
+    ctl.count(record, kind)
+    return choice, ctl.state.dense_rows(record), IndicesNow(ctl.state, record, (ctl.layer, kind), fields)
 
 
-def _pick_attn(self: nn.Module, x: torch.Tensor):
-    ctl: LayerSparsity = self.__dict__[_CTL]
-    record = ctl.state.record_for_call()
-    choice = ctl.attn_choice(x, record)        # apply_o gets the one apply_qkv cached for this forward
-    if choice is None:
-        return None
-    ctl.count(record, "attn")
-    return choice, ctl.state.dense_rows(record), record
+def _runner(self: nn.Module, x: torch.Tensor):
+    return self.__dict__[_CTL].state.runner(x)
 
 
 def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    picked = None if any(p is None for p in projs) else _pick_mlp(self, x)
+    picked = None if any(p is None for p in projs) else _pick(self, x, "mlp", ("idx",))
     if picked is None:
         return _dense_mlp(self, x)
-    choice, dense_idx, record = picked
-    ctl: LayerSparsity = self.__dict__[_CTL]
-    now = IndicesNow(ctl.state, record, (ctl.layer, "mlp"), ("idx",))
+    choice, dense_idx, now = picked
     # The supported decoder layers only add the MLP's output to the residual (patch/models.py):
     # a recompute need not compute it.
-    return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=ctl.state.runner(x),
+    return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=_runner(self, x),
                            indices_now=now, out_in_recompute=False)
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
     projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
-    picked = None if any(p is None for p in projs) else _pick_attn(self, x)
+    picked = None if any(p is None for p in projs) else _pick(self, x, "attn", ("q_idx", "k_idx", "v_idx"))
     if picked is None:
         return _dense_attn(self, "apply_qkv")(self, x)
-    choice, dense_idx, record = picked
-    ctl: LayerSparsity = self.__dict__[_CTL]
-    now = IndicesNow(ctl.state, record, (ctl.layer, "attn"), ("q_idx", "k_idx", "v_idx"))
+    choice, dense_idx, now = picked
     return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx,
-                           run=ctl.state.runner(x), indices_now=now)
+                           run=_runner(self, x), indices_now=now)
 
 
 def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     proj = _lora(self.o_proj)
-    picked = None if proj is None else _pick_attn(self, x)
+    picked = None if proj is None else _pick(self, x, "attn", ("o_idx",))
     if picked is None:
         return _dense_attn(self, "apply_o")(self, x)
-    choice, dense_idx, record = picked
-    ctl: LayerSparsity = self.__dict__[_CTL]
-    now = IndicesNow(ctl.state, record, (ctl.layer, "attn"), ("o_idx",))
-    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=ctl.state.runner(x), indices_now=now)
+    choice, dense_idx, now = picked
+    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=_runner(self, x), indices_now=now)
 
 
 # Never traced by Dynamo: inside Unsloth's compiled block each one is a graph break.
