@@ -23,13 +23,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .gguf_models import (
-    build_once,
-    default_cache_root,
-    dequantize_gguf,
-    is_complete,
-    require_gguf,
-)
+from .gguf_models import build_once, default_cache_root, dequantize_gguf, is_complete, require_gguf
 
 __all__ = ["MODEL_DIRNAME", "MODEL_ID", "NUM_LAYERS", "PIP_COMMAND", "REVISION", "SHIPPED_MODEL",
            "default_cache_root", "find_smollm2_gguf", "smollm2_path"]
