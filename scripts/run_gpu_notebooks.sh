@@ -77,7 +77,10 @@ run_step train_unsloth python3 -m sparse_unsloth.cli train --unsloth --model "$M
   --steps "$TRAIN_STEPS" --batch-size 8 --max-length 512 --logging-steps 5 --output-dir "$OUT/train_unsloth"
 run_step bench_unsloth python3 -m sparse_unsloth.cli bench --unsloth --model "$MODEL_DIR" --config "$PRESET" \
   --steps "$STEPS" --warmup-steps 2 --batch-size 8 --max-length 512 --out "$OUT/bench_unsloth"
-rm -rf "$OUT/work/"*/outputs/adapter "$OUT/train_unsloth/adapter"   # adapters: not results, and large
+# Adapters, trainer checkpoints and Unsloth's compiled cache: not results, and too large for a device
+# call to bring back (the 2026-12-02 run's tarball was refused for its size until they went).
+rm -rf "$OUT/work/"*/outputs/adapter "$OUT/train_unsloth/adapter" "$OUT/work/"*/outputs/checkpoint-* \
+  "$OUT/train_unsloth/"checkpoint-* "$OUT/work/"*/unsloth_compiled_cache
 
 echo "================ run_gpu_notebooks summary ================"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
