@@ -191,3 +191,9 @@ def test_what_the_fast_path_cannot_take_is_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="base weight .* is trainable"):
         _sparsify(trainable, MLP_ONLY, unsloth_fast, monkeypatch)
     assert su.sparse_state(trainable) is None
+
+
+def test_the_removed_mode_variable_is_refused(monkeypatch):
+    monkeypatch.setenv("SPARSE_UNSLOTH_MODE", "eager-block")
+    with pytest.raises(ValueError, match="SPARSE_UNSLOTH_MODE is set, but the execution modes were removed"):
+        _sparsify(tiny_lora_model(), MLP_ONLY, unsloth_fast, monkeypatch)

@@ -21,6 +21,7 @@ active plain LoRA adapter (adapters disabled or merged) falls back to the origin
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from collections.abc import Callable
 
@@ -281,6 +282,10 @@ def _set(module: nn.Module, name: str, value) -> None:
 
 def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
     """Make one decoder layer's Unsloth fused LoRA functions sparse."""
+    if "SPARSE_UNSLOTH_MODE" in os.environ:
+        raise ValueError("SPARSE_UNSLOTH_MODE is set, but the execution modes were removed: sparse layers now "
+                         "always run inside Unsloth's compiled block (faster, benchmarks/NOTES.md). Unset it; "
+                         "SPARSE_UNSLOTH_CUDA_GRAPHS=0 still runs the sparse work eagerly for debugging")
     switches: list[tuple[str, str, object]] = []    # (submodule, attribute, sparse value)
     if ctl.mlp_sparsity:
         mlp = layer.mlp
