@@ -145,11 +145,68 @@ def sync_points(step) -> dict:
     return dict(where.most_common(12))
 
 
+class TaggedPasses:
+    """While active, every pass the sparse functions run through the CUDA-graph runner (and every
+    channel choice) is a named profiler range, ``su::<function>`` with ``/bwd`` for the passes run
+    inside backward (recomputes and backwards), so the profile gives each its GPU time."""
+
+    def __enter__(self):
+        import torch
+
+        from sparse_unsloth.ops.graphs import GraphRunner
+
+        self.original = original = GraphRunner.__call__
+
+        def tagged(runner, fn, *args, **kwargs):
+            where = "/bwd" if torch._C._current_graph_task_id() != -1 else ""
+            with torch.profiler.record_function(f"su::{fn.__name__}{where}"):
+                return original(runner, fn, *args, **kwargs)
+
+        GraphRunner.__call__ = tagged
+        return self
+
+    def __exit__(self, *exc):
+        from sparse_unsloth.ops.graphs import GraphRunner
+
+        GraphRunner.__call__ = self.original
+
+
+def busy_union_s(intervals: list[tuple[int, int]]) -> float:
+    """Seconds covered by the union of ``(start_ns, end_ns)`` intervals (overlapping streams count once)."""
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total / 1e9
+
+
+def timeline(prof, n: int) -> dict:
+    """From the kernel timeline: the GPU's busy time per step as the union of its kernels' spans
+    (all work; compute alone, without the host<->device copies of Unsloth's activation offload,
+    which run on a side stream beside compute). The step's real GPU idle is its time minus the
+    compute union: the sum of kernel times counts overlapping streams twice."""
+    spans, compute = [], []
+    for ev in prof.profiler.kineto_results.events():
+        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0:
+            continue
+        span = (ev.start_ns(), ev.start_ns() + ev.duration_ns())
+        spans.append(span)
+        if "HtoD" not in ev.name() and "DtoH" not in ev.name():
+            compute.append(span)
+    return {"gpu_union_s_per_step": round(busy_union_s(spans) / n, 5),
+            "gpu_compute_union_s_per_step": round(busy_union_s(compute) / n, 5)}
+
+
 def profile_steps(step, n: int = 2, top: int = 25) -> dict:
-    """GPU kernel time per step (torch.profiler), the ``top`` kernels, and the host time per step.
+    """GPU kernel time per step (torch.profiler), the ``top`` kernels, the timeline's busy time,
+    the GPU time of each sparse pass (``TaggedPasses``) and the host time per step.
 
     Only device-side events count (kernels, memcpy), so nothing is counted twice; the GPU is
-    idle for ``step_s - gpu_s`` of a step (launch / host bound when large).
+    idle for ``step_s - gpu_compute_union_s`` of a step (launch / host bound when large).
     """
     import time
 
@@ -159,11 +216,13 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with TaggedPasses(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / n
+    passes = {ev.key: {"gpu_s_per_step": round(ev.device_time_total / 1e6 / n, 5), "calls_per_step": ev.count // n}
+              for ev in prof.key_averages() if ev.key.startswith("su::")}
     rows = [(ev.key, ev.self_device_time_total / 1e6 / n, ev.count // n)
             for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
@@ -176,6 +235,7 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
         cat = next((c for c, words in KERNEL_CATEGORIES if any(w in key.lower() for w in words)), "other")
         cats[cat] = cats.get(cat, 0.0) + t
     return {"gpu_busy_s_per_step": round(total, 5), "wall_s_per_step_profiled": round(wall, 5),
+            **guarded(timeline, prof, n), "sparse_passes": dict(sorted(passes.items())),
             "kernels_per_step": sum(r[2] for r in rows), "host_launches_per_step": launches,
             "categories_s_per_step": {c: round(t, 5) for c, t in sorted(cats.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
@@ -439,9 +499,11 @@ def where_time_goes(result: dict) -> dict:
         p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
         if not p or not step or "error" in p:
             continue
-        out[name] = {"step_s": step, "gpu_kernel_s": p["gpu_busy_s_per_step"],
-                     "gpu_idle_s": round(max(step - p["gpu_busy_s_per_step"], 0.0), 5),
-                     "gpu_idle_share": round(max(step - p["gpu_busy_s_per_step"], 0.0) / step, 4),
+        busy = p.get("gpu_compute_union_s_per_step", p["gpu_busy_s_per_step"])
+        out[name] = {"step_s": step, "gpu_kernel_s": p["gpu_busy_s_per_step"], "gpu_compute_busy_s": busy,
+                     "gpu_idle_s": round(max(step - busy, 0.0), 5),
+                     "gpu_idle_share": round(max(step - busy, 0.0) / step, 4),
+                     "sparse_passes": p.get("sparse_passes"),
                      "kernel_launches": p["kernels_per_step"], "host_launches": p.get("host_launches_per_step"),
                      "by_category_s": p["categories_s_per_step"]}
     return out
@@ -585,6 +647,12 @@ def driver(args) -> None:
     for key in ("speedup", "speedup_vs_hf_peft", "flop_fraction", "speedup_over_flop_bound", "estimator_share",
                 "memory_vs_dense"):
         log(f"{key:24} {result[key]}")
+    for name, w in result["where_time_goes"].items():
+        if "gpu_compute_busy_s" in w:
+            log(f"{name:20} GPU compute {w['gpu_compute_busy_s']:.4f} s, idle {w['gpu_idle_share']:.1%}, "
+                f"kernels {w['kernel_launches']}")
+        for op, t in (w.get("sparse_passes") or {}).items():
+            log(f"  {op:28} {1e3 * t['gpu_s_per_step']:7.2f} ms  {t['calls_per_step']:4d} calls")
 
 
 def main() -> None:

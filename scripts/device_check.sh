@@ -7,8 +7,8 @@
 #
 # Steps (the speed cases take ~2-3 min each; a call has 10 min):
 #   tests      tests/test_gpu_graphs.py + tests/test_gpu_fast.py (TESTS_K=expr: pytest -k)
-#   a          the paper setting (8 x 512, 128 output tokens), graphs vs eager in one process, and
-#              a host-side profile (cProfile) of a dense and a sparse step
+#   a          the paper setting (8 x 512, 128 output tokens), with a host-side profile (cProfile)
+#              of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
@@ -40,6 +40,7 @@ run_step() {  # name, command...
   "$@" > "$W/$name/$name.log" 2>&1
   local rc=$?
   summary+=("$(printf '%-8s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - t0)))")
+  tar czf "$OUT/device.tgz" -C "$W" .      # after every step: a call cut off at its limit keeps the rest
 }
 speed() {  # name, bench_speed args...
   local name=$1; shift
@@ -49,7 +50,8 @@ for s in "$@"; do
   case $s in
     tests) run_step tests python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
              tests/test_gpu_graphs.py tests/test_gpu_fast.py ;;
-    a) speed a --skip-peft --eager-too --host-profile ;;
+    a) speed a --skip-peft --host-profile ;;
+    a-eager) speed a-eager --skip-peft --eager-too ;;
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;
     c) speed c --skip-peft --preset llama3-8b-csr ;;
     nf4) speed nf4 --load-in-4bit ;;
@@ -76,7 +78,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 printf '%s\n' "${summary[@]}"
 grep -h -E "passed|failed|error" "$W"/tests/tests.log "$W"/kernels/kernels.log 2>/dev/null | tail -3
 for d in "$W"/*/; do
-  grep -h -A12 "^run " "$d"/*.log 2>/dev/null | sed "s|^|$(basename "$d"): |"
+  grep -h -A40 "^run " "$d"/*.log 2>/dev/null | sed "s|^|$(basename "$d"): |"
 done
 [ -f "$W/notebooks/notebooks.log" ] && tail -14 "$W/notebooks/notebooks.log" | sed 's|^|notebooks: |'
 exit 0
