@@ -114,6 +114,39 @@ def time_steps(step, warmup: int, timed: int, tokens: int, on_step=None) -> dict
             "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses]}
 
 
+def phase_times(model, opt, ids, labels, n: int = 5) -> dict:
+    """Host vs GPU, forward and backward apart: the host's time to issue each phase and the
+    GPU's time for it (CUDA events), and how long the GPU still ran after the host had issued the
+    whole backward (``bwd_gpu_tail_s``: near 0 when the host is the bottleneck). Medians of ``n``
+    steps, each synchronized at its end (the loss already synchronizes after the forward)."""
+    import statistics
+    import time
+
+    import torch
+
+    rows = []
+    for _ in range(n):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        events[0].record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        events[1].record()
+        t1 = time.perf_counter()
+        loss.backward()
+        events[2].record()
+        t2 = time.perf_counter()
+        events[2].synchronize()
+        t3 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rows.append({"host_fwd_s": t1 - t0, "host_bwd_s": t2 - t1, "bwd_gpu_tail_s": t3 - t2,
+                     "gpu_fwd_s": events[0].elapsed_time(events[1]) / 1e3,
+                     "gpu_bwd_s": events[1].elapsed_time(events[2]) / 1e3})
+    return {k: round(statistics.median(r[k] for r in rows), 5) for k in rows[0]}
+
+
 KERNEL_CATEGORIES = (
     ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
     ("attention_core", ("sdpa", "flash", "fmha", "attention")),
@@ -191,7 +224,7 @@ def timeline(prof, n: int) -> dict:
     compute union: the sum of kernel times counts overlapping streams twice."""
     spans, compute = [], []
     for ev in prof.profiler.kineto_results.events():
-        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0:
+        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0 or ev.name().startswith("su::"):
             continue
         span = (ev.start_ns(), ev.start_ns() + ev.duration_ns())
         spans.append(span)
@@ -224,7 +257,8 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     passes = {ev.key: {"gpu_s_per_step": round(ev.device_time_total / 1e6 / n, 5), "calls_per_step": ev.count // n}
               for ev in prof.key_averages() if ev.key.startswith("su::")}
     rows = [(ev.key, ev.self_device_time_total / 1e6 / n, ev.count // n)
-            for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0]
+            for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0
+            and not ev.key.startswith("su::")]     # a named range's GPU span, not a kernel
     rows.sort(key=lambda r: -r[1])
     # What the host launched: kernels one by one, or whole graphs (their kernels still show above).
     launches = {ev.key: ev.count // n for ev in prof.key_averages() if ev.device_type == DeviceType.CPU
@@ -267,9 +301,14 @@ def host_profile(step, n: int = 2, top: int = 40) -> dict:
         rows.append((own / n, cum / n, calls // n, where))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
+    entry = ("sparse_unsloth/", "runtime_wrappers.py", "eval_frame.py", "cuda/graphs.py", "autograd/function.py",
+             "unsloth_zoo/gradient_checkpointing.py")
+    cumulative = sorted((r for r in rows if any(e in r[3] for e in entry)), key=lambda r: -r[1])
     return {"host_s_per_step": round(total, 5),
             "top_own_time": [{"where": w, "own_s": round(o, 5), "cum_s": round(c, 5), "calls": k}
-                             for o, c, k, w in rows[:top]]}
+                             for o, c, k, w in rows[:top]],
+            "top_cumulative_entries": [{"where": w, "own_s": round(o, 5), "cum_s": round(c, 5), "calls": k}
+                                       for o, c, k, w in cumulative[:top]]}
 
 
 def guarded(fn, *args) -> dict:
@@ -440,6 +479,7 @@ def child_unsloth(args) -> dict:
     out: dict = {"fast_path_applies": unsloth_fast.applies(model)}
     out["unsloth_dense_lora"] = time_steps(step, args.warmup, args.steps, ids.numel())
     log(f"[unsloth] dense {out['unsloth_dense_lora']['step_s_median']} s/step")
+    out["unsloth_dense_lora"]["phases"] = guarded(phase_times, model, opt, ids, labels)
     profiles = {"unsloth_dense_lora": guarded(profile_steps, step)}
     if args.host_profile:
         out["unsloth_dense_lora"]["host_profile"] = guarded(host_profile, step)
@@ -464,6 +504,7 @@ def child_unsloth(args) -> dict:
         res["stats"] = state.pop_stats()
         out[name] = res
         log(f"[unsloth] {name} {res['step_s_median']} s/step, estimator {res['estimator_s_median']} s")
+        res["phases"] = guarded(phase_times, model, opt, ids, labels)
         profiles[name] = guarded(profile_steps, step)
         res["sync_points"] = guarded(sync_points, step)
         if args.host_profile:
@@ -651,6 +692,10 @@ def driver(args) -> None:
         if "gpu_compute_busy_s" in w:
             log(f"{name:20} GPU compute {w['gpu_compute_busy_s']:.4f} s, idle {w['gpu_idle_share']:.1%}, "
                 f"kernels {w['kernel_launches']}")
+        ph = result["runs"].get(name, {}).get("phases") or {}
+        if "host_fwd_s" in ph:
+            log(f"  phases: host fwd {ph['host_fwd_s']:.4f} / GPU {ph['gpu_fwd_s']:.4f} s, host bwd "
+                f"{ph['host_bwd_s']:.4f} / GPU {ph['gpu_bwd_s']:.4f} s, GPU tail after bwd {ph['bwd_gpu_tail_s']:.4f} s")
         for op, t in (w.get("sparse_passes") or {}).items():
             log(f"  {op:28} {1e3 * t['gpu_s_per_step']:7.2f} ms  {t['calls_per_step']:4d} calls")
 

@@ -74,44 +74,30 @@ def _times(x, w, outs=None):
     return (torch.mm(x, w, out=outs and outs[0]),)
 
 
-def test_shared_results_are_the_buffers_and_adopted_inputs_are_read_in_place():
-    gen = torch.Generator(device=DEV).manual_seed(3)
-    w = torch.randn(16, 16, device=DEV, generator=gen)
-    runner = GraphRunner(capture_at=1)
-    x = torch.randn(8, 16, device=DEV, generator=gen)
-    (y,) = runner(_times, (x,), (w,), share=(0,))
-    (y_again,) = runner(_times, (2 * x,), (w,), share=(0,))
-    assert y.data_ptr() == y_again.data_ptr()              # one buffer, overwritten by the replay
-    torch.testing.assert_close(y_again, 2 * x @ w)
-    before = runner.writes(y)
-    (z,) = runner(_doubled_in_place, (y,), (w,), adopt=(0,))
-    torch.testing.assert_close(z, (4 * x @ w) @ w)
-    assert runner.writes(y) == before + 1                  # the adopted buffer was written over
-    (z,) = runner(_doubled_in_place, (y.clone(),), (w,), adopt=(0,))   # not the buffer: copied in
-    torch.testing.assert_close(z, (4 * x @ w) * 2 @ w)
-
-
-def test_two_layers_recomputed_before_their_backwards_is_an_error():
-    """The MLP's recompute leaves its activations in the graph's buffers for the backward right
-    after it; a checkpoint around two layers recomputes both first, and that must not pass."""
+def test_two_layers_in_one_checkpoint_equal_one_each():
+    """Nothing passes between the replays of a layer's passes, so two layers recomputed before
+    either backward (one checkpoint around both) give the gradients of one checkpoint each."""
     from torch.utils.checkpoint import checkpoint
 
     gen = torch.Generator(device=DEV).manual_seed(6)
     layers = [[_proj(gen, 300, 128), _proj(gen, 300, 128), _proj(gen, 128, 300)] for _ in range(2)]
     idx, dense_idx = _choose(gen, 300, 16), _choose(gen, 64, 8)
     runner = GraphRunner(capture_at=1)
-
-    def two_layers(x):
-        for gate, up, down in layers:
-            x = x + sparse_lora_mlp(x, gate, up, down, idx, dense_idx, run=runner)
-        return x
-
     x = torch.randn(1, 64, 128, device=DEV, generator=gen).bfloat16().requires_grad_()
-    one_each = sum(checkpoint(lambda t, p=p: t + sparse_lora_mlp(t, *p, idx, dense_idx, run=runner), x,
-                              use_reentrant=True) for p in layers)
-    one_each.float().sum().backward()                   # one layer per region: fine
-    with pytest.raises(RuntimeError, match="overwrote this MLP's activations"):
-        checkpoint(two_layers, x, use_reentrant=True).float().sum().backward()
+    params = [x] + [t for layer in layers for p in layer for t in (p.lora_a, p.lora_b)]
+
+    def grads(per_region):
+        def block(h, group):
+            for p in group:
+                h = h + sparse_lora_mlp(h, *p, idx, dense_idx, run=runner)
+            return h
+        h = x
+        for i in range(0, 2, per_region):
+            h = checkpoint(block, h, layers[i:i + per_region], use_reentrant=True)
+        return torch.autograd.grad(h.float().square().sum(), params)
+
+    for _ in range(2):                                      # capture, then replay
+        _close(grads(2), grads(1), "two layers per checkpoint")
 
 
 def _padded(idx, extra):

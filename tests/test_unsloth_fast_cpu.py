@@ -197,3 +197,25 @@ def test_the_removed_mode_variable_is_refused(monkeypatch):
     monkeypatch.setenv("SPARSE_UNSLOTH_MODE", "eager-block")
     with pytest.raises(ValueError, match="SPARSE_UNSLOTH_MODE is set, but the execution modes were removed"):
         _sparsify(tiny_lora_model(), MLP_ONLY, unsloth_fast, monkeypatch)
+
+
+def test_a_checkpoint_around_several_layers_is_an_error(monkeypatch):
+    """The patched MLP's recompute skips its output, which per-layer checkpointing never reads; a
+    checkpoint around several layers would feed it to the next layer, so it is refused."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _sparsify(tiny_lora_model(), MLP_ONLY, unsloth_fast, monkeypatch)
+    model.train()
+    ids, labels = _batch()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads = _run(model, ids, labels)                  # one layer per region: fine
+    model.gradient_checkpointing_disable()
+    plain_loss, plain_grads = _run(model, ids, labels)
+    torch.testing.assert_close(plain_loss, loss, rtol=1e-12, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(plain_grads[name], g, rtol=1e-9, atol=1e-11, msg=name)
+    whole = checkpoint(lambda: model(input_ids=ids, labels=labels).loss, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="spans several decoder layers"):
+        whole.backward()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.testing.assert_close(_run(model, ids, labels)[0], loss, rtol=1e-12, atol=1e-12)   # trains on

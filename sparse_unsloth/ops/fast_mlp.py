@@ -1,16 +1,22 @@
 """Fused sparse LoRA gated MLP: ``down(act(gate(x), up(x)))`` with contextual sparsity.
 
-What Unsloth's LoRA_MLP does (one autograd Function, saves ``x, e, g`` and the LoRA factors,
-recomputes the rest in backward, LoRA gradients by hand), except that the frozen gate/up rows
-and down columns outside ``idx`` are zero for the context rows. The dense rows (output
-tokens) see the full weights, and every LoRA branch is dense. So for a context row the gate
-value at a dropped channel is its LoRA term alone, ``h = act(e, g)`` stays full width and
-down's LoRA reads all of ``h``: exactly the masked dense layer (``ops.reference``).
+What Unsloth's LoRA_MLP does (one autograd Function, LoRA gradients by hand), except that the
+frozen gate/up rows and down columns outside ``idx`` are zero for the context rows. The dense
+rows (output tokens) see the full weights, and every LoRA branch is dense: for a context row
+the gate value at a dropped channel is its LoRA term alone, ``h = act(e, g)`` stays full width
+and down's LoRA reads all of ``h``. Exactly the masked dense layer (``ops.reference``).
 
-The activation is passed in (``act_forward(e, g) -> h`` and
-``act_backward(dh, e, g) -> (h, dg, de)``, both on 2-D ``[tokens, channels]`` tensors; the
-backward may overwrite its inputs), so Unsloth's SwiGLU / GEGLU Triton kernels plug in; the
-torch SwiGLU below is the default.
+No ``[tokens, channels]`` tensor is formed. A pass splits the channels three ways: the kept
+ones for every row (``[tokens, kept]``, a few percent), all of them for the dense rows
+(``[dense, channels]``), and the LoRA-only rest, which ``ops.lora_swiglu`` reduces to rank-r
+sums in registers. Nothing but the input is kept for backward: the backward recomputes what
+it needs from ``x`` (so a checkpointed layer's recompute, a forward inside backward, computes
+nothing when its output is not read).
+
+The activation of the kept channels and dense rows is passed in (``act_forward(e, g) -> h``
+and ``act_backward(dh, e, g) -> (h, d_up, d_gate)``, both on 2-D tensors, the backward free
+to overwrite its inputs), so Unsloth's SwiGLU Triton kernels plug in; it must be SwiGLU, as
+the LoRA-only channels' kernels compute.
 """
 
 from __future__ import annotations
@@ -18,151 +24,157 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .graphs import GraphRunner, Runner, run_eager
-from .sparse_mm import (
-    LoRAProj,
-    add_lora_,
-    cast_like,
-    has_rows,
-    keep_cols_,
-    keep_rows,
-    kept_channels,
-    lora_grads,
-    lora_out,
-    packed,
-    unpacked,
-    weight_like,
-)
+from .graphs import Runner, run_eager
+from .lora_swiglu import lora_swiglu_cols, lora_swiglu_rows, swiglu_backward, swiglu_forward
+from .sparse_mm import LoRAProj, cast_like, has_rows, kept_channels, packed, unpacked, weight_like
 
 
-def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return F.silu(e) * g
+def first_occurrence(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[len(idx)] 1 where ``idx`` (values below ``n``) holds a value for the first time, else 0:
+    a sum over the dense rows counts a padded repeat once."""
+    pos = torch.arange(idx.numel(), device=idx.device)
+    first = torch.full((n,), idx.numel(), device=idx.device, dtype=pos.dtype).scatter_reduce_(0, idx, pos, "amin")
+    return first[idx] == pos
 
 
-def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, d_up, d_gate) of ``h = silu(e) * g``, at least float32 inside like Unsloth's kernel."""
-    ef = e.to(torch.promote_types(e.dtype, torch.float32))
-    se = torch.sigmoid(ef)
-    f = (ef * se).to(dh.dtype)
-    d_gate = (dh * g).to(ef.dtype) * se * (1.0 + ef * (1.0 - se))
-    return f * g, dh * f, d_gate.to(dh.dtype)
+def _lora_in(x: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
+    return (x @ a.t()).mul_(s)
+
+
+def _without(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with ``rows`` zeroed (a copy; ``t`` itself when there are none)."""
+    return t.index_fill(0, rows, 0) if has_rows(rows) else t
+
+
+def _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u):
+    """(e, g) of the kept channels, every row: ``[rows, kept.padded]``."""
+    kp = kept.padded
+    e = (x @ gate_w.index_select(0, kp).t()).addmm_(t_g, gb.index_select(0, kp).t())
+    g = (x @ up_w.index_select(0, kp).t()).addmm_(t_u, ub.index_select(0, kp).t())
+    return e, g
+
+
+def _clear(ts, kept, dense_idx) -> None:
+    """Zero the alignment padding columns (repeats of the first kept channel) and the dense rows
+    (computed in full apart) of the kept-channel tensors ``ts``, in place."""
+    for t in ts:
+        t[:, kept.k:] = 0
+        if has_rows(dense_idx):
+            t.index_fill_(0, dense_idx, 0)
 
 
 def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-             down_b, down_s, act_forward, with_out, outs=None):
-    """(out, e, g) of the sparse MLP on 2-D ``x``, written into ``outs`` when given (a CUDA graph's
-    buffers). Without ``with_out``, ``out`` is left uncomputed (its buffer, or zeros)."""
-    out_buf, e_buf, g_buf = outs or (None, None, None)
-    gate_w, up_w = weight_like(gate_w, x), weight_like(up_w, x)
-    ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
-    kept = kept_channels(idx)
-    x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
-    e = keep_cols_(lora_out(x, ga, gb, gate_s, e_buf), x, gate_w.t(), kept, dense_idx, x_rows)
-    g = keep_cols_(lora_out(x, ua, ub, up_s, g_buf), x, up_w.t(), kept, dense_idx, x_rows)
-    del x_rows
-    if not with_out:                 # (nor is a 4-bit down weight dequantized)
-        return (out_buf if out_buf is not None else x.new_zeros(x.shape[0], db.shape[0])), e, g
-    h = act_forward(e, g)
-    out = keep_rows([(h, weight_like(down_w, x).t(), kept)], dense_idx, out_buf)
-    add_lora_(out, h, da, db, down_s)
-    return out, e, g
-
-
-def _backward(dy, x, e, g, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
-              down_a, down_b, down_s, act_backward, outs=None):
-    """(dx, the LoRA gradients packed: gate A, B, up A, B, down A, B); overwrites ``e`` and ``g``."""
+             down_b, down_s, act_forward, outs=None):
+    """(out,) of the sparse MLP on 2-D ``x`` (written into ``outs`` when given: a CUDA graph's buffer)."""
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
+    t_g, t_u = _lora_in(x, ga, gate_s), _lora_in(x, ua, up_s)
+    e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
+    h_k = act_forward(e_k, g_k)
+    _clear([h_k], kept, None)
+    out = torch.mm(h_k, down_w.index_select(1, kept.padded).t(), out=outs and outs[0])
+    (q,) = lora_swiglu_rows(_without(t_g, dense_idx), _without(t_u, dense_idx), gb.index_fill(0, kept.idx, 0),
+                            ub.index_fill(0, kept.idx, 0), da.t().index_fill(0, kept.idx, 0))
+    q.addmm_(h_k, da.index_select(1, kept.padded).t())
+    if has_rows(dense_idx):
+        x_r = x.index_select(0, dense_idx)
+        h_r = act_forward((x_r @ gate_w.t()).addmm_(t_g.index_select(0, dense_idx), gb.t()),
+                          (x_r @ up_w.t()).addmm_(t_u.index_select(0, dense_idx), ub.t()))
+        out.index_copy_(0, dense_idx, h_r @ down_w.t())
+        q.index_copy_(0, dense_idx, h_r @ da.t())
+    out.addmm_(q, db.t(), alpha=down_s)
+    return (out,)
+
+
+def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w,
+              down_a, down_b, down_s, act_backward, outs=None):
+    """(dx, the LoRA gradients packed: gate A, B, up A, B, down A, B), from ``x`` and ``dy`` alone."""
+    gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
+    ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
+    kept = kept_channels(idx)
+    kp = kept.padded
     dy = dy.to(x.dtype)
-    # dh = dy @ down (context rows: kept columns only) + down's LoRA (all of h).
-    d_down_a_in = (dy @ db).mul_(down_s)
-    dh = keep_cols_(d_down_a_in @ da, dy, down_w, kept, dense_idx)
-    h, d_up, d_gate = act_backward(dh, e, g)
-    del dh, e, g
-    d_down_a = d_down_a_in.t() @ h
-    d_down_b = dy.t() @ (h @ da.t()).mul_(down_s)
-    del h, d_down_a_in
-    d_up_a, d_up_b, up_dyb = lora_grads(x, d_up, ua, ub, up_s)
-    d_gate_a, d_gate_b, gate_dyb = lora_grads(x, d_gate, ga, gb, gate_s)
-    dx = keep_rows([(d_up, up_w, kept), (d_gate, gate_w, kept)], dense_idx, outs and outs[0])
-    dx.addmm_(up_dyb, ua).addmm_(gate_dyb, ga)
-    return dx, packed((d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b))
+    t_g, t_u, t_d = _lora_in(x, ga, gate_s), _lora_in(x, ua, up_s), (dy @ db).mul_(down_s)
+    # The kept channels, context rows (dense rows and padding columns zeroed after the activation).
+    e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
+    da_k = da.index_select(1, kp)
+    h_k, du_k, dg_k = act_backward((dy @ down_w.index_select(1, kp)).addmm_(t_d, da_k), e_k, g_k)
+    _clear([h_k, du_k, dg_k], kept, dense_idx)
+    # The LoRA-only channels of the context rows: rank-r sums per row and per channel.
+    ctx = [_without(t, dense_idx) for t in (t_g, t_u, t_d)]
+    masked = [t.index_fill(0, kept.idx, 0) for t in (gb, ub, da.t())]
+    q, r_g, r_u = lora_swiglu_rows(ctx[0], ctx[1], *masked, ctx[2])
+    d_gb, d_ub, d_da_t = lora_swiglu_cols(*ctx, *masked)
+    q.addmm_(h_k, da_k.t())
+    r_g.addmm_(dg_k, gb.index_select(0, kp))
+    r_u.addmm_(du_k, ub.index_select(0, kp))
+    d_gb.index_add_(0, kp, dg_k.t() @ t_g)          # padding columns are zero: they add nothing
+    d_ub.index_add_(0, kp, du_k.t() @ t_u)
+    d_da_t.index_add_(0, kp, h_k.t() @ t_d)
+    dx = torch.mm(dg_k, gate_w.index_select(0, kp), out=outs and outs[0]).addmm_(du_k, up_w.index_select(0, kp))
+    del e_k, g_k, h_k, du_k, dg_k
+    # The dense rows, every channel; a padded repeat of a row is written twice and summed once.
+    if has_rows(dense_idx):
+        x_r, dy_r = x.index_select(0, dense_idx), dy.index_select(0, dense_idx)
+        rows_of = [t.index_select(0, dense_idx) for t in (t_g, t_u, t_d)]
+        h_r, du_r, dg_r = act_backward((dy_r @ down_w).addmm_(rows_of[2], da),
+                                       (x_r @ gate_w.t()).addmm_(rows_of[0], gb.t()),
+                                       (x_r @ up_w.t()).addmm_(rows_of[1], ub.t()))
+        q.index_copy_(0, dense_idx, h_r @ da.t())
+        r_g.index_copy_(0, dense_idx, dg_r @ gb)
+        r_u.index_copy_(0, dense_idx, du_r @ ub)
+        once = first_occurrence(dense_idx, x.shape[0]).to(x.dtype).unsqueeze(1)
+        d_gb.addmm_(dg_r.t(), rows_of[0] * once)
+        d_ub.addmm_(du_r.t(), rows_of[1] * once)
+        d_da_t.addmm_(h_r.t(), rows_of[2] * once)
+        dx.index_copy_(0, dense_idx, (dg_r @ gate_w).addmm_(du_r, up_w))
+    # The LoRA A gradients and input gradient, every row.
+    r_g.mul_(gate_s)
+    r_u.mul_(up_s)
+    dx.addmm_(r_g, ga).addmm_(r_u, ua)
+    return dx, packed((r_g.t() @ x, d_gb, r_u.t() @ x, d_ub, d_da_t.t(), dy.t() @ q.mul_(down_s)))
 
 
 class _SparseLoRAMLP(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, keep_acts, indices_now,
-                out_in_recompute):
+                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, indices_now, out_in_recompute):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # The weights themselves (or their dequantizing functions), never a pass's copies: a
         # 4-bit weight is dequantized again in backward rather than kept alive in between.
         ctx.consts = (gate_w, gate_s, up_w, up_s, down_w, down_s)
         loras = (gate_a, gate_b, up_a, up_b, down_a, down_b)
-        # e and g stay in the CUDA graph's buffers (no copy out) unless a backward that is not
-        # the next one keeps them: a checkpointed layer's recompute (a forward inside backward)
-        # is followed by its own backward before any other layer's, which reads them in place
-        # (checked untouched), and a forward without grad drops them (so its e and g take the
-        # recompute's buffers, not room in the graphs' memory pool).
-        in_backward = torch._C._current_graph_task_id() != -1
-        share = (1, 2) if isinstance(run, GraphRunner) and (not keep_acts or in_backward) else ()
-        # A recompute exists for e and g; where the layer only adds the MLP's output to its
-        # residual (whose backward reads no values), that output is never read: no down product,
-        # and its buffer comes back as it is, uncopied.
-        with_out = out_in_recompute or not (keep_acts and in_backward)
-        if not with_out and share:
-            share = (0, 1, 2)
-        # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
-        # them where they are (the patch keeps them in buffers of their own), no copy per pass.
-        out, e, g = run(_forward, (x2,),
-                        (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a, down_b,
-                         down_s, act_forward, with_out), share=share, rows=((0,), (0, 1, 2)))
+        if out_in_recompute or torch._C._current_graph_task_id() == -1:
+            # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
+            # them where they are (the patch keeps them in buffers of their own), no copy per pass.
+            (out,) = run(_forward, (x2,), (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s,
+                                           down_w, down_a, down_b, down_s, act_forward), rows=((0,), (0,)))
+        else:
+            # A checkpointed layer's recompute (a forward inside backward) whose output nothing reads:
+            # the backward, next, recomputes what it needs from x, so nothing is computed here.
+            out = x2.new_empty(x2.shape[0], down_b.shape[0])
         ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
-        if not keep_acts:
-            e = g = None
-        ctx.shared = (e, g, run.writes(e), run.writes(g)) if share and keep_acts else None
-        # Shared or not, e and g are saved as [tokens, channels]: non-reentrant checkpointing
-        # wants the recompute to save what the first forward saved (a shared buffer's real rows
-        # are only a view of it; the backward reads the whole, padded buffer).
-        n = x2.shape[0]
-        out = out[:n]                          # a shared (uncomputed) output is the padded buffer
-        ctx.save_for_backward(x2, *(None if t is None else t[:n] for t in (e, g)),
-                              *((None, None) if indices_now else (idx, dense_idx)), *loras)
+        ctx.save_for_backward(x2, *((None, None) if indices_now else (idx, dense_idx)), *loras)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, e, g, idx, dense_idx, ga, gb, ua, ub, da, db = ctx.saved_tensors
-        if ctx.shared is not None:
-            e, g, e_writes, g_writes = ctx.shared
-            if (ctx.run.writes(e), ctx.run.writes(g)) != (e_writes, g_writes):
-                raise RuntimeError(
-                    "sparse_unsloth: another layer's recompute overwrote this MLP's activations before its "
-                    "backward. The sparse MLP's CUDA graphs expect each checkpointed layer to be recomputed "
-                    "right before its own backward, as per-layer gradient checkpointing (Unsloth's, Hugging "
-                    "Face's) does; checkpoint one decoder layer per region, or set SPARSE_UNSLOTH_CUDA_GRAPHS=0")
-        if e is None:
-            raise RuntimeError("the sparse MLP ran without keeping its activations (grad mode was off "
-                               "when it was called), so it has no backward")
+        x, idx, dense_idx, ga, gb, ua, ub, da, db = ctx.saved_tensors
         gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
         if ctx.indices_now is not None:
             idx, dense_idx = ctx.indices_now()
-        grads = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x, e, g),
-                        (idx, dense_idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s, ctx.act_backward),
-                        adopt=(2, 3), rows=((0, 1, 2, 3), (0,)))
-        dx, flat = grads
+        dx, flat = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x),
+                           (idx, dense_idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s,
+                            ctx.act_backward), rows=((0, 1), (0,)))
         d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(
             flat, [t.shape for t in (ga, gb, ua, ub, da, db)])
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
-                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None,
-                None)
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None)
 
 
 def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
@@ -173,20 +185,18 @@ def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAPro
                     ) -> torch.Tensor:
     """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
 
-    ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; repeats are
-    fine). ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
-    ``indices_now``: where the indices live in buffers that a later forward may take, the
-    backward asks it for ``(idx, dense_idx)`` as they are then, instead of keeping them.
-    ``out_in_recompute=False``: in a checkpointed layer's recompute (a forward inside backward)
-    the returned values are not computed (the down product is skipped; e and g, which the backward
-    needs, are). Right only where nothing differentiated after the MLP reads its output's values,
-    as in a decoder layer that ends ``residual + mlp(x)`` (the recomputed layer output itself is
-    discarded by checkpointing).
+    ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; unique, but
+    for repeats of its first row: the padding of the patch's buckets). ``run``: how each pass
+    runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU). ``indices_now``: where the
+    indices live in buffers that a later forward may take, the backward asks it for ``(idx,
+    dense_idx)`` as they are then, instead of keeping them. ``out_in_recompute=False``: in a
+    checkpointed layer's recompute (a forward inside backward) the returned values are not
+    computed at all (the backward recomputes what it needs). Right only where nothing
+    differentiated after the MLP reads its output's values, as in a decoder layer that ends
+    ``residual + mlp(x)`` (the recomputed layer output itself is discarded by checkpointing).
     """
     if any(p.bias is not None for p in (gate, up, down)):
         raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
                          "keep their MLP layers dense")
-    keep_acts = torch.is_grad_enabled() and (x.requires_grad or any(
-        t.requires_grad for p in (gate, up, down) for t in (p.lora_a, p.lora_b)))
     return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward,
-                                run, keep_acts, indices_now, out_in_recompute)
+                                run, indices_now, out_in_recompute)

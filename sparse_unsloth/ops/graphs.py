@@ -16,13 +16,11 @@ token-row buffer is a view of one growing tensor per (role, trailing shape, dtyp
 other buffer one tensor per shape, each shared by every op of every layer and every bucket
 (results asked ``into`` the caller's own tensors are the exception). That is safe because replays run
 one after another on one stream, and because :meth:`GraphRunner.__call__` copies the outputs
-out before it returns, except those the caller asks to *share*: a checkpointed layer's
-activations, which its backward (the next user of the buffers) reads in place, checking with
-:meth:`GraphRunner.writes` that no other replay wrote them in between.
+out before it returns.
 
 Functions run this way must be functions of their tensor inputs (no host sync, no
-data-dependent shapes, no Python state read per call; they may overwrite their inputs, as
-Unsloth's SwiGLU backward does); their other operands (``consts``: weights, LoRA factors,
+data-dependent shapes, no Python state read per call; they may overwrite their inputs); their
+other operands (``consts``: weights, LoRA factors,
 scales, flags) are baked into the graph and name it: a tensor by its storage, so a parameter
 updated in place by the optimizer is read fresh at every replay.
 """
@@ -41,11 +39,11 @@ Runner = Callable[..., Outputs]
 Rows = tuple[Sequence[int], Sequence[int]]       # (input positions, output positions) of token rows
 
 
-def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-              adopt: Sequence[int] = (), rows: Rows = ((), ()), into: Sequence[torch.Tensor] = ()) -> Outputs:
+def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], rows: Rows = ((), ()),
+              into: Sequence[torch.Tensor] = ()) -> Outputs:
     """``fn(*inputs, *consts)``: the contract of a :class:`GraphRunner`, without graphs (the
-    results are the function's own tensors, so nothing is shared, adopted or padded; results
-    asked ``into`` the caller's tensors are copied there)."""
+    results are the function's own tensors, nothing is padded; results asked ``into`` the
+    caller's tensors are copied there)."""
     res = fn(*inputs, *consts)
     for t, r in zip(into, res):
         t.copy_(r)
@@ -87,31 +85,24 @@ class _Slot:
     """The buffers that every graph of one function over one shape reads and writes (views of
     the runner's shared tensors), and those graphs by their consts."""
 
-    def __init__(self, inputs: list[torch.Tensor | None], adopted: list[bool], row_inputs: Sequence[int],
-                 n: int) -> None:
+    def __init__(self, inputs: list[torch.Tensor | None], row_inputs: Sequence[int], n: int) -> None:
         self.inputs = inputs
-        self.adopted = adopted              # per input: the buffer is another slot's shared result
         self.row_inputs = row_inputs
         self.n = n                          # the bucket: rows of every row buffer
         self.outputs: Outputs | None = None
         self.graphs: dict[Any, Any] = {}
 
-    def load(self, inputs: Inputs) -> list[torch.Tensor]:
+    def load(self, inputs: Inputs) -> None:
         """Copy the row inputs into their buffers' first rows (zeros below) and the other inputs into
-        theirs, skipping an input passed in as its buffer itself; returns the adopted buffers
-        written."""
-        written = []
+        theirs."""
         for i, (buf, t) in enumerate(zip(self.inputs, inputs)):
-            if buf is None or buf is t:
+            if buf is None:
                 continue
             if i in self.row_inputs and t.shape[0] != self.n:
                 buf[:t.shape[0]].copy_(t)
                 buf[t.shape[0]:].zero_()
             else:
                 buf.copy_(t)
-            if self.adopted[i]:
-                written.append(buf)
-        return written
 
 
 class _Recorded:
@@ -134,11 +125,8 @@ class GraphRunner:
 
     While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
     straight into them (returning them); anything else it returns is copied in. The results
-    come back as fresh tensors, except the positions in ``share``: those are the buffers
-    themselves (all bucket rows), valid until another replay writes them. ``adopt``: input
-    positions that take such a shared result and read it in place. ``into``: the caller's own
-    tensors to write the results into (each graph writes its own: per-layer results that live on),
-    returned themselves.
+    come back as fresh tensors. ``into``: the caller's own tensors to write the results into
+    (each graph writes its own: per-layer results that live on), returned themselves.
     """
 
     def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
@@ -149,94 +137,63 @@ class GraphRunner:
         self._buckets: collections.OrderedDict[int, list] = collections.OrderedDict()   # rows -> slot keys
         self._seen: collections.Counter[tuple] = collections.Counter()
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
-        self._writes: collections.Counter[int] = collections.Counter()
         self._store: dict[tuple, torch.Tensor] = {}     # every buffer is the first rows of one of these
         self._regrown = False
 
-    def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], share: Sequence[int] = (),
-                 adopt: Sequence[int] = (), rows: Rows = ((), ()), into: Sequence[torch.Tensor] = ()) -> Outputs:
+    def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], rows: Rows = ((), ()),
+                 into: Sequence[torch.Tensor] = ()) -> Outputs:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
         shapes, graph_key = _const_keys((*consts, *into))
         slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
                               for i, t in enumerate(inputs)),
-                    shapes, tuple(share), tuple(adopt), tuple(row_in), tuple(row_out),
+                    shapes, tuple(row_in), tuple(row_out),
                     torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         slot = self._slots.get(slot_key)
         graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
             self._seen[slot_key, graph_key] += 1
             if self._seen[slot_key, graph_key] < self.capture_at:
-                # A shared result may come padded from a captured pass: its real rows only.
-                real_inputs = [t[:real] if i in row_in and t is not None else t for i, t in enumerate(inputs)]
-                res = run_eager(fn, real_inputs, consts, into=into)
-                self._wrote(into)
-                return res
+                return run_eager(fn, inputs, consts, into=into)
             if slot is None:
-                slot = self._slots[slot_key] = self._slot(inputs, adopt, row_in, n or 0)
+                slot = self._slots[slot_key] = self._slot(inputs, row_in, n or 0)
                 self._buckets.setdefault(n or 0, []).append(slot_key)
-            self._wrote(slot.load(inputs))
-            graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, share, row_out, into)
+            slot.load(inputs)
+            graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, row_out, into)
             self.captures += 1
         else:
-            self._wrote(slot.load(inputs))
+            slot.load(inputs)
         self._buckets.move_to_end(n or 0)
         graph.replay()
         if self._regrown:
             self._prune()
-        # The function may have written over its inputs (Unsloth's SwiGLU backward does).
-        self._wrote([b for b, a in zip(slot.inputs, slot.adopted) if a]
-                    + [o for o in graph.outputs if o is not None])
         if into:
             self._evict()
             return tuple(into)
-        out = tuple(None if o is None else o if i in share else (o[:real] if i in row_out else o).clone()
+        out = tuple(None if o is None else (o[:real] if i in row_out else o).clone()
                     for i, o in enumerate(graph.outputs))
         self._evict()
         return out
 
-    def writes(self, t: torch.Tensor) -> int:
-        """How many times the runner wrote the buffer ``t`` (to check that a shared result is intact)."""
-        return self._writes[t.data_ptr()]
-
-    def _wrote(self, bufs: Sequence[torch.Tensor]) -> None:
-        for b in bufs:
-            self._writes[b.data_ptr()] += 1
-
-    def _slot(self, inputs: Inputs, adopt: Sequence[int], row_in: Sequence[int], n: int) -> _Slot:
-        bufs, adopted = [], []
+    def _slot(self, inputs: Inputs, row_in: Sequence[int], n: int) -> _Slot:
         taken: collections.Counter[tuple] = collections.Counter()
-        for i, t in enumerate(inputs):
-            rows_of = n if i in row_in else None
-            if t is not None and i in adopt and self._owns(t) and (rows_of is None or t.shape[0] == rows_of):
-                bufs.append(t)                    # a shared result of another slot, already padded
-                adopted.append(True)
-                continue
-            adopted.append(i in adopt and t is not None)
-            bufs.append(None if t is None else
-                        self._buffer("shared-in" if i in adopt else "in", i, _padded_shape(t, rows_of), taken,
-                                     rows_of is not None))
-        return _Slot(bufs, adopted, row_in, n)
+        bufs = [None if t is None else self._buffer("in", _padded_shape(t, n if i in row_in else None), taken,
+                                                    i in row_in)
+                for i, t in enumerate(inputs)]
+        return _Slot(bufs, row_in, n)
 
-    def _owns(self, t: torch.Tensor) -> bool:
-        """``t`` is one of the runner's buffers (another slot's shared result), not a caller's tensor."""
-        return any(t is store or t._base is store for store in self._store.values())
-
-    def _buffer(self, role: str, position: int, sig: tuple, taken: collections.Counter, token_rows: bool,
-                ) -> torch.Tensor:
+    def _buffer(self, role: str, sig: tuple, taken: collections.Counter, token_rows: bool) -> torch.Tensor:
         """A buffer of shape/dtype/device ``sig`` that every slot shares: for token rows, the first
         rows of one tensor per (role, trailing shape, dtype, device, n-th such buffer of the call),
         so that every bucket shares it too; else one tensor of exactly that shape.
 
-        Shared results and their adoptions are named by position instead, so that a slot's
-        shared output is the same tensor whichever op of whichever layer wrote it last. A bucket
-        with more rows than the tensor has replaces it; the graphs that read the old one are
-        dropped at the end of the call (a few times early on, as the largest batch grows).
+        A bucket with more rows than the tensor has replaces it; the graphs that read the old one
+        are dropped at the end of the call (a few times early on, as the largest batch grows).
         """
         shape, dtype, device = sig
         family = (role, tuple(shape[1:]) if token_rows else tuple(shape), dtype, device)
-        key = (*family, position) if role.startswith("shared") else (*family, taken[family])
+        key = (*family, taken[family])
         taken[family] += 1
         old = self._store.get(key)
         if old is None or old.shape[0] < shape[0]:
@@ -246,20 +203,17 @@ class GraphRunner:
         return store[:shape[0]] if token_rows else store
 
     def _capture(self, slot: _Slot, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
-                 share: Sequence[int], row_out: Sequence[int], into: Sequence[torch.Tensor]):
-        # Warm-up, eager: lazy initialisations happen here. It may write over its inputs: the
-        # adopted ones (another slot's results, still needed) go in as copies.
-        warm = [t.clone() if a else t for t, a in zip(slot.inputs, slot.adopted)]
+                 row_out: Sequence[int], into: Sequence[torch.Tensor]):
+        # Warm-up, eager: lazy initialisations (Triton's autotuning among them) happen here. It may
+        # write over its inputs, so they are loaded again after it.
         device = next(t.device for t in inputs if t is not None)
-        outs = self._warm_up(fn, warm, consts, device)
+        outs = self._warm_up(fn, slot.inputs, consts, device)
         if slot.outputs is None and not into:
             taken: collections.Counter[tuple] = collections.Counter()
-            slot.outputs = tuple(None if o is None else
-                                 self._buffer("shared-out" if i in share else "out", i, _padded_shape(o, None), taken,
-                                              i in row_out)
+            slot.outputs = tuple(None if o is None else self._buffer("out", _padded_shape(o, None), taken, i in row_out)
                                  for i, o in enumerate(outs))
-        del outs, warm
-        self._wrote(slot.load(inputs))
+        del outs
+        slot.load(inputs)
 
         outputs = tuple(into) or slot.outputs
 

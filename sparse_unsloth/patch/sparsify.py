@@ -111,6 +111,8 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
             if ctl.mlp_sparsity or ctl.attn_sparsity:
                 state.layers[i] = ctl
                 backend.patch_layer(layer, ctl)
+            if state.fast:
+                unsloth_fast.guard_layer(layer, state)
     except Exception:
         _unpatch_layers(layers)                   # a layer refused: leave the model as it was
         raise

@@ -222,6 +222,8 @@ class IndicesNow:
 
     def __call__(self) -> tuple:
         self.state.check_intact(self.record, self.key)
+        if self.key == (self.state.skipped_output, "mlp"):
+            self.state.skipped_output = None       # the MLP's backward: its recompute is done with
         choice = self.record.choices[self.key]
         return (*(getattr(choice, f) for f in self.fields), self.state.dense_rows(self.record))
 
@@ -273,11 +275,15 @@ class SparseState:
         self.owners: dict[tuple, BatchRecord] = {}           # whose indices each buffer holds
         self.writes: collections.Counter[tuple] = collections.Counter()
         self._entered: list[BatchRecord] = []
+        # A checkpointed layer's recompute computes no MLP output (its backward, next, recomputes
+        # what it needs): the layer whose skipped output is pending until that backward asks for
+        # its indices. Another layer recomputed meanwhile would read it (see unsloth_fast.Guard).
+        self.skipped_output: int | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged", "_buffers",
-                    "owners", "writes", "_entered"):
+                    "owners", "writes", "_entered", "skipped_output"):
             state.pop(key)
         return state
 
@@ -306,6 +312,7 @@ class SparseState:
                     training: bool, attention_mask: torch.Tensor | None = None) -> None:
         """Start a forward pass over token ids of ``shape`` ([batch, seq])."""
         self.current = None
+        self.skipped_output = None         # a backward that failed before its end left it set
         if not training:
             return
         self.stats["forwards"] += 1
@@ -341,6 +348,7 @@ class SparseState:
 
     def _leave_backward(self) -> None:
         self._backward = _NO_BACKWARD
+        self.skipped_output = None
         for record in self._entered:
             record.finished = True
         self._entered = []

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
-from ..ops.fast_mlp import sparse_lora_mlp, swiglu_backward, swiglu_forward
+from ..ops.fast_mlp import sparse_lora_mlp
+from ..ops.lora_swiglu import swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj
 from .models import decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
@@ -39,6 +40,7 @@ _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
 _SPARSE = "_sparse_unsloth_sparse"
 _SWITCHES = "_sparse_unsloth_switches"
+_GUARDED = "_sparse_unsloth_guarded"
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
 
 
@@ -197,7 +199,11 @@ def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _dense_mlp(self, x)
     choice, dense_idx, now = picked
     # The supported decoder layers only add the MLP's output to the residual (patch/models.py):
-    # a recompute need not compute it.
+    # a recompute need not compute it, as long as no other layer is recomputed before its
+    # backward (Guard).
+    ctl: LayerSparsity = self.__dict__[_CTL]
+    if torch._C._current_graph_task_id() != -1:
+        ctl.state.skipped_output = ctl.layer
     return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=_runner(self, x),
                            indices_now=now, out_in_recompute=False)
 
@@ -268,6 +274,27 @@ class Flip:
             _set(module, name, value)
 
 
+class Guard:
+    """Decoder-layer pre-hook (on every layer): a layer recomputed while another layer's skipped
+    MLP output is pending would read that output, so a checkpoint around several layers is an
+    error, not silently wrong gradients."""
+
+    def __call__(self, layer: nn.Module, _args: tuple) -> None:
+        state = layer.__dict__[_GUARDED]
+        if state.skipped_output is not None and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"sparse_unsloth: a gradient checkpoint spans several decoder layers (layer "
+                f"{state.skipped_output} and the next were recomputed together). The sparse MLP's recompute "
+                "skips its output, which only per-layer checkpointing (Unsloth's, Hugging Face's) never "
+                "reads; checkpoint one decoder layer per region, or keep these layers' MLPs dense")
+
+
+def guard_layer(layer: nn.Module, state) -> None:
+    """Install :class:`Guard` on a decoder layer of a model this backend makes sparse."""
+    layer.__dict__[_GUARDED] = state
+    layer.register_forward_pre_hook(Guard())
+
+
 def _submodule(layer: nn.Module, name: str) -> nn.Module:
     return getattr(layer, name)       # a switch names the decoder layer's "mlp" or "self_attn"
 
@@ -309,7 +336,10 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
 
 
 def unpatch_layer(layer: nn.Module) -> None:
-    """Undo :func:`patch_layer`: Unsloth's originals back (a no-op on a layer it did not patch)."""
+    """Undo :func:`patch_layer` and :func:`guard_layer`: Unsloth's originals back (a no-op on a
+    layer neither touched)."""
+    if layer.__dict__.pop(_GUARDED, None) is not None:
+        remove_hooks(layer, (Guard,))
     switches = layer.__dict__.pop(_SWITCHES, None)
     if switches is None:
         return

@@ -1,0 +1,219 @@
+"""SwiGLU, and the LoRA-only channels of a sparse SwiGLU MLP reduced to rank r in registers.
+
+In a sparse MLP a context row's dropped intermediate channel ``c`` has no frozen part: its gate
+and up values are LoRA alone, ``e = t_g . gb_c`` and ``g = t_u . ub_c`` (``t_* = s * x @ A.T``,
+the row's rank-r LoRA input; ``gb_c``, ``ub_c`` rows of the LoRA B factors), and so is the down
+projection's gradient there, ``dh = t_d . da_c`` (``t_d = s * dy @ down_B``). The layer needs
+only rank-r sums of those channels: per row ``h @ da.T`` (down's LoRA input) and, in backward,
+``d_gate @ gb`` and ``d_up @ ub``; per channel ``d_gate.T @ t_g``, ``d_up.T @ t_u`` and
+``h.T @ t_d`` (the B and down-A gradients). As tensors they are a dozen ``[tokens, channels]``
+passes over memory per layer (14336 channels at 8B shapes); here each tile of ``e``, ``g``,
+``dh`` is recomputed from the factors (rank-r dots) and only the sums are written: one kernel
+over row blocks, one over channel blocks.
+
+The caller leaves out what is not LoRA-only by zeros: the factor rows ``t_*`` of output tokens
+(their channels are computed in full apart) and the rows of ``gb``, ``ub``, ``da.T`` at kept
+channels (``silu(0) * 0 = 0`` and ``dh = 0`` there, so they add nothing).
+
+On CUDA tensors the Triton kernels run; elsewhere (CPU, float64 tests) the same sums are
+formed with torch. The kernels' own tests run them on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._register import INTERPRET
+
+_MAX_RANK = 128          # the rank block is held whole in registers
+
+
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(e) * g
+
+
+def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, d_up, d_gate) of ``h = silu(e) * g``, at least float32 inside like Unsloth's kernel."""
+    ef = e.to(torch.promote_types(e.dtype, torch.float32))
+    se = torch.sigmoid(ef)
+    f = (ef * se).to(dh.dtype)
+    d_gate = (dh * g).to(ef.dtype) * se * (1.0 + ef * (1.0 - se))
+    return f * g, dh * f, d_gate.to(dh.dtype)
+
+
+def _configs(rows_kernel: bool) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BC": 16}, num_warps=1)]
+    if rows_kernel:      # programs over rows: 4096 tokens / 32 = 128 programs, about a wave
+        return [triton.Config({"BM": bm, "BC": bc}, num_warps=w, num_stages=s)
+                for bm, bc, w, s in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3))]
+    return [triton.Config({"BM": bm, "BC": bc}, num_warps=w, num_stages=s)     # over channels
+            for bm, bc, w, s in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3))]
+
+
+@triton.jit
+def _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD: tl.constexpr, IEEE: tl.constexpr):
+    """(h, d_up, d_gate) of one [rows, channels] tile from the rank-r factors (fp32)."""
+    if IEEE:
+        e = tl.dot(a_g, tl.trans(b_g), input_precision="ieee")
+        g = tl.dot(a_u, tl.trans(b_u), input_precision="ieee")
+    else:
+        e = tl.dot(a_g, tl.trans(b_g))
+        g = tl.dot(a_u, tl.trans(b_u))
+    sig = tl.sigmoid(e)
+    f = e * sig
+    h = f * g
+    if BACKWARD:
+        if IEEE:
+            dh = tl.dot(a_d, tl.trans(d_a), input_precision="ieee")
+        else:
+            dh = tl.dot(a_d, tl.trans(d_a))
+        return h, dh * f, dh * g * sig * (1.0 + e * (1.0 - sig))
+    return h, h, h
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_configs(True), key=["C", "RANK"])
+@triton.jit
+def _rows_kernel(tg, tu, td, gb, ub, dat, q_out, rg_out, ru_out, N, C, RANK,
+                 BACKWARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr,
+                 BM: tl.constexpr, BC: tl.constexpr):
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    ks = tl.arange(0, BR)
+    k_ok = ks < RANK
+    t_mask = (rows < N)[:, None] & k_ok[None, :]
+    t_off = rows[:, None] * RANK + ks[None, :]
+    a_g = tl.load(tg + t_off, mask=t_mask, other=0.0)
+    a_u = tl.load(tu + t_off, mask=t_mask, other=0.0)
+    a_d = a_g
+    if BACKWARD:
+        a_d = tl.load(td + t_off, mask=t_mask, other=0.0)
+    if UPCAST:
+        a_g, a_u, a_d = a_g.to(tl.float32), a_u.to(tl.float32), a_d.to(tl.float32)
+    acc_q = tl.zeros((BM, BR), dtype=tl.float32)
+    acc_g = tl.zeros((BM, BR), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BR), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = (c0 + tl.arange(0, BC)).to(tl.int64)
+        f_mask = (cols < C)[:, None] & k_ok[None, :]
+        f_off = cols[:, None] * RANK + ks[None, :]
+        b_g = tl.load(gb + f_off, mask=f_mask, other=0.0)
+        b_u = tl.load(ub + f_off, mask=f_mask, other=0.0)
+        d_a = tl.load(dat + f_off, mask=f_mask, other=0.0)
+        if UPCAST:
+            b_g, b_u, d_a = b_g.to(tl.float32), b_u.to(tl.float32), d_a.to(tl.float32)
+        h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD, IEEE)
+        acc_q += _dot(h.to(d_a.dtype), d_a, IEEE)
+        if BACKWARD:
+            acc_g += _dot(d_gate.to(b_g.dtype), b_g, IEEE)
+            acc_u += _dot(d_up.to(b_u.dtype), b_u, IEEE)
+    tl.store(q_out + t_off, acc_q.to(q_out.dtype.element_ty), mask=t_mask)
+    if BACKWARD:
+        tl.store(rg_out + t_off, acc_g.to(rg_out.dtype.element_ty), mask=t_mask)
+        tl.store(ru_out + t_off, acc_u.to(ru_out.dtype.element_ty), mask=t_mask)
+
+
+@triton.autotune(configs=_configs(False), key=["C", "RANK"])
+@triton.jit
+def _cols_kernel(tg, tu, td, gb, ub, dat, dgb_out, dub_out, ddat_out, N, C, RANK,
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    cols = (tl.program_id(0) * BC + tl.arange(0, BC)).to(tl.int64)
+    ks = tl.arange(0, BR)
+    k_ok = ks < RANK
+    f_mask = (cols < C)[:, None] & k_ok[None, :]
+    f_off = cols[:, None] * RANK + ks[None, :]
+    b_g = tl.load(gb + f_off, mask=f_mask, other=0.0)
+    b_u = tl.load(ub + f_off, mask=f_mask, other=0.0)
+    d_a = tl.load(dat + f_off, mask=f_mask, other=0.0)
+    if UPCAST:
+        b_g, b_u, d_a = b_g.to(tl.float32), b_u.to(tl.float32), d_a.to(tl.float32)
+    acc_g = tl.zeros((BC, BR), dtype=tl.float32)
+    acc_u = tl.zeros((BC, BR), dtype=tl.float32)
+    acc_d = tl.zeros((BC, BR), dtype=tl.float32)
+    for r0 in range(0, N, BM):
+        rows = (r0 + tl.arange(0, BM)).to(tl.int64)
+        t_mask = (rows < N)[:, None] & k_ok[None, :]
+        t_off = rows[:, None] * RANK + ks[None, :]
+        a_g = tl.load(tg + t_off, mask=t_mask, other=0.0)
+        a_u = tl.load(tu + t_off, mask=t_mask, other=0.0)
+        a_d = tl.load(td + t_off, mask=t_mask, other=0.0)
+        if UPCAST:
+            a_g, a_u, a_d = a_g.to(tl.float32), a_u.to(tl.float32), a_d.to(tl.float32)
+        h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, True, IEEE)
+        acc_g += _dot(tl.trans(d_gate.to(a_g.dtype)), a_g, IEEE)
+        acc_u += _dot(tl.trans(d_up.to(a_u.dtype)), a_u, IEEE)
+        acc_d += _dot(tl.trans(h.to(a_d.dtype)), a_d, IEEE)
+    tl.store(dgb_out + f_off, acc_g.to(dgb_out.dtype.element_ty), mask=f_mask)
+    tl.store(dub_out + f_off, acc_u.to(dub_out.dtype.element_ty), mask=f_mask)
+    tl.store(ddat_out + f_off, acc_d.to(ddat_out.dtype.element_ty), mask=f_mask)
+
+
+def _checked(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    rank = tensors[0].shape[1]
+    if rank > _MAX_RANK:
+        raise ValueError(f"LoRA rank {rank} > {_MAX_RANK}: the fused SwiGLU kernels hold the rank block whole")
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _flags(t: torch.Tensor) -> dict:
+    return {"UPCAST": INTERPRET and t.dtype != torch.float32, "IEEE": t.dtype == torch.float32,
+            "BR": max(16, triton.next_power_of_2(t.shape[1]))}
+
+
+def triton_rows(tg, tu, gb, ub, da_t, td=None) -> tuple[torch.Tensor, ...]:
+    """:func:`lora_swiglu_rows` by the Triton kernel (CUDA, or CPU under the interpreter)."""
+    backward = td is not None
+    tg, tu, gb, ub, da_t, td = _checked((tg, tu, gb, ub, da_t, tg if td is None else td))
+    (n, rank), c = tg.shape, gb.shape[0]
+    q = torch.empty_like(tg)
+    rg, ru = (torch.empty_like(tg), torch.empty_like(tg)) if backward else (q, q)
+    _rows_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
+        tg, tu, td, gb, ub, da_t, q, rg, ru, n, c, rank, BACKWARD=backward, **_flags(tg))
+    return (q, rg, ru) if backward else (q,)
+
+
+def triton_cols(tg, tu, td, gb, ub, da_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lora_swiglu_cols` by the Triton kernel (CUDA, or CPU under the interpreter)."""
+    tg, tu, td, gb, ub, da_t = _checked((tg, tu, td, gb, ub, da_t))
+    (n, rank), c = tg.shape, gb.shape[0]
+    outs = tuple(torch.empty_like(gb) for _ in range(3))
+    _cols_kernel[lambda meta: (triton.cdiv(c, meta["BC"]),)](
+        tg, tu, td, gb, ub, da_t, *outs, n, c, rank, **_flags(tg))
+    return outs
+
+
+def lora_swiglu_rows(tg: torch.Tensor, tu: torch.Tensor, gb: torch.Tensor, ub: torch.Tensor, da_t: torch.Tensor,
+                     td: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Per-row rank-r sums over the channels of ``h = silu(tg @ gb.T) * (tu @ ub.T)``.
+
+    ``tg``, ``tu``, ``td`` ``[rows, r]``; ``gb``, ``ub``, ``da_t`` ``[channels, r]``, one dtype.
+    Without ``td``: ``(h @ da_t,)``. With it (``dh = td @ da_t.T``): ``(h @ da_t, d_gate @ gb,
+    d_up @ ub)``, where ``d_up = dh * silu(e)`` and ``d_gate`` is ``dh * g`` through silu's
+    derivative. Results in the inputs' dtype, summed in at least float32.
+    """
+    if tg.is_cuda:
+        return triton_rows(tg, tu, gb, ub, da_t, td)
+    e, g = tg @ gb.t(), tu @ ub.t()
+    if td is None:
+        return (swiglu_forward(e, g) @ da_t,)
+    h, d_up, d_gate = swiglu_backward(td @ da_t.t(), e, g)
+    return h @ da_t, d_gate @ gb, d_up @ ub
+
+
+def lora_swiglu_cols(tg: torch.Tensor, tu: torch.Tensor, td: torch.Tensor, gb: torch.Tensor, ub: torch.Tensor,
+                     da_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel rank-r sums over the rows, as in :func:`lora_swiglu_rows`:
+    ``(d_gate.T @ tg, d_up.T @ tu, h.T @ td)``, each ``[channels, r]``."""
+    if tg.is_cuda:
+        return triton_cols(tg, tu, td, gb, ub, da_t)
+    h, d_up, d_gate = swiglu_backward(td @ da_t.t(), tg @ gb.t(), tu @ ub.t())
+    return d_gate.t() @ tg, d_up.t() @ tu, h.t() @ td
