@@ -6,10 +6,10 @@
 #   BENCH_COMMIT=<sha> bash scripts/device_check.sh STEP...
 #
 # Steps (the speed cases take ~2-3 min each; a call has 10 min):
-#   tests      tests/test_gpu_graphs.py, test_gpu_fast.py, test_lora_swiglu.py (its kernels compiled) and
-#              test_ops_fast.py (TESTS_K=expr: pytest -k)
-#   a          the paper setting (8 x 512, 128 output tokens), with a host-side profile (cProfile)
-#              of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs
+#   tests      tests/test_gpu_graphs.py and test_gpu_fast.py (TESTS_K=expr: pytest -k); the fused MLP's
+#              Triton kernels are compiled there (test_lora_swiglu.py would autotune each odd shape)
+#   a          the paper setting (8 x 512, 128 output tokens); a-host: with a host-side profile
+#              (cProfile) of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
@@ -50,8 +50,9 @@ speed() {  # name, bench_speed args...
 for s in "$@"; do
   case $s in
     tests) run_step tests python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
-             tests/test_gpu_graphs.py tests/test_gpu_fast.py tests/test_lora_swiglu.py tests/test_ops_fast.py ;;
-    a) speed a --skip-peft --host-profile ;;
+             tests/test_gpu_graphs.py tests/test_gpu_fast.py ;;
+    a) speed a --skip-peft ;;
+    a-host) speed a-host --skip-peft --host-profile ;;
     a-eager) speed a-eager --skip-peft --eager-too ;;
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;
     c) speed c --skip-peft --preset llama3-8b-csr ;;
