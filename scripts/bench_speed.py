@@ -295,15 +295,17 @@ def host_profile(step, n: int = 2, top: int = 40) -> dict:
     torch.cuda.synchronize()
     prof.disable()
     stats = pstats.Stats(prof).stats
-    rows = []
+    entry = ("sparse_unsloth/", "runtime_wrappers.py", "eval_frame.py", "cuda/graphs.py", "autograd/function.py",
+             "unsloth_zoo/gradient_checkpointing.py")
+    rows, ours = [], set()
     for (path, line, name), (_, calls, own, cum, _) in stats.items():
         where = name if path == "~" else f"{'/'.join(path.split('/')[-2:])}:{line}({name})"
         rows.append((own / n, cum / n, calls // n, where))
+        if any(e in path for e in entry):          # the full path: shortened, ours loses its package
+            ours.add(where)
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)
-    entry = ("sparse_unsloth/", "runtime_wrappers.py", "eval_frame.py", "cuda/graphs.py", "autograd/function.py",
-             "unsloth_zoo/gradient_checkpointing.py")
-    cumulative = sorted((r for r in rows if any(e in r[3] for e in entry)), key=lambda r: -r[1])
+    cumulative = sorted((r for r in rows if r[3] in ours), key=lambda r: -r[1])
     return {"host_s_per_step": round(total, 5),
             "top_own_time": [{"where": w, "own_s": round(o, 5), "cum_s": round(c, 5), "calls": k}
                              for o, c, k, w in rows[:top]],
