@@ -38,8 +38,14 @@ def first_occurrence(idx: torch.Tensor, n: int) -> torch.Tensor:
     return first[idx] == pos
 
 
-def _lora_in(x: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
-    return (x @ a.t()).mul_(s)
+def _lora_ins(x: torch.Tensor, a_both: torch.Tensor, gate_s: float, up_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_g, t_u) = (gate_s * x @ gate_A.T, up_s * x @ up_A.T) from one product over ``x``
+    (``a_both``: the two A factors stacked), as column views of one ``[rows, 2r]`` tensor."""
+    r = a_both.shape[0] // 2
+    t = x @ a_both.t()
+    t[:, :r] *= gate_s
+    t[:, r:] *= up_s
+    return t[:, :r], t[:, r:]
 
 
 def _without(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -70,7 +76,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
-    t_g, t_u = _lora_in(x, ga, gate_s), _lora_in(x, ua, up_s)
+    t_g, t_u = _lora_ins(x, torch.cat([ga, ua]), gate_s, up_s)
     e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
     h_k = act_forward(e_k, g_k)
     _clear([h_k], kept, None)
@@ -96,7 +102,9 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     kept = kept_channels(idx)
     kp = kept.padded
     dy = dy.to(x.dtype)
-    t_g, t_u, t_d = _lora_in(x, ga, gate_s), _lora_in(x, ua, up_s), (dy @ db).mul_(down_s)
+    a_both = torch.cat([ga, ua])
+    t_g, t_u = _lora_ins(x, a_both, gate_s, up_s)
+    t_d = (dy @ db).mul_(down_s)
     # The kept channels, context rows (dense rows and padding columns zeroed after the activation).
     e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
     da_k = da.index_select(1, kp)
@@ -130,11 +138,12 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
         d_ub.addmm_(du_r.t(), rows_of[1] * once)
         d_da_t.addmm_(h_r.t(), rows_of[2] * once)
         dx.index_copy_(0, dense_idx, (dg_r @ gate_w).addmm_(du_r, up_w))
-    # The LoRA A gradients and input gradient, every row.
-    r_g.mul_(gate_s)
-    r_u.mul_(up_s)
-    dx.addmm_(r_g, ga).addmm_(r_u, ua)
-    return dx, packed((r_g.t() @ x, d_gb, r_u.t() @ x, d_ub, d_da_t.t(), dy.t() @ q.mul_(down_s)))
+    # The LoRA A gradients and input gradient, every row: one product over x each for both A's.
+    r = torch.cat([r_g.mul_(gate_s), r_u.mul_(up_s)], dim=1)
+    dx.addmm_(r, a_both)
+    d_a = r.t() @ x
+    rank = ga.shape[0]
+    return dx, packed((d_a[:rank], d_gb, d_a[rank:], d_ub, d_da_t.t(), dy.t() @ q.mul_(down_s)))
 
 
 class _SparseLoRAMLP(torch.autograd.Function):
