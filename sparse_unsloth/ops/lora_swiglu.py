@@ -89,6 +89,21 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _block(p, idx, n, ks, RANK, UPCAST: tl.constexpr):
+    """Rows ``idx`` of a row-major ``[n, RANK]`` tensor as a ``[len(idx), BR]`` block (zeros outside)."""
+    x = tl.load(p + idx[:, None] * RANK + ks[None, :], mask=(idx < n)[:, None] & (ks < RANK)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _put(p, x, idx, n, ks, RANK):
+    tl.store(p + idx[:, None] * RANK + ks[None, :], x.to(p.dtype.element_ty),
+             mask=(idx < n)[:, None] & (ks < RANK)[None, :])
+
+
 @triton.autotune(configs=_configs(True), key=["C", "RANK"])
 @triton.jit
 def _rows_kernel(tg, tu, td, gb, ub, dat, q_out, rg_out, ru_out, N, C, RANK,
@@ -96,37 +111,26 @@ def _rows_kernel(tg, tu, td, gb, ub, dat, q_out, rg_out, ru_out, N, C, RANK,
                  BM: tl.constexpr, BC: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     ks = tl.arange(0, BR)
-    k_ok = ks < RANK
-    t_mask = (rows < N)[:, None] & k_ok[None, :]
-    t_off = rows[:, None] * RANK + ks[None, :]
-    a_g = tl.load(tg + t_off, mask=t_mask, other=0.0)
-    a_u = tl.load(tu + t_off, mask=t_mask, other=0.0)
-    a_d = a_g
-    if BACKWARD:
-        a_d = tl.load(td + t_off, mask=t_mask, other=0.0)
-    if UPCAST:
-        a_g, a_u, a_d = a_g.to(tl.float32), a_u.to(tl.float32), a_d.to(tl.float32)
+    a_g = _block(tg, rows, N, ks, RANK, UPCAST)
+    a_u = _block(tu, rows, N, ks, RANK, UPCAST)
+    a_d = _block(td, rows, N, ks, RANK, UPCAST)       # without BACKWARD: tg again, unused
     acc_q = tl.zeros((BM, BR), dtype=tl.float32)
     acc_g = tl.zeros((BM, BR), dtype=tl.float32)
     acc_u = tl.zeros((BM, BR), dtype=tl.float32)
     for c0 in range(0, C, BC):
         cols = (c0 + tl.arange(0, BC)).to(tl.int64)
-        f_mask = (cols < C)[:, None] & k_ok[None, :]
-        f_off = cols[:, None] * RANK + ks[None, :]
-        b_g = tl.load(gb + f_off, mask=f_mask, other=0.0)
-        b_u = tl.load(ub + f_off, mask=f_mask, other=0.0)
-        d_a = tl.load(dat + f_off, mask=f_mask, other=0.0)
-        if UPCAST:
-            b_g, b_u, d_a = b_g.to(tl.float32), b_u.to(tl.float32), d_a.to(tl.float32)
+        b_g = _block(gb, cols, C, ks, RANK, UPCAST)
+        b_u = _block(ub, cols, C, ks, RANK, UPCAST)
+        d_a = _block(dat, cols, C, ks, RANK, UPCAST)
         h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD, IEEE)
         acc_q += _dot(h.to(d_a.dtype), d_a, IEEE)
         if BACKWARD:
             acc_g += _dot(d_gate.to(b_g.dtype), b_g, IEEE)
             acc_u += _dot(d_up.to(b_u.dtype), b_u, IEEE)
-    tl.store(q_out + t_off, acc_q.to(q_out.dtype.element_ty), mask=t_mask)
+    _put(q_out, acc_q, rows, N, ks, RANK)
     if BACKWARD:
-        tl.store(rg_out + t_off, acc_g.to(rg_out.dtype.element_ty), mask=t_mask)
-        tl.store(ru_out + t_off, acc_u.to(ru_out.dtype.element_ty), mask=t_mask)
+        _put(rg_out, acc_g, rows, N, ks, RANK)
+        _put(ru_out, acc_u, rows, N, ks, RANK)
 
 
 @triton.autotune(configs=_configs(False), key=["C", "RANK"])
@@ -135,33 +139,24 @@ def _cols_kernel(tg, tu, td, gb, ub, dat, dgb_out, dub_out, ddat_out, N, C, RANK
                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
     cols = (tl.program_id(0) * BC + tl.arange(0, BC)).to(tl.int64)
     ks = tl.arange(0, BR)
-    k_ok = ks < RANK
-    f_mask = (cols < C)[:, None] & k_ok[None, :]
-    f_off = cols[:, None] * RANK + ks[None, :]
-    b_g = tl.load(gb + f_off, mask=f_mask, other=0.0)
-    b_u = tl.load(ub + f_off, mask=f_mask, other=0.0)
-    d_a = tl.load(dat + f_off, mask=f_mask, other=0.0)
-    if UPCAST:
-        b_g, b_u, d_a = b_g.to(tl.float32), b_u.to(tl.float32), d_a.to(tl.float32)
+    b_g = _block(gb, cols, C, ks, RANK, UPCAST)
+    b_u = _block(ub, cols, C, ks, RANK, UPCAST)
+    d_a = _block(dat, cols, C, ks, RANK, UPCAST)
     acc_g = tl.zeros((BC, BR), dtype=tl.float32)
     acc_u = tl.zeros((BC, BR), dtype=tl.float32)
     acc_d = tl.zeros((BC, BR), dtype=tl.float32)
     for r0 in range(0, N, BM):
         rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-        t_mask = (rows < N)[:, None] & k_ok[None, :]
-        t_off = rows[:, None] * RANK + ks[None, :]
-        a_g = tl.load(tg + t_off, mask=t_mask, other=0.0)
-        a_u = tl.load(tu + t_off, mask=t_mask, other=0.0)
-        a_d = tl.load(td + t_off, mask=t_mask, other=0.0)
-        if UPCAST:
-            a_g, a_u, a_d = a_g.to(tl.float32), a_u.to(tl.float32), a_d.to(tl.float32)
+        a_g = _block(tg, rows, N, ks, RANK, UPCAST)
+        a_u = _block(tu, rows, N, ks, RANK, UPCAST)
+        a_d = _block(td, rows, N, ks, RANK, UPCAST)
         h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, True, IEEE)
         acc_g += _dot(tl.trans(d_gate.to(a_g.dtype)), a_g, IEEE)
         acc_u += _dot(tl.trans(d_up.to(a_u.dtype)), a_u, IEEE)
         acc_d += _dot(tl.trans(h.to(a_d.dtype)), a_d, IEEE)
-    tl.store(dgb_out + f_off, acc_g.to(dgb_out.dtype.element_ty), mask=f_mask)
-    tl.store(dub_out + f_off, acc_u.to(dub_out.dtype.element_ty), mask=f_mask)
-    tl.store(ddat_out + f_off, acc_d.to(ddat_out.dtype.element_ty), mask=f_mask)
+    _put(dgb_out, acc_g, cols, C, ks, RANK)
+    _put(dub_out, acc_u, cols, C, ks, RANK)
+    _put(ddat_out, acc_d, cols, C, ks, RANK)
 
 
 def _checked(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
