@@ -219,3 +219,37 @@ def test_a_checkpoint_around_several_layers_is_an_error(monkeypatch):
         whole.backward()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.testing.assert_close(_run(model, ids, labels)[0], loss, rtol=1e-12, atol=1e-12)   # trains on
+
+
+def test_sparse_mlp_traces_into_a_compiled_decoder_layer(monkeypatch):
+    """The sparse MLP is a torch op: inside a compiled decoder layer (as Unsloth compiles each
+    block: the class's forward, hooks outside) it adds no graph break, and the compiled training
+    step (checkpointed per layer, so each MLP also runs inside a recompute) gives the eager
+    step's loss and gradients."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sparse_unsloth.ops import fast_mlp
+
+    base = tiny_lora_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    ids, labels = _batch()
+    eager = _sparsify(copy.deepcopy(base), MLP_ONLY, unsloth_fast, monkeypatch)
+    compiled = _sparsify(copy.deepcopy(base), MLP_ONLY, unsloth_fast, monkeypatch)
+    want_loss, want = _run(eager, ids, labels)
+    passes = []
+    forward = fast_mlp._forward
+    monkeypatch.setattr(fast_mlp, "_forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", torch.compile(LlamaDecoderLayer.forward, backend="aot_eager"))
+    for _ in range(2):
+        loss, grads = _run(compiled, ids, labels)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+        for name, g in want.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-10, msg=name)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(passes) == 2 * 2           # two sparse MLPs a step, forward only (the recompute runs none)
+    torch._dynamo.reset()

@@ -142,8 +142,9 @@ def sparse_lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_id
     """(Q, K, V) of ``x`` (``[..., hidden]``), context rows keeping output channels ``*_idx``.
 
     ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
-    ``indices_now``: the backward's source of ``(q_idx, k_idx, v_idx, dense_idx)`` (see
-    :func:`~sparse_unsloth.ops.fast_mlp.sparse_lora_mlp`).
+    ``indices_now``: where the indices live in buffers that a later forward may take, the
+    backward asks it for ``(q_idx, k_idx, v_idx, dense_idx)`` as they are then, instead of
+    keeping them.
     """
     return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx, run, indices_now)
 

@@ -146,59 +146,66 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     return dx, packed((d_a[:rank], d_gb, d_a[rank:], d_ub, d_da_t.t(), dy.t() @ q.mul_(down_s)))
 
 
+def mlp_forward(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, idx: torch.Tensor,
+                dense_idx: torch.Tensor | None, act_forward: Callable, run: Runner) -> torch.Tensor:
+    """The sparse MLP's output for 2-D ``x``, no autograd: one pass through ``run``. The kept
+    channels and dense rows go in with the weights, as consts: a CUDA graph reads them where
+    they are (the patch keeps them in buffers of their own), no copy per pass. The weights go in
+    themselves (or their dequantizing functions): a 4-bit weight is dequantized per pass."""
+    (out,) = run(_forward, (x,), (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_forward), rows=((0,), (0,)))
+    return out
+
+
+def mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
+                 idx: torch.Tensor, dense_idx: torch.Tensor | None, act_backward: Callable, run: Runner,
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx, the LoRA gradients gate A, B, up A, B, down A, B) of :func:`mlp_forward`, from
+    ``x`` and ``dy`` (2-D) alone: one pass through ``run``."""
+    loras = [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
+    dx, flat = run(_backward, (dy, x), (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_backward),
+                   rows=((0, 1), (0,)))
+    return dx, unpacked(flat, [t.shape for t in loras])
+
+
 class _SparseLoRAMLP(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s, down_w, down_a,
-                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, indices_now, out_in_recompute):
+                down_b, down_s, idx, dense_idx, act_forward, act_backward, run, out_in_recompute):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # The weights themselves (or their dequantizing functions), never a pass's copies: a
-        # 4-bit weight is dequantized again in backward rather than kept alive in between.
-        ctx.consts = (gate_w, gate_s, up_w, up_s, down_w, down_s)
-        loras = (gate_a, gate_b, up_a, up_b, down_a, down_b)
+        projs = (LoRAProj(gate_w, gate_a, gate_b, gate_s), LoRAProj(up_w, up_a, up_b, up_s),
+                 LoRAProj(down_w, down_a, down_b, down_s))
         if out_in_recompute or torch._C._current_graph_task_id() == -1:
-            # The kept channels and dense rows go in with the weights, as consts: a CUDA graph reads
-            # them where they are (the patch keeps them in buffers of their own), no copy per pass.
-            (out,) = run(_forward, (x2,), (idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b, up_s,
-                                           down_w, down_a, down_b, down_s, act_forward), rows=((0,), (0,)))
+            out = mlp_forward(x2, *projs, idx, dense_idx, act_forward, run)
         else:
             # A checkpointed layer's recompute (a forward inside backward) whose output nothing reads:
             # the backward, next, recomputes what it needs from x, so nothing is computed here.
             out = x2.new_empty(x2.shape[0], down_b.shape[0])
-        ctx.act_backward, ctx.run, ctx.indices_now = act_backward, run, indices_now
-        ctx.save_for_backward(x2, *((None, None) if indices_now else (idx, dense_idx)), *loras)
+        ctx.projs, ctx.act_backward, ctx.run = projs, act_backward, run
+        ctx.save_for_backward(x2, idx, dense_idx)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, idx, dense_idx, ga, gb, ua, ub, da, db = ctx.saved_tensors
-        gate_w, gate_s, up_w, up_s, down_w, down_s = ctx.consts
-        if ctx.indices_now is not None:
-            idx, dense_idx = ctx.indices_now()
-        dx, flat = ctx.run(_backward, (dy.reshape(-1, dy.shape[-1]), x),
-                           (idx, dense_idx, gate_w, ga, gb, gate_s, up_w, ua, ub, up_s, down_w, da, db, down_s,
-                            ctx.act_backward), rows=((0, 1), (0,)))
-        d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b = unpacked(
-            flat, [t.shape for t in (ga, gb, ua, ub, da, db)])
+        x, idx, dense_idx = ctx.saved_tensors
+        dx, (d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b) = mlp_backward(
+            dy.reshape(-1, dy.shape[-1]), x, *ctx.projs, idx, dense_idx, ctx.act_backward, ctx.run)
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
-                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None, None)
+                d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)
 
 
 def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                     idx: torch.Tensor, dense_idx: torch.Tensor | None,
                     act_forward: Callable = swiglu_forward,
                     act_backward: Callable = swiglu_backward, run: Runner = run_eager,
-                    indices_now: Callable[[], tuple] | None = None, out_in_recompute: bool = True,
-                    ) -> torch.Tensor:
+                    out_in_recompute: bool = True) -> torch.Tensor:
     """The gated LoRA MLP of ``x`` (``[..., hidden]``) keeping intermediate channels ``idx``.
 
     ``dense_idx``: rows of the flattened ``x`` that see every channel (None: none; unique, but
     for repeats of its first row: the padding of the patch's buckets). ``run``: how each pass
-    runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU). ``indices_now``: where the
-    indices live in buffers that a later forward may take, the backward asks it for ``(idx,
-    dense_idx)`` as they are then, instead of keeping them. ``out_in_recompute=False``: in a
+    runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU). ``out_in_recompute=False``: in a
     checkpointed layer's recompute (a forward inside backward) the returned values are not
     computed at all (the backward recomputes what it needs). Right only where nothing
     differentiated after the MLP reads its output's values, as in a decoder layer that ends
@@ -208,4 +215,4 @@ def sparse_lora_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAPro
         raise ValueError("the fused sparse MLP takes no base-layer biases (mlp_bias=True models): "
                          "keep their MLP layers dense")
     return _SparseLoRAMLP.apply(x, *gate[:4], *up[:4], *down[:4], idx, dense_idx, act_forward, act_backward,
-                                run, indices_now, out_in_recompute)
+                                run, out_in_recompute)

@@ -8,14 +8,16 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-Our sparse functions (with the channel choice and its Python-side per-batch cache) always run
-outside torch.compile (``torch.compiler.disable``), their GPU work as replayed CUDA graphs
-(``ops/graphs.py``); the rest of a sparse layer stays in Unsloth's compiled block, which breaks
-around them (measured against running the whole layer eagerly: Inductor's fused norms, rope
-and residual adds save ~17 ms of GPU time and a third of the host launches a step,
-benchmarks/NOTES.md). The sparse functions are module-level functions bound to each module, so
-every layer shares one function object (no per-layer recompiles). A projection without an
-active plain LoRA adapter (adapters disabled or merged) falls back to the original for that call.
+Our sparse functions do their GPU work as replayed CUDA graphs (``ops/graphs.py``), and the rest
+of a sparse layer stays in Unsloth's compiled block. The MLP is a pair of torch ops
+(``sparse_unsloth::lora_mlp`` and its backward): Dynamo traces a call to it into the block, as
+it does Unsloth's own LoRA kernels, and what the op does per call (the channel choice with its
+Python-side per-batch cache, the replay) runs opaque at that call. The attention functions run
+outside torch.compile (``torch.compiler.disable``), so the block breaks around them. Graph breaks
+cost host time: on an H100 the sparse step is host-bound (benchmarks/NOTES.md, 2026-12-06).
+The sparse functions are module-level, so every layer shares them (no per-layer recompiles).
+An MLP without an active plain LoRA adapter on every projection (adapters disabled or merged),
+or a batch whose every token is an output token, keeps the original for that call.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
-from ..ops.fast_mlp import sparse_lora_mlp
+from ..ops.fast_mlp import mlp_backward, mlp_forward
 from ..ops.lora_swiglu import swiglu_backward, swiglu_forward
-from ..ops.sparse_mm import LoRAProj
+from ..ops.sparse_mm import LoRAProj, unpacked
 from .models import decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
-from .state import IndicesNow, LayerSparsity
+from .state import BatchRecord, IndicesNow, LayerSparsity
 
 _CTL = "_sparse_unsloth_ctl"
 _ORIGINAL = "_sparse_unsloth_original"
@@ -155,13 +158,6 @@ def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
     return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
 
-def _dense_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    original = mlp.__dict__[_ORIGINAL][_mlp_slot(mlp)]
-    if original is _MISSING:
-        return type(mlp).forward(mlp, x)
-    return original(x)
-
-
 def _dense_attn(attn: nn.Module, name: str) -> Callable:
     original = attn.__dict__[_ORIGINAL][name]
     if original is not _MISSING:
@@ -192,20 +188,100 @@ def _runner(self: nn.Module, x: torch.Tensor):
     return self.__dict__[_CTL].state.runner(x)
 
 
-def _sparse_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    projs = [_lora(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    picked = None if any(p is None for p in projs) else _pick(self, x, "mlp", ("idx",))
+# The sparse MLP's ops find their module by the storage of its gate LoRA A factor: a tensor that
+# Dynamo passes through (a Python handle would be baked into the compiled block, one per layer).
+_MLPS: weakref.WeakSet = weakref.WeakSet()        # every live MLPForward
+_BY_FACTOR: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _mlp_of(gate_a: torch.Tensor) -> nn.Module:
+    """The patched MLP whose active gate LoRA A is ``gate_a``."""
+    for attempt in range(2):
+        mlp, factor = (ref() for ref in _BY_FACTOR.get(gate_a.data_ptr(), (lambda: None, lambda: None)))
+        if mlp is not None and factor is not None and factor.data_ptr() == gate_a.data_ptr():
+            return mlp
+        if attempt == 0:     # moved, copied or another adapter since: look them all up again
+            _BY_FACTOR.clear()
+            for forward in list(_MLPS):
+                lora = _lora(forward.module.gate_proj)
+                if lora is not None:
+                    _BY_FACTOR[lora.lora_a.data_ptr()] = (weakref.ref(forward.module), weakref.ref(lora.lora_a))
+    raise RuntimeError("sparse_unsloth::lora_mlp got a gate LoRA factor that belongs to no sparse MLP")
+
+
+def _loras(mlp: nn.Module) -> list[torch.Tensor]:
+    """The active adapter's A and B of gate, up and down: the op's inputs (Dynamo traces this)."""
+    return [t for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            for t in (p.lora_A[p.active_adapters[0]].weight, p.lora_B[p.active_adapters[0]].weight)]
+
+
+def _mlp_projs(mlp: nn.Module) -> list[LoRAProj]:
+    return [_lora(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+
+
+@torch.library.custom_op("sparse_unsloth::lora_mlp", mutates_args=())
+def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a: torch.Tensor,
+              up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
+    mlp = _mlp_of(gate_a)
+    ctl: LayerSparsity = mlp.__dict__[_CTL]
+    picked = _pick(mlp, x, "mlp", ("idx",))
     if picked is None:
-        return _dense_mlp(self, x)
-    choice, dense_idx, now = picked
-    # The supported decoder layers only add the MLP's output to the residual (patch/models.py):
-    # a recompute need not compute it, as long as no other layer is recomputed before its
-    # backward (Guard).
-    ctl: LayerSparsity = self.__dict__[_CTL]
+        raise RuntimeError("sparse_unsloth: the sparse MLP ran for a forward that chose no channels "
+                           "(Flip installs it only for one that does); please report this")
+    choice, dense_idx, _ = picked
+    x2 = x.reshape(-1, x.shape[-1])
     if torch._C._current_graph_task_id() != -1:
+        # A checkpointed layer's recompute: the supported decoder layers only add the MLP's output
+        # to the residual (patch/models.py), so nothing reads it, as long as no other layer is
+        # recomputed before its backward (Guard); the backward recomputes what it needs from x.
         ctl.state.skipped_output = ctl.layer
-    return sparse_lora_mlp(x, *projs, choice.idx, dense_idx, *_swiglu(x), run=_runner(self, x),
-                           indices_now=now, out_in_recompute=False)
+        out = x2.new_empty(x2.shape[0], down_b.shape[0])
+    else:
+        out = mlp_forward(x2, *_mlp_projs(mlp), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@_lora_mlp.register_fake
+def _(x, gate_a, gate_b, up_a, up_b, down_a, down_b):
+    return x.new_empty(*x.shape[:-1], down_b.shape[0])
+
+
+@torch.library.custom_op("sparse_unsloth::lora_mlp_backward", mutates_args=())
+def _lora_mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor,
+                       up_a: torch.Tensor, up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, the six LoRA gradients flattened into one tensor: outputs of an op may not alias)."""
+    mlp = _mlp_of(gate_a)
+    ctl: LayerSparsity = mlp.__dict__[_CTL]
+    record = ctl.state.record_for_call()
+    idx, dense_idx = IndicesNow(ctl.state, record, (ctl.layer, "mlp"), ("idx",))()
+    dx, grads = mlp_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), *_mlp_projs(mlp), idx,
+                             dense_idx, _swiglu(x)[1], _runner(mlp, x))
+    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
+
+
+@_lora_mlp_backward.register_fake
+def _(dy, x, gate_a, gate_b, up_a, up_b, down_a, down_b):
+    return torch.empty_like(x), x.new_empty(sum(t.numel() for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)))
+
+
+def _save_mlp_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _lora_mlp_grads(ctx, dy):
+    x, *loras = ctx.saved_tensors
+    dx, flat = torch.ops.sparse_unsloth.lora_mlp_backward(dy, x, *loras)
+    return dx, *unpacked(flat, [t.shape for t in loras])
+
+
+_lora_mlp.register_autograd(_lora_mlp_grads, setup_context=_save_mlp_inputs)
+
+
+def _mlp_runs_sparse(mlp: nn.Module, record: BatchRecord) -> bool:
+    """Whether the sparse MLP serves this forward: every projection with an active plain adapter,
+    and context tokens to choose channels from."""
+    return record.split.sparse_idx.numel() > 0 and all(p is not None for p in _mlp_projs(mlp))
 
 
 def _sparse_qkv(self: nn.Module, x: torch.Tensor):
@@ -228,8 +304,7 @@ def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # Never traced by Dynamo: inside Unsloth's compiled block each one is a graph break.
-_SPARSE_FNS = {name: torch.compiler.disable(fn)
-               for name, fn in {"mlp": _sparse_mlp, "apply_qkv": _sparse_qkv, "apply_o": _sparse_o}.items()}
+_SPARSE_FNS = {name: torch.compiler.disable(fn) for name, fn in {"apply_qkv": _sparse_qkv, "apply_o": _sparse_o}.items()}
 
 
 class AttnFunction:
@@ -251,9 +326,10 @@ class MLPForward:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        _MLPS.add(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _SPARSE_FNS["mlp"](self.module, x)
+        return torch.ops.sparse_unsloth.lora_mlp(x, *_loras(self.module))
 
     def __deepcopy__(self, memo: dict) -> MLPForward:
         return MLPForward(copy.deepcopy(self.module, memo))
@@ -267,11 +343,11 @@ class Flip:
     recompute belongs to) runs sparse, Unsloth's exact originals otherwise."""
 
     def __call__(self, layer: nn.Module, _args: tuple) -> None:
-        active = layer.__dict__[_CTL].state.record_for_call() is not None
+        record = layer.__dict__[_CTL].state.record_for_call()
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
-            value = module.__dict__[_SPARSE][name] if active else module.__dict__[_ORIGINAL][name]
-            _set(module, name, value)
+            sparse = record is not None and (module_name != "mlp" or _mlp_runs_sparse(module, record))
+            _set(module, name, module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name])
 
 
 class Guard:
