@@ -83,7 +83,7 @@ def test_attention_functions_match_reference_ops(monkeypatch):
     _run(model, ids, labels)                              # sets this batch's split; flips layers
     layer = decoder_layers(model)[2]
     attn = layer.self_attn
-    assert isinstance(attn.apply_qkv, unsloth_fast.AttnFunction)
+    assert isinstance(attn.apply_qkv, unsloth_fast.ApplyQKV)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
     q, k, v = attn.apply_qkv(attn, x)
@@ -111,7 +111,7 @@ def test_inactive_and_undo_restore_originals(monkeypatch):
     model = _sparsify(base, WITH_ATTN, unsloth_fast, monkeypatch)
     ids, labels = _batch()
     _run(model, ids, labels)
-    assert isinstance(layer.self_attn.apply_qkv, unsloth_fast.AttnFunction)
+    assert isinstance(layer.self_attn.apply_qkv, unsloth_fast.ApplyQKV)
     assert isinstance(layer.mlp.forward, unsloth_fast.MLPForward)
     model.eval()
     with torch.no_grad():
@@ -253,3 +253,43 @@ def test_sparse_mlp_traces_into_a_compiled_decoder_layer(monkeypatch):
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(passes) == 2 * 2           # two sparse MLPs a step, forward only (the recompute runs none)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("lora_bias", ["none", "all"])
+def test_attention_ops_backward_equals_the_ops_functions(lora_bias, monkeypatch):
+    """The attention ops' gradients (x, every LoRA factor, Qwen2's q/k/v biases when trainable)
+    are those of ``ops.fast_attn``'s autograd Functions on the same channels and rows."""
+    from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+
+    model = _sparsify(tiny_lora_model("qwen2", lora_bias=lora_bias), WITH_ATTN, unsloth_fast, monkeypatch)
+    ids, labels = _batch()
+    _run(model, ids, labels)                              # this batch's split and channels; flips layers
+    state = su.sparse_state(model)
+    record = state.current
+    monkeypatch.setattr(state, "record_for_call", lambda: record)     # a backward from the model's outputs
+    attn = decoder_layers(model)[2].self_attn
+    dense_idx = record.split.dense_rows
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
+    projs = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    params = [x] + [t for p in projs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    params += [frozen_linear(p).bias for p in projs[:3] if frozen_linear(p).bias.requires_grad]
+    assert len(params) == (12 if lora_bias == "all" else 9)
+
+    def loss(q, k, v, o):
+        return sum((t * (i + 1)).square().sum() for i, t in enumerate((q, k, v, o)))
+
+    def through_ops(x):
+        q, k, v = attn.apply_qkv(attn, x)
+        return loss(q, k, v, attn.apply_o(attn, q))
+
+    got = torch.autograd.grad(through_ops(x), params)       # (chooses this layer's channels)
+    # Traced whole, as inside Unsloth's compiled block: fullgraph fails at any graph break.
+    compiled = torch.autograd.grad(torch.compile(through_ops, backend="aot_eager", fullgraph=True)(x), params)
+    choice = record.choices[2, "attn"]
+    lora = [unsloth_fast._lora(p) for p in projs]
+    q, k, v = sparse_lora_qkv(x, *lora[:3], choice.q_idx, choice.k_idx, choice.v_idx, dense_idx)
+    want = torch.autograd.grad(loss(q, k, v, sparse_lora_o(q, lora[3], choice.o_idx, dense_idx)), params)
+    for g, c, w in zip(got, compiled, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, w, rtol=1e-12, atol=1e-12)

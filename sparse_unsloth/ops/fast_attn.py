@@ -8,8 +8,6 @@ o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are den
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .graphs import Runner, run_eager
@@ -59,42 +57,54 @@ def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, 
     return dx, packed(small)
 
 
+def qkv_forward(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                v_idx: torch.Tensor, dense_idx: torch.Tensor | None, run: Runner,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) of 2-D ``x``, no autograd: one pass through ``run``. Kept channels and dense rows
+    go in as consts, read in place by a CUDA graph (see ``fast_mlp.mlp_forward``)."""
+    return run(_qkv_forward, (x,), (q_idx, k_idx, v_idx, dense_idx, *q, *k, *v), rows=((0,), (0, 1, 2)))
+
+
+def qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, q: LoRAProj, k: LoRAProj,
+                 v: LoRAProj, q_idx: torch.Tensor, k_idx: torch.Tensor, v_idx: torch.Tensor,
+                 dense_idx: torch.Tensor | None, bias_grads: tuple[bool, bool, bool], run: Runner,
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx, [q A, q B, (q bias,) k A, k B, (k bias,) v A, v B, (v bias)]) of :func:`qkv_forward`
+    (2-D), a bias's gradient where ``bias_grads`` says so."""
+    consts = [c for p in (q, k, v) for c in p[:4]]
+    dx, flat = run(_qkv_backward, (dq, dk, dv, x), (q_idx, k_idx, v_idx, dense_idx, *consts, tuple(bias_grads)),
+                   rows=((0, 1, 2, 3), (0,)))
+    shapes = [s for p, need in zip((q, k, v), bias_grads)
+              for s in ((p.lora_a.shape, p.lora_b.shape, p.bias.shape) if need else (p.lora_a.shape, p.lora_b.shape))]
+    return dx, unpacked(flat, shapes)
+
+
 class _SparseLoRAQKV(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias,
-                q_idx, k_idx, v_idx, dense_idx, run, indices_now):
+                q_idx, k_idx, v_idx, dense_idx, run):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        consts = (q_w, q_a, q_b, q_s, q_bias, k_w, k_a, k_b, k_s, k_bias, v_w, v_a, v_b, v_s, v_bias)
-        # Kept channels and dense rows as consts, read in place by a CUDA graph (see fast_mlp).
-        outs = run(_qkv_forward, (x2,), (q_idx, k_idx, v_idx, dense_idx, *consts), rows=((0,), (0, 1, 2)))
-        ctx.weights, ctx.scales, ctx.biases, ctx.run = (q_w, k_w, v_w), (q_s, k_s, v_s), (q_bias, k_bias, v_bias), run
-        ctx.indices_now = indices_now
-        indices = (None,) * 4 if indices_now else (q_idx, k_idx, v_idx, dense_idx)
-        ctx.save_for_backward(x2, *indices, q_a, q_b, k_a, k_b, v_a, v_b)
-        ctx.in_shape = shape
-        return tuple(o.view(*shape[:-1], -1) for o in outs)
+        ctx.projs = (LoRAProj(q_w, q_a, q_b, q_s, q_bias), LoRAProj(k_w, k_a, k_b, k_s, k_bias),
+                     LoRAProj(v_w, v_a, v_b, v_s, v_bias))
+        ctx.run = run
+        ctx.save_for_backward(x2, q_idx, k_idx, v_idx, dense_idx)
+        return tuple(o.view(*shape[:-1], -1) for o in qkv_forward(x2, *ctx.projs, q_idx, k_idx, v_idx, dense_idx, run))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dq, dk, dv):
-        x, q_idx, k_idx, v_idx, dense_idx, *loras = ctx.saved_tensors
-        if ctx.indices_now is not None:
-            q_idx, k_idx, v_idx, dense_idx = ctx.indices_now()
-        consts = [c for w, a, b, s in zip(ctx.weights, loras[0::2], loras[1::2], ctx.scales) for c in (w, a, b, s)]
-        needed = tuple(bias is not None and need for bias, need in zip(ctx.biases, ctx.needs_input_grad[5::5]))
-        grads = ctx.run(_qkv_backward, (*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x),
-                        (q_idx, k_idx, v_idx, dense_idx, *consts, needed), rows=((0, 1, 2, 3), (0,)))
-        dx, flat = grads
-        shapes = [s for (a, b), bias, need in zip(zip(loras[0::2], loras[1::2]), ctx.biases, needed)
-                  for s in ((a.shape, b.shape, bias.shape) if need else (a.shape, b.shape))]
-        small = iter(unpacked(flat, shapes))
-        out: list = [dx.view(ctx.in_shape)]
-        for bias, need in zip(ctx.biases, needed):
+        x, q_idx, k_idx, v_idx, dense_idx = ctx.saved_tensors
+        needed = tuple(p.bias is not None and need for p, need in zip(ctx.projs, ctx.needs_input_grad[5::5]))
+        dx, grads = qkv_backward(*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, *ctx.projs, q_idx, k_idx,
+                                 v_idx, dense_idx, needed, ctx.run)
+        small = iter(grads)
+        out: list = [dx.view(*dq.shape[:-1], x.shape[-1])]
+        for p, need in zip(ctx.projs, needed):
             d_a, d_b = next(small), next(small)
-            out += [None, d_a, d_b, None, next(small).to(bias.dtype) if need else None]
-        return (*out, None, None, None, None, None, None)
+            out += [None, d_a, d_b, None, next(small).to(p.bias.dtype) if need else None]
+        return (*out, None, None, None, None, None)
 
 
 def _o_forward(x, idx, dense_idx, w, a, b, s, bias, outs=None):
@@ -109,48 +119,53 @@ def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
     return dx, packed((d_a, d_b, dy.sum(0)) if bias_grad else (d_a, d_b))
 
 
+def o_forward(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.Tensor | None, run: Runner,
+              ) -> torch.Tensor:
+    """The O projection of 2-D ``x``, no autograd: one pass through ``run``."""
+    (out,) = run(_o_forward, (x,), (idx, dense_idx, *o), rows=((0,), (0,)))
+    return out
+
+
+def o_backward(dy: torch.Tensor, x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.Tensor | None,
+               bias_grad: bool, run: Runner) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(dx, [A, B, (bias)]) of :func:`o_forward` (2-D), the bias's gradient if ``bias_grad``."""
+    dx, flat = run(_o_backward, (dy, x), (idx, dense_idx, *o[:4], bias_grad), rows=((0, 1), (0,)))
+    return dx, unpacked(flat, [o.lora_a.shape, o.lora_b.shape, *([o.bias.shape] if bias_grad else [])])
+
+
 class _SparseLoRAO(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run, indices_now):
+    def forward(ctx, x, w, a, b, s, bias, idx, dense_idx, run):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        (out,) = run(_o_forward, (x2,), (idx, dense_idx, w, a, b, s, bias), rows=((0,), (0,)))
-        ctx.weight, ctx.scale, ctx.bias, ctx.run = w, s, bias, run
-        ctx.indices_now = indices_now
-        ctx.save_for_backward(x2, *((None, None) if indices_now else (idx, dense_idx)), a, b)
+        ctx.proj, ctx.run = LoRAProj(w, a, b, s, bias), run
+        ctx.save_for_backward(x2, idx, dense_idx)
+        out = o_forward(x2, ctx.proj, idx, dense_idx, run)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
-        x, idx, dense_idx, a, b = ctx.saved_tensors
-        if ctx.indices_now is not None:
-            idx, dense_idx = ctx.indices_now()
-        needed = ctx.bias is not None and ctx.needs_input_grad[5]
-        dx, flat = ctx.run(_o_backward, (dy.reshape(-1, dy.shape[-1]), x),
-                           (idx, dense_idx, ctx.weight, a, b, ctx.scale, needed), rows=((0, 1), (0,)))
-        d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([ctx.bias.shape] if needed else [])])
-        d_bias = d_bias[0].to(ctx.bias.dtype) if needed else None
-        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None, None
+        x, idx, dense_idx = ctx.saved_tensors
+        needed = ctx.proj.bias is not None and ctx.needs_input_grad[5]
+        dx, (d_a, d_b, *d_bias) = o_backward(dy.reshape(-1, dy.shape[-1]), x, ctx.proj, idx, dense_idx, needed,
+                                             ctx.run)
+        d_bias = d_bias[0].to(ctx.proj.bias.dtype) if needed else None
+        return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None
 
 
 def sparse_lora_qkv(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor,
                     k_idx: torch.Tensor, v_idx: torch.Tensor, dense_idx: torch.Tensor | None,
-                    run: Runner = run_eager, indices_now: Callable[[], tuple] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    run: Runner = run_eager) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q, K, V) of ``x`` (``[..., hidden]``), context rows keeping output channels ``*_idx``.
 
     ``run``: how each pass runs (:class:`~sparse_unsloth.ops.graphs.GraphRunner` on a GPU).
-    ``indices_now``: where the indices live in buffers that a later forward may take, the
-    backward asks it for ``(q_idx, k_idx, v_idx, dense_idx)`` as they are then, instead of
-    keeping them.
     """
-    return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx, run, indices_now)
+    return _SparseLoRAQKV.apply(x, *q, *k, *v, q_idx, k_idx, v_idx, dense_idx, run)
 
 
 def sparse_lora_o(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.Tensor | None,
-                  run: Runner = run_eager, indices_now: Callable[[], tuple] | None = None) -> torch.Tensor:
-    """The O projection of ``x``, context rows reading only input channels ``idx``
-    (``indices_now``: the backward's source of ``(idx, dense_idx)``)."""
-    return _SparseLoRAO.apply(x, *o, idx, dense_idx, run, indices_now)
+                  run: Runner = run_eager) -> torch.Tensor:
+    """The O projection of ``x``, context rows reading only input channels ``idx``."""
+    return _SparseLoRAO.apply(x, *o, idx, dense_idx, run)

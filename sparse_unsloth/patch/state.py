@@ -394,15 +394,16 @@ class SparseState:
 
     def record_for_call(self) -> BatchRecord | None:
         """The record a patched layer computes with now: in backward (a checkpointed layer's
-        recompute), the one of the forward being differentiated; else the forward in flight."""
+        recompute, a sparse function's backward), the one of the forward being differentiated;
+        else the forward in flight."""
         if torch._C._current_graph_task_id() == -1:
             return self.current
         if self._backward is _NO_BACKWARD:
             raise RuntimeError(
-                "sparse_unsloth: a checkpointed layer is being recomputed in a backward pass that did "
-                "not start from this model's outputs (loss, logits, hidden states, log-probs), so the channels "
-                "its forward used are unknown. Call backward on a tensor computed from the model's "
-                "outputs, or turn gradient checkpointing off.")
+                "sparse_unsloth: a sparse layer's backward (or a checkpointed layer's recompute) runs in a "
+                "backward pass that did not start from this model's outputs (loss, logits, hidden states, "
+                "log-probs), so the channels its forward used are unknown. Call backward on a tensor computed "
+                "from the model's outputs.")
         return self._backward
 
     def runner(self, t: torch.Tensor) -> Runner:

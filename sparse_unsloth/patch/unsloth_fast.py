@@ -8,16 +8,16 @@ originals back otherwise. So the dense warm-up, eval and generation run Unsloth 
 (bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
 functions only exist in the block while they are used.
 
-Our sparse functions do their GPU work as replayed CUDA graphs (``ops/graphs.py``), and the rest
-of a sparse layer stays in Unsloth's compiled block. The MLP is a pair of torch ops
-(``sparse_unsloth::lora_mlp`` and its backward): Dynamo traces a call to it into the block, as
-it does Unsloth's own LoRA kernels, and what the op does per call (the channel choice with its
-Python-side per-batch cache, the replay) runs opaque at that call. The attention functions run
-outside torch.compile (``torch.compiler.disable``), so the block breaks around them. Graph breaks
-cost host time: on an H100 the sparse step is host-bound (benchmarks/NOTES.md, 2026-12-06).
-The sparse functions are module-level, so every layer shares them (no per-layer recompiles).
-An MLP without an active plain LoRA adapter on every projection (adapters disabled or merged),
-or a batch whose every token is an output token, keeps the original for that call.
+Our sparse functions are torch ops, each with its backward op (``sparse_unsloth::lora_mlp``,
+``lora_qkv``, ``lora_o``): Dynamo traces a call to one into Unsloth's compiled block, as it does
+Unsloth's own LoRA kernels, so a sparse layer compiles as one region with no graph break
+(each break costs host time, and on an H100 the sparse step is host-bound: benchmarks/NOTES.md,
+2026-12-06). What an op does per call runs opaque at that call: it finds its module by the
+storage of a LoRA factor it was given, makes or looks up the channel choice (a Python-side
+per-batch cache), and replays its CUDA graphs (``ops/graphs.py``). The backward ops take the
+indices of the forward being differentiated from the state's record of the backward in flight.
+A module without an active plain LoRA adapter on every projection (adapters disabled or
+merged), or a batch whose every token is an output token, keeps the originals for that call.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..ops.fast_attn import sparse_lora_o, sparse_lora_qkv
+from ..ops.fast_attn import o_backward, o_forward, qkv_backward, qkv_forward
 from ..ops.fast_mlp import mlp_backward, mlp_forward
 from ..ops.lora_swiglu import swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj, unpacked
-from .models import decoder_layers, frozen_linear, weight_getter
+from .models import ATTN_PROJS, MLP_PROJS, decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
 from .state import BatchRecord, IndicesNow, LayerSparsity
 
@@ -158,16 +158,6 @@ def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
     return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
 
-def _dense_attn(attn: nn.Module, name: str) -> Callable:
-    original = attn.__dict__[_ORIGINAL][name]
-    if original is not _MISSING:
-        return original
-    # Unsloth's original_apply_qkv / original_apply_o: the plain (PEFT) projections.
-    if name == "apply_qkv":
-        return lambda self, x: (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-    return lambda self, x: self.o_proj(x)
-
-
 def _pick(self: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
     """(choice, dense rows, where the backward asks for them) for this forward, or None.
 
@@ -188,48 +178,71 @@ def _runner(self: nn.Module, x: torch.Tensor):
     return self.__dict__[_CTL].state.runner(x)
 
 
-# The sparse MLP's ops find their module by the storage of its gate LoRA A factor: a tensor that
+# The ops below find their module by the storage of one of its LoRA A factors: a tensor that
 # Dynamo passes through (a Python handle would be baked into the compiled block, one per layer).
-_MLPS: weakref.WeakSet = weakref.WeakSet()        # every live MLPForward
+_BOUND: weakref.WeakSet = weakref.WeakSet()        # every live MLPForward / ApplyQKV / ApplyO
 _BY_FACTOR: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def _mlp_of(gate_a: torch.Tensor) -> nn.Module:
-    """The patched MLP whose active gate LoRA A is ``gate_a``."""
+def _projections(module: nn.Module) -> list[nn.Module]:
+    """The LoRA projections of an MLP (gate, up, down) or an attention module (q, k, v, o)."""
+    return [getattr(module, name) for name in (MLP_PROJS if hasattr(module, MLP_PROJS[0]) else ATTN_PROJS)]
+
+
+def _module_of(factor: torch.Tensor) -> nn.Module:
+    """The patched MLP or attention module one of whose projections has the active LoRA A ``factor``."""
     for attempt in range(2):
-        mlp, factor = (ref() for ref in _BY_FACTOR.get(gate_a.data_ptr(), (lambda: None, lambda: None)))
-        if mlp is not None and factor is not None and factor.data_ptr() == gate_a.data_ptr():
-            return mlp
+        module, param = (ref() for ref in _BY_FACTOR.get(factor.data_ptr(), (_dead, _dead)))
+        if module is not None and param is not None and param.data_ptr() == factor.data_ptr():
+            return module
         if attempt == 0:     # moved, copied or another adapter since: look them all up again
             _BY_FACTOR.clear()
-            for forward in list(_MLPS):
-                lora = _lora(forward.module.gate_proj)
-                if lora is not None:
-                    _BY_FACTOR[lora.lora_a.data_ptr()] = (weakref.ref(forward.module), weakref.ref(lora.lora_a))
-    raise RuntimeError("sparse_unsloth::lora_mlp got a gate LoRA factor that belongs to no sparse MLP")
+            for bound in list(_BOUND):
+                for proj in _projections(bound.module):
+                    lora = _lora(proj)
+                    if lora is not None:
+                        _BY_FACTOR[lora.lora_a.data_ptr()] = (weakref.ref(bound.module), weakref.ref(lora.lora_a))
+    raise RuntimeError("sparse_unsloth: a sparse op got a LoRA factor that belongs to no sparse layer")
 
 
-def _loras(mlp: nn.Module) -> list[torch.Tensor]:
-    """The active adapter's A and B of gate, up and down: the op's inputs (Dynamo traces this)."""
-    return [t for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            for t in (p.lora_A[p.active_adapters[0]].weight, p.lora_B[p.active_adapters[0]].weight)]
+def _dead() -> None:
+    return None
 
 
-def _mlp_projs(mlp: nn.Module) -> list[LoRAProj]:
-    return [_lora(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+def _lora_inputs(projs: list[nn.Module]) -> list[torch.Tensor]:
+    """The active adapter's A and B of each projection: the ops' inputs (Dynamo traces this)."""
+    return [t for p in projs for t in (p.lora_A[p.active_adapters[0]].weight, p.lora_B[p.active_adapters[0]].weight)]
+
+
+def _projs(module: nn.Module, names: tuple[str, ...]) -> list[LoRAProj]:
+    return [_lora(getattr(module, name)) for name in names]
+
+
+def _picked(module: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
+    picked = _pick(module, x, kind, fields)
+    if picked is None:
+        raise RuntimeError(f"sparse_unsloth: the sparse {kind} ran for a forward that chose no channels "
+                           "(Flip installs it only for one that does); please report this")
+    return picked
+
+
+def _indices(module: nn.Module, kind: str, fields: tuple[str, ...]) -> tuple:
+    """The backward's indices: the record of the backward in flight, as they are now."""
+    ctl: LayerSparsity = module.__dict__[_CTL]
+    return IndicesNow(ctl.state, ctl.state.record_for_call(), (ctl.layer, kind), fields)()
+
+
+def _rows2(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 @torch.library.custom_op("sparse_unsloth::lora_mlp", mutates_args=())
 def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a: torch.Tensor,
               up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
-    mlp = _mlp_of(gate_a)
+    mlp = _module_of(gate_a)
     ctl: LayerSparsity = mlp.__dict__[_CTL]
-    picked = _pick(mlp, x, "mlp", ("idx",))
-    if picked is None:
-        raise RuntimeError("sparse_unsloth: the sparse MLP ran for a forward that chose no channels "
-                           "(Flip installs it only for one that does); please report this")
-    choice, dense_idx, _ = picked
-    x2 = x.reshape(-1, x.shape[-1])
+    choice, dense_idx, _ = _picked(mlp, x, "mlp", ("idx",))
+    x2 = _rows2(x)
     if torch._C._current_graph_task_id() != -1:
         # A checkpointed layer's recompute: the supported decoder layers only add the MLP's output
         # to the residual (patch/models.py), so nothing reads it, as long as no other layer is
@@ -237,7 +250,7 @@ def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a:
         ctl.state.skipped_output = ctl.layer
         out = x2.new_empty(x2.shape[0], down_b.shape[0])
     else:
-        out = mlp_forward(x2, *_mlp_projs(mlp), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
+        out = mlp_forward(x2, *_projs(mlp, MLP_PROJS), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -250,13 +263,11 @@ def _(x, gate_a, gate_b, up_a, up_b, down_a, down_b):
 def _lora_mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor,
                        up_a: torch.Tensor, up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, the six LoRA gradients flattened into one tensor: outputs of an op may not alias)."""
-    mlp = _mlp_of(gate_a)
-    ctl: LayerSparsity = mlp.__dict__[_CTL]
-    record = ctl.state.record_for_call()
-    idx, dense_idx = IndicesNow(ctl.state, record, (ctl.layer, "mlp"), ("idx",))()
-    dx, grads = mlp_backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), *_mlp_projs(mlp), idx,
-                             dense_idx, _swiglu(x)[1], _runner(mlp, x))
+    """(dx, the six LoRA gradients in one flat tensor: the outputs of an op may not alias)."""
+    mlp = _module_of(gate_a)
+    idx, dense_idx = _indices(mlp, "mlp", ("idx",))
+    dx, grads = mlp_backward(_rows2(dy), _rows2(x), *_projs(mlp, MLP_PROJS), idx, dense_idx, _swiglu(x)[1],
+                             _runner(mlp, x))
     return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -265,7 +276,7 @@ def _(dy, x, gate_a, gate_b, up_a, up_b, down_a, down_b):
     return torch.empty_like(x), x.new_empty(sum(t.numel() for t in (gate_a, gate_b, up_a, up_b, down_a, down_b)))
 
 
-def _save_mlp_inputs(ctx, inputs, output) -> None:
+def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
@@ -275,67 +286,154 @@ def _lora_mlp_grads(ctx, dy):
     return dx, *unpacked(flat, [t.shape for t in loras])
 
 
-_lora_mlp.register_autograd(_lora_mlp_grads, setup_context=_save_mlp_inputs)
+_lora_mlp.register_autograd(_lora_mlp_grads, setup_context=_save_inputs)
 
 
-def _mlp_runs_sparse(mlp: nn.Module, record: BatchRecord) -> bool:
-    """Whether the sparse MLP serves this forward: every projection with an active plain adapter,
-    and context tokens to choose channels from."""
-    return record.split.sparse_idx.numel() > 0 and all(p is not None for p in _mlp_projs(mlp))
+@torch.library.custom_op("sparse_unsloth::lora_qkv", mutates_args=())
+def _lora_qkv(x: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.Tensor, k_b: torch.Tensor,
+              v_a: torch.Tensor, v_b: torch.Tensor, q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
+              v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attn = _module_of(q_a)
+    choice, dense_idx, _ = _picked(attn, x, "attn", ("q_idx", "k_idx", "v_idx"))
+    outs = qkv_forward(_rows2(x), *_projs(attn, ATTN_PROJS[:3]), choice.q_idx, choice.k_idx, choice.v_idx,
+                       dense_idx, _runner(attn, x))
+    return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
 
-def _sparse_qkv(self: nn.Module, x: torch.Tensor):
-    projs = [_lora(p) for p in (self.q_proj, self.k_proj, self.v_proj)]
-    picked = None if any(p is None for p in projs) else _pick(self, x, "attn", ("q_idx", "k_idx", "v_idx"))
-    if picked is None:
-        return _dense_attn(self, "apply_qkv")(self, x)
-    choice, dense_idx, now = picked
-    return sparse_lora_qkv(x, *projs, choice.q_idx, choice.k_idx, choice.v_idx, dense_idx,
-                           run=_runner(self, x), indices_now=now)
+@_lora_qkv.register_fake
+def _(x, q_a, q_b, k_a, k_b, v_a, v_b, q_bias, k_bias, v_bias):
+    return tuple(x.new_empty(*x.shape[:-1], b.shape[0]) for b in (q_b, k_b, v_b))
 
 
-def _sparse_o(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    proj = _lora(self.o_proj)
-    picked = None if proj is None else _pick(self, x, "attn", ("o_idx",))
-    if picked is None:
-        return _dense_attn(self, "apply_o")(self, x)
-    choice, dense_idx, now = picked
-    return sparse_lora_o(x, proj, choice.o_idx, dense_idx, run=_runner(self, x), indices_now=now)
+@torch.library.custom_op("sparse_unsloth::lora_qkv_backward", mutates_args=())
+def _lora_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, q_a: torch.Tensor,
+                       q_b: torch.Tensor, k_a: torch.Tensor, k_b: torch.Tensor, v_a: torch.Tensor, v_b: torch.Tensor,
+                       q_bias_grad: bool, k_bias_grad: bool, v_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, the LoRA gradients and the biases' asked for, in one flat tensor)."""
+    attn = _module_of(q_a)
+    q_idx, k_idx, v_idx, dense_idx = _indices(attn, "attn", ("q_idx", "k_idx", "v_idx"))
+    dx, grads = qkv_backward(_rows2(dq), _rows2(dk), _rows2(dv), _rows2(x), *_projs(attn, ATTN_PROJS[:3]), q_idx,
+                             k_idx, v_idx, dense_idx, (q_bias_grad, k_bias_grad, v_bias_grad), _runner(attn, x))
+    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
 
 
-# Never traced by Dynamo: inside Unsloth's compiled block each one is a graph break.
-_SPARSE_FNS = {name: torch.compiler.disable(fn) for name, fn in {"apply_qkv": _sparse_qkv, "apply_o": _sparse_o}.items()}
+@_lora_qkv_backward.register_fake
+def _(dq, dk, dv, x, q_a, q_b, k_a, k_b, v_a, v_b, q_bias_grad, k_bias_grad, v_bias_grad):
+    sizes = [t.numel() for t in (q_a, q_b, k_a, k_b, v_a, v_b)]
+    sizes += [b.shape[0] for b, need in zip((q_b, k_b, v_b), (q_bias_grad, k_bias_grad, v_bias_grad)) if need]
+    return torch.empty_like(x), x.new_empty(sum(sizes))
 
 
-class AttnFunction:
-    """Our ``apply_qkv`` / ``apply_o``: Unsloth calls them as ``self.apply_qkv(self, x)``.
-
-    An object naming its function rather than the function itself, so a model holding it
-    pickles (the eager variants are wrappers that pickle cannot find by name).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: nn.Module, x: torch.Tensor):
-        return _SPARSE_FNS[self.name](module, x)
+def _save_qkv_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:7])
+    ctx.bias_dtypes = [None if b is None else b.dtype for b in inputs[7:]]
 
 
-class MLPForward:
-    """Our MLP ``forward``, bound to its module the way a method is, but copied with it."""
+def _lora_qkv_grads(ctx, dq, dk, dv):
+    x, *loras = ctx.saved_tensors
+    needed = [dtype is not None and need for dtype, need in zip(ctx.bias_dtypes, ctx.needs_input_grad[7:10])]
+    dx, flat = torch.ops.sparse_unsloth.lora_qkv_backward(dq, dk, dv, x, *loras, *needed)
+    shapes = [s for a, b, need in zip(loras[0::2], loras[1::2], needed)
+              for s in ((a.shape, b.shape, b.shape[:1]) if need else (a.shape, b.shape))]
+    small, out = iter(unpacked(flat, shapes)), [dx]
+    bias_grads = []
+    for dtype, need in zip(ctx.bias_dtypes, needed):
+        out += [next(small), next(small)]
+        bias_grads.append(next(small).to(dtype) if need else None)
+    return *out, *bias_grads
+
+
+_lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
+
+
+@torch.library.custom_op("sparse_unsloth::lora_o", mutates_args=())
+def _lora_o(x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, o_bias: torch.Tensor | None) -> torch.Tensor:
+    attn = _module_of(o_a)
+    choice, dense_idx, _ = _picked(attn, x, "attn", ("o_idx",))
+    out = o_forward(_rows2(x), _lora(attn.o_proj), choice.o_idx, dense_idx, _runner(attn, x))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@_lora_o.register_fake
+def _(x, o_a, o_b, o_bias):
+    return x.new_empty(*x.shape[:-1], o_b.shape[0])
+
+
+@torch.library.custom_op("sparse_unsloth::lora_o_backward", mutates_args=())
+def _lora_o_backward(dy: torch.Tensor, x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, bias_grad: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = _module_of(o_a)
+    idx, dense_idx = _indices(attn, "attn", ("o_idx",))
+    dx, grads = o_backward(_rows2(dy), _rows2(x), _lora(attn.o_proj), idx, dense_idx, bias_grad, _runner(attn, x))
+    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
+
+
+@_lora_o_backward.register_fake
+def _(dy, x, o_a, o_b, bias_grad):
+    return torch.empty_like(x), x.new_empty(o_a.numel() + o_b.numel() + (o_b.shape[0] if bias_grad else 0))
+
+
+def _save_o_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.bias_dtype = None if inputs[3] is None else inputs[3].dtype
+
+
+def _lora_o_grads(ctx, dy):
+    x, a, b = ctx.saved_tensors
+    needed = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    dx, flat = torch.ops.sparse_unsloth.lora_o_backward(dy, x, a, b, needed)
+    d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([b.shape[:1]] if needed else [])])
+    return dx, d_a, d_b, d_bias[0].to(ctx.bias_dtype) if needed else None
+
+
+_lora_o.register_autograd(_lora_o_grads, setup_context=_save_o_inputs)
+
+
+def _runs_sparse(module: nn.Module, record: BatchRecord) -> bool:
+    """Whether the sparse functions serve this forward in ``module`` (an MLP or attention): every
+    projection with an active plain adapter, and context tokens to choose channels from."""
+    return record.split.sparse_idx.numel() > 0 and all(_lora(p) is not None for p in _projections(module))
+
+
+class _Bound:
+    """One of our functions bound to its module the way a method is, but copied with it (and
+    known to the ops, which find the module by its LoRA factors)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        _MLPS.add(self)
+        _BOUND.add(self)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sparse_unsloth.lora_mlp(x, *_loras(self.module))
-
-    def __deepcopy__(self, memo: dict) -> MLPForward:
-        return MLPForward(copy.deepcopy(self.module, memo))
+    def __deepcopy__(self, memo: dict) -> _Bound:
+        return type(self)(copy.deepcopy(self.module, memo))
 
     def __reduce__(self):
-        return MLPForward, (self.module,)
+        return type(self), (self.module,)
+
+
+class MLPForward(_Bound):
+    """Our MLP ``forward``: the sparse MLP op on the active adapter's factors."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparse_unsloth.lora_mlp(x, *_lora_inputs(_projections(self.module)))
+
+
+def _biases(projs: list[nn.Module]) -> list[torch.Tensor | None]:
+    return [frozen_linear(p).bias for p in projs]
+
+
+class ApplyQKV(_Bound):
+    """Our ``apply_qkv``, which Unsloth's attention calls as ``self.apply_qkv(self, x)``."""
+
+    def __call__(self, attn: nn.Module, x: torch.Tensor):
+        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+        return torch.ops.sparse_unsloth.lora_qkv(x, *_lora_inputs(projs), *_biases(projs))
+
+
+class ApplyO(_Bound):
+    """Our ``apply_o``, called as ``self.apply_o(self, x)``."""
+
+    def __call__(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparse_unsloth.lora_o(x, *_lora_inputs([attn.o_proj]), *_biases([attn.o_proj]))
 
 
 class Flip:
@@ -346,7 +444,7 @@ class Flip:
         record = layer.__dict__[_CTL].state.record_for_call()
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
-            sparse = record is not None and (module_name != "mlp" or _mlp_runs_sparse(module, record))
+            sparse = record is not None and _runs_sparse(module, record)
             _set(module, name, module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name])
 
 
@@ -399,8 +497,7 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
         # Q/K/V biases (Qwen2) are added by our functions; Unsloth leaves such a QKV unfused,
         # and its original_apply_qkv stays the dense fallback.
         _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj], biases=True)
-        switches += [("self_attn", "apply_qkv", AttnFunction("apply_qkv")),
-                     ("self_attn", "apply_o", AttnFunction("apply_o"))]
+        switches += [("self_attn", "apply_qkv", ApplyQKV(attn)), ("self_attn", "apply_o", ApplyO(attn))]
     for module_name, name, sparse in switches:
         module = _submodule(layer, module_name)
         module.__dict__[_CTL] = ctl
