@@ -26,13 +26,16 @@ def _fast(model, config, monkeypatch):
 
 
 def _qkv_after_a_sparse_forward(model, layer=2, seed=5):
-    """Run one training forward (it sets the split, flips the layers), then call the attention's
-    ``apply_qkv`` as Unsloth's attention forward does, on fresh inputs."""
+    """Run one training forward (it sets the split, and the layers' pre-hook installs the sparse
+    functions for it), then call the sparse ``apply_qkv`` as Unsloth's attention forward does,
+    on fresh inputs (Hugging Face's attention does not call it)."""
     ids, labels = token_batch()
     model.train()
-    model(input_ids=ids, labels=labels)
+    installed = []
     attn = decoder_layers(model)[layer].self_attn
-    assert "apply_qkv" in vars(attn)                                     # the sparse one is installed
+    decoder_layers(model)[layer].register_forward_pre_hook(lambda m, _a: installed.append(vars(attn).get("apply_qkv")))
+    model(input_ids=ids, labels=labels)
+    assert installed == [unsloth_fast._apply_qkv]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
     return attn, x
@@ -42,7 +45,7 @@ def test_fast_qkv_keeps_qwen2_biases(monkeypatch):
     model = _fast(tiny_lora_model("qwen2"), ALL_KEPT, monkeypatch)
     attn, x = _qkv_after_a_sparse_forward(model)
     assert frozen_linear(attn.q_proj).bias.abs().sum() > 1
-    for got, proj in zip(attn.apply_qkv(attn, x), (attn.q_proj, attn.k_proj, attn.v_proj)):
+    for got, proj in zip(unsloth_fast._apply_qkv(attn, x), (attn.q_proj, attn.k_proj, attn.v_proj)):
         torch.testing.assert_close(got, proj(x), rtol=1e-12, atol=1e-12)      # PEFT's dense layer
 
 
@@ -51,8 +54,8 @@ def test_fast_attention_functions_match_reference_ops_with_biases(lora_bias, mon
     model = _fast(tiny_lora_model("qwen2", lora_bias=lora_bias), ATTN, monkeypatch)
     attn, x = _qkv_after_a_sparse_forward(model)
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    q, k, v = attn.apply_qkv(attn, x)
-    o = attn.apply_o(attn, q)
+    q, k, v = unsloth_fast._apply_qkv(attn, x)
+    o = unsloth_fast._apply_o(attn, q)
     state = su.sparse_state(model)
     choice, dense_idx = state.current.choices[2, "attn"], state.split.dense_idx
     x2, q2 = x.reshape(-1, 48), q.reshape(-1, q.shape[-1])

@@ -84,6 +84,6 @@ def test_fast_path_takes_4bit_weights(tmp_path, monkeypatch):
                         lambda _m: unsloth_fast)
     q4, _ = _sparse_pair(tmp_path, su.SparseConfig(mlp={0: 0.5, 1: 0.75}, estimator_rank=4))
     mlp = decoder_layers(q4)[0].mlp
-    assert isinstance(mlp.forward, unsloth_fast.MLPForward)
+    assert mlp.__dict__["_sparse_unsloth_sparse"]["forward"] is unsloth_fast._mlp_forward   # (installed per call)
     assert isinstance(frozen_linear(mlp.gate_proj), bnb.nn.Linear4bit)
     assert frozen_linear(mlp.gate_proj).weight.dtype == torch.uint8

@@ -4,9 +4,12 @@ Unsloth binds per layer ``mlp.forward`` (its fused LoRA_MLP), ``self_attn.apply_
 ``self_attn.apply_o`` (LoRA_QKV / LoRA_W); its attention forward calls the last two as
 ``self.apply_qkv(self, X)``. A patched layer gets a forward pre-hook that, on every call,
 installs our sparse versions while the sparse state is active and puts Unsloth's exact
-originals back otherwise. So the dense warm-up, eval and generation run Unsloth untouched
-(bit-identical, and inside Unsloth's compiled decoder block as before), and the sparse
-functions only exist in the block while they are used.
+originals back otherwise, and a forward hook that puts the originals back after the call. So
+the dense warm-up, eval and generation run Unsloth untouched (bit-identical, and inside
+Unsloth's compiled decoder block as before), the sparse functions only exist in the block while
+they are used, and between calls the model copies and pickles as an unpatched one. Our
+functions are one per kind for every layer (the MLP's bound as a method, as Unsloth binds its
+own): Dynamo guards on them, so the block is not recompiled for each layer.
 
 Our sparse functions are torch ops, each with its backward op (``sparse_unsloth::lora_mlp``,
 ``lora_qkv``, ``lora_o``): Dynamo traces a call to one into Unsloth's compiled block, as it does
@@ -22,9 +25,9 @@ merged), or a batch whose every token is an output token, keeps the originals fo
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
+import types
 import weakref
 from collections.abc import Callable
 
@@ -180,7 +183,8 @@ def _runner(self: nn.Module, x: torch.Tensor):
 
 # The ops below find their module by the storage of one of its LoRA A factors: a tensor that
 # Dynamo passes through (a Python handle would be baked into the compiled block, one per layer).
-_BOUND: weakref.WeakSet = weakref.WeakSet()        # every live MLPForward / ApplyQKV / ApplyO
+# Flip files each module here as it installs the sparse functions, so a moved or copied model,
+# or another adapter, is filed again before its ops run.
 _BY_FACTOR: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
@@ -189,20 +193,17 @@ def _projections(module: nn.Module) -> list[nn.Module]:
     return [getattr(module, name) for name in (MLP_PROJS if hasattr(module, MLP_PROJS[0]) else ATTN_PROJS)]
 
 
+def _file(module: nn.Module, factor: torch.Tensor) -> None:
+    _BY_FACTOR[factor.data_ptr()] = (weakref.ref(module), weakref.ref(factor))
+
+
 def _module_of(factor: torch.Tensor) -> nn.Module:
-    """The patched MLP or attention module one of whose projections has the active LoRA A ``factor``."""
-    for attempt in range(2):
-        module, param = (ref() for ref in _BY_FACTOR.get(factor.data_ptr(), (_dead, _dead)))
-        if module is not None and param is not None and param.data_ptr() == factor.data_ptr():
-            return module
-        if attempt == 0:     # moved, copied or another adapter since: look them all up again
-            _BY_FACTOR.clear()
-            for bound in list(_BOUND):
-                for proj in _projections(bound.module):
-                    lora = _lora(proj)
-                    if lora is not None:
-                        _BY_FACTOR[lora.lora_a.data_ptr()] = (weakref.ref(bound.module), weakref.ref(lora.lora_a))
-    raise RuntimeError("sparse_unsloth: a sparse op got a LoRA factor that belongs to no sparse layer")
+    """The sparse MLP or attention module one of whose projections has the active LoRA A ``factor``."""
+    module, param = (ref() for ref in _BY_FACTOR.get(factor.data_ptr(), (_dead, _dead)))
+    if module is None or param is None or param.data_ptr() != factor.data_ptr():
+        raise RuntimeError("sparse_unsloth: a sparse op got a LoRA factor of no module that runs sparse now; "
+                           "please report this")
+    return module
 
 
 def _dead() -> None:
@@ -391,49 +392,38 @@ _lora_o.register_autograd(_lora_o_grads, setup_context=_save_o_inputs)
 
 def _runs_sparse(module: nn.Module, record: BatchRecord) -> bool:
     """Whether the sparse functions serve this forward in ``module`` (an MLP or attention): every
-    projection with an active plain adapter, and context tokens to choose channels from."""
-    return record.split.sparse_idx.numel() > 0 and all(_lora(p) is not None for p in _projections(module))
+    projection with an active plain adapter, and context tokens to choose channels from. If
+    so, ``module`` is filed for its ops under its projections' LoRA A factors."""
+    if record.split.sparse_idx.numel() == 0:
+        return False
+    loras = [_lora(p) for p in _projections(module)]
+    if any(lora is None for lora in loras):
+        return False
+    for lora in loras:
+        _file(module, lora.lora_a)
+    return True
 
 
-class _Bound:
-    """One of our functions bound to its module the way a method is, but copied with it (and
-    known to the ops, which find the module by its LoRA factors)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        _BOUND.add(self)
-
-    def __deepcopy__(self, memo: dict) -> _Bound:
-        return type(self)(copy.deepcopy(self.module, memo))
-
-    def __reduce__(self):
-        return type(self), (self.module,)
-
-
-class MLPForward(_Bound):
-    """Our MLP ``forward``: the sparse MLP op on the active adapter's factors."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sparse_unsloth.lora_mlp(x, *_lora_inputs(_projections(self.module)))
+def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Our MLP ``forward`` (bound to its module as a method by Flip, as Unsloth binds its own): the
+    sparse MLP op on the active adapter's factors. One function for every layer: Dynamo guards
+    on it, not on a per-layer object, so the compiled block is not recompiled for each layer."""
+    return torch.ops.sparse_unsloth.lora_mlp(x, *_lora_inputs(_projections(mlp)))
 
 
 def _biases(projs: list[nn.Module]) -> list[torch.Tensor | None]:
     return [frozen_linear(p).bias for p in projs]
 
 
-class ApplyQKV(_Bound):
+def _apply_qkv(attn: nn.Module, x: torch.Tensor):
     """Our ``apply_qkv``, which Unsloth's attention calls as ``self.apply_qkv(self, x)``."""
-
-    def __call__(self, attn: nn.Module, x: torch.Tensor):
-        projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-        return torch.ops.sparse_unsloth.lora_qkv(x, *_lora_inputs(projs), *_biases(projs))
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    return torch.ops.sparse_unsloth.lora_qkv(x, *_lora_inputs(projs), *_biases(projs))
 
 
-class ApplyO(_Bound):
+def _apply_o(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Our ``apply_o``, called as ``self.apply_o(self, x)``."""
-
-    def __call__(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.sparse_unsloth.lora_o(x, *_lora_inputs([attn.o_proj]), *_biases([attn.o_proj]))
+    return torch.ops.sparse_unsloth.lora_o(x, *_lora_inputs([attn.o_proj]), *_biases([attn.o_proj]))
 
 
 class Flip:
@@ -445,7 +435,20 @@ class Flip:
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
             sparse = record is not None and _runs_sparse(module, record)
-            _set(module, name, module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name])
+            value = module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name]
+            if sparse and name != "apply_qkv" and name != "apply_o":
+                value = types.MethodType(value, module)       # the MLP's forward, a method as Unsloth's is
+            _set(module, name, value)
+
+
+class Unflip:
+    """Decoder-layer forward hook: Unsloth's originals back once the layer has run, so that between
+    calls a model holds only them (it copies and pickles as an unpatched one does)."""
+
+    def __call__(self, layer: nn.Module, _args: tuple, _output) -> None:
+        for module_name, name in layer.__dict__[_SWITCHES]:
+            module = _submodule(layer, module_name)
+            _set(module, name, module.__dict__[_ORIGINAL][name])
 
 
 class Guard:
@@ -491,13 +494,13 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
     if ctl.mlp_sparsity:
         mlp = layer.mlp
         _check_plain_lora([mlp.gate_proj, mlp.up_proj, mlp.down_proj], biases=False)
-        switches.append(("mlp", _mlp_slot(mlp), MLPForward(mlp)))
+        switches.append(("mlp", _mlp_slot(mlp), _mlp_forward))
     if ctl.attn_sparsity:
         attn = layer.self_attn
         # Q/K/V biases (Qwen2) are added by our functions; Unsloth leaves such a QKV unfused,
         # and its original_apply_qkv stays the dense fallback.
         _check_plain_lora([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj], biases=True)
-        switches += [("self_attn", "apply_qkv", ApplyQKV(attn)), ("self_attn", "apply_o", ApplyO(attn))]
+        switches += [("self_attn", "apply_qkv", _apply_qkv), ("self_attn", "apply_o", _apply_o)]
     for module_name, name, sparse in switches:
         module = _submodule(layer, module_name)
         module.__dict__[_CTL] = ctl
@@ -506,6 +509,7 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
     layer.__dict__[_CTL] = ctl
     layer.__dict__[_SWITCHES] = [(module_name, name) for module_name, name, _ in switches]
     layer.register_forward_pre_hook(Flip())
+    layer.register_forward_hook(Unflip())
 
 
 def unpatch_layer(layer: nn.Module) -> None:
@@ -516,7 +520,7 @@ def unpatch_layer(layer: nn.Module) -> None:
     switches = layer.__dict__.pop(_SWITCHES, None)
     if switches is None:
         return
-    remove_hooks(layer, (Flip,))
+    remove_hooks(layer, (Flip, Unflip))
     for module_name, name in switches:
         module = _submodule(layer, module_name)
         _set(module, name, module.__dict__[_ORIGINAL][name])
