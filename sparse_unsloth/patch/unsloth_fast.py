@@ -47,6 +47,7 @@ _ORIGINAL = "_sparse_unsloth_original"
 _SPARSE = "_sparse_unsloth_sparse"
 _SWITCHES = "_sparse_unsloth_switches"
 _GUARDED = "_sparse_unsloth_guarded"
+_FOUND = "_sparse_unsloth_found"       # the projections the pre-hook found for the layer call in flight
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
 
 
@@ -134,8 +135,9 @@ def _lora(proj: nn.Module) -> LoRAProj | None:
     if name not in proj.lora_A:
         return None
     base = frozen_linear(proj)
-    # A 4-bit weight goes in as its dequantization, which the Functions call once per pass.
-    weight = weight_getter(base) if _quantized(proj) else base.weight
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:
+        weight = weight_getter(base)   # a 4-bit weight: its dequantization, which a pass calls once
     return LoRAProj(weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name], base.bias)
 
 
@@ -216,7 +218,12 @@ def _lora_inputs(projs: list[nn.Module]) -> list[torch.Tensor]:
 
 
 def _projs(module: nn.Module, names: tuple[str, ...]) -> list[LoRAProj]:
-    return [_lora(getattr(module, name)) for name in names]
+    """This call's frozen weights and adapters of ``module``'s projections ``names``: those the
+    pre-hook found for the layer call in flight, or looked up again (a backward runs after it)."""
+    found = module.__dict__.get(_FOUND)
+    if found is None:
+        found = {name: _lora(getattr(module, name)) for name in names}
+    return [found[name] for name in names]
 
 
 def _picked(module: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
@@ -351,7 +358,7 @@ _lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
 def _lora_o(x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, o_bias: torch.Tensor | None) -> torch.Tensor:
     attn = _module_of(o_a)
     choice, dense_idx, _ = _picked(attn, x, "attn", ("o_idx",))
-    out = o_forward(_rows2(x), _lora(attn.o_proj), choice.o_idx, dense_idx, _runner(attn, x))
+    out = o_forward(_rows2(x), *_projs(attn, ATTN_PROJS[3:]), choice.o_idx, dense_idx, _runner(attn, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -365,7 +372,8 @@ def _lora_o_backward(dy: torch.Tensor, x: torch.Tensor, o_a: torch.Tensor, o_b: 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     attn = _module_of(o_a)
     idx, dense_idx = _indices(attn, "attn", ("o_idx",))
-    dx, grads = o_backward(_rows2(dy), _rows2(x), _lora(attn.o_proj), idx, dense_idx, bias_grad, _runner(attn, x))
+    dx, grads = o_backward(_rows2(dy), _rows2(x), *_projs(attn, ATTN_PROJS[3:]), idx, dense_idx, bias_grad,
+                           _runner(attn, x))
     return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
 
 
@@ -390,18 +398,20 @@ def _lora_o_grads(ctx, dy):
 _lora_o.register_autograd(_lora_o_grads, setup_context=_save_o_inputs)
 
 
-def _runs_sparse(module: nn.Module, record: BatchRecord) -> bool:
-    """Whether the sparse functions serve this forward in ``module`` (an MLP or attention): every
-    projection with an active plain adapter, and context tokens to choose channels from. If
-    so, ``module`` is filed for its ops under its projections' LoRA A factors."""
+def _sparse_projs(module: nn.Module, record: BatchRecord) -> dict[str, LoRAProj] | None:
+    """The projections' frozen weights and adapters if the sparse functions serve this forward in
+    ``module`` (an MLP or attention): every projection with an active plain adapter, and context
+    tokens to choose channels from; else None. If so, ``module`` is filed for its ops under its
+    projections' LoRA A factors."""
     if record.split.sparse_idx.numel() == 0:
-        return False
-    loras = [_lora(p) for p in _projections(module)]
-    if any(lora is None for lora in loras):
-        return False
-    for lora in loras:
+        return None
+    names = MLP_PROJS if hasattr(module, MLP_PROJS[0]) else ATTN_PROJS
+    found = {name: _lora(getattr(module, name)) for name in names}
+    if any(lora is None for lora in found.values()):
+        return None
+    for lora in found.values():
         _file(module, lora.lora_a)
-    return True
+    return found
 
 
 def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +444,10 @@ class Flip:
         record = layer.__dict__[_CTL].state.record_for_call()
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
-            sparse = record is not None and _runs_sparse(module, record)
+            if name != "apply_o":                  # (apply_qkv's module decided for both)
+                found = None if record is None else _sparse_projs(module, record)
+                module.__dict__[_FOUND] = found    # the ops of this call read them (Unflip drops them)
+            sparse = module.__dict__[_FOUND] is not None
             value = module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name]
             if sparse and name != "apply_qkv" and name != "apply_o":
                 value = types.MethodType(value, module)       # the MLP's forward, a method as Unsloth's is
@@ -449,6 +462,7 @@ class Unflip:
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
             _set(module, name, module.__dict__[_ORIGINAL][name])
+            module.__dict__.pop(_FOUND, None)
 
 
 class Guard:
@@ -526,6 +540,6 @@ def unpatch_layer(layer: nn.Module) -> None:
         _set(module, name, module.__dict__[_ORIGINAL][name])
     for module_name, _ in switches:
         module = _submodule(layer, module_name)
-        for key in (_CTL, _ORIGINAL, _SPARSE):
+        for key in (_CTL, _ORIGINAL, _SPARSE, _FOUND):
             module.__dict__.pop(key, None)
     layer.__dict__.pop(_CTL, None)
