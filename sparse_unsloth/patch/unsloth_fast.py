@@ -163,20 +163,18 @@ def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
     return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
 
-def _pick(self: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
-    """(choice, dense rows, where the backward asks for them) for this forward, or None.
-
-    ``kind``: "mlp" or "attn" (apply_o gets the choice apply_qkv cached for this forward);
-    ``fields``: the choice's indices the function reads. Called only when the sparse function
-    will run, so the statistics count what ran sparse.
-    """
-    ctl: LayerSparsity = self.__dict__[_CTL]
+def _pick(module: nn.Module, x: torch.Tensor, kind: str):
+    """(choice, dense rows) of this forward for ``module``'s sparse op (``kind``: "mlp" or "attn";
+    apply_o gets the choice apply_qkv cached for this forward). Counted in the statistics: the
+    op runs sparse (Flip installs it only where a choice is made)."""
+    ctl: LayerSparsity = module.__dict__[_CTL]
     record = ctl.state.record_for_call()
     choice = (ctl.mlp_choice if kind == "mlp" else ctl.attn_choice)(x, record)
     if choice is None:
-        return None
+        raise RuntimeError(f"sparse_unsloth: the sparse {kind} ran for a forward that chose no channels "
+                           "(Flip installs it only for one that does); please report this")
     ctl.count(record, kind)
-    return choice, ctl.state.dense_rows(record), IndicesNow(ctl.state, record, (ctl.layer, kind), fields)
+    return choice, ctl.state.dense_rows(record)
 
 
 def _runner(self: nn.Module, x: torch.Tensor):
@@ -226,14 +224,6 @@ def _projs(module: nn.Module, names: tuple[str, ...]) -> list[LoRAProj]:
     return [found[name] for name in names]
 
 
-def _picked(module: nn.Module, x: torch.Tensor, kind: str, fields: tuple[str, ...]):
-    picked = _pick(module, x, kind, fields)
-    if picked is None:
-        raise RuntimeError(f"sparse_unsloth: the sparse {kind} ran for a forward that chose no channels "
-                           "(Flip installs it only for one that does); please report this")
-    return picked
-
-
 def _indices(module: nn.Module, kind: str, fields: tuple[str, ...]) -> tuple:
     """The backward's indices: the record of the backward in flight, as they are now."""
     ctl: LayerSparsity = module.__dict__[_CTL]
@@ -249,7 +239,7 @@ def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a:
               up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     mlp = _module_of(gate_a)
     ctl: LayerSparsity = mlp.__dict__[_CTL]
-    choice, dense_idx, _ = _picked(mlp, x, "mlp", ("idx",))
+    choice, dense_idx = _pick(mlp, x, "mlp")
     x2 = _rows2(x)
     if torch._C._current_graph_task_id() != -1:
         # A checkpointed layer's recompute: the supported decoder layers only add the MLP's output
@@ -302,7 +292,7 @@ def _lora_qkv(x: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.
               v_a: torch.Tensor, v_b: torch.Tensor, q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
               v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     attn = _module_of(q_a)
-    choice, dense_idx, _ = _picked(attn, x, "attn", ("q_idx", "k_idx", "v_idx"))
+    choice, dense_idx = _pick(attn, x, "attn")
     outs = qkv_forward(_rows2(x), *_projs(attn, ATTN_PROJS[:3]), choice.q_idx, choice.k_idx, choice.v_idx,
                        dense_idx, _runner(attn, x))
     return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
@@ -357,7 +347,7 @@ _lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
 @torch.library.custom_op("sparse_unsloth::lora_o", mutates_args=())
 def _lora_o(x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, o_bias: torch.Tensor | None) -> torch.Tensor:
     attn = _module_of(o_a)
-    choice, dense_idx, _ = _picked(attn, x, "attn", ("o_idx",))
+    choice, dense_idx = _pick(attn, x, "attn")
     out = o_forward(_rows2(x), *_projs(attn, ATTN_PROJS[3:]), choice.o_idx, dense_idx, _runner(attn, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
