@@ -21,9 +21,9 @@ from .sparse_mm import (
     keep_rows,
     kept_channels,
     lora_grads,
+    lora_grads_unpacked,
     lora_out,
     packed,
-    unpacked,
     weight_like,
 )
 
@@ -68,15 +68,12 @@ def qkv_forward(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: t
 def qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, q: LoRAProj, k: LoRAProj,
                  v: LoRAProj, q_idx: torch.Tensor, k_idx: torch.Tensor, v_idx: torch.Tensor,
                  dense_idx: torch.Tensor | None, bias_grads: tuple[bool, bool, bool], run: Runner,
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(dx, [q A, q B, (q bias,) k A, k B, (k bias,) v A, v B, (v bias)]) of :func:`qkv_forward`
-    (2-D), a bias's gradient where ``bias_grads`` says so."""
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, q A, q B, (q bias,) k A, ... packed into one tensor: ``sparse_mm.lora_grads_unpacked``)
+    of :func:`qkv_forward` (2-D), a bias's gradient where ``bias_grads`` says so."""
     consts = [c for p in (q, k, v) for c in p[:4]]
-    dx, flat = run(_qkv_backward, (dq, dk, dv, x), (q_idx, k_idx, v_idx, dense_idx, *consts, tuple(bias_grads)),
-                   rows=((0, 1, 2, 3), (0,)))
-    shapes = [s for p, need in zip((q, k, v), bias_grads)
-              for s in ((p.lora_a.shape, p.lora_b.shape, p.bias.shape) if need else (p.lora_a.shape, p.lora_b.shape))]
-    return dx, unpacked(flat, shapes)
+    return run(_qkv_backward, (dq, dk, dv, x), (q_idx, k_idx, v_idx, dense_idx, *consts, tuple(bias_grads)),
+               rows=((0, 1, 2, 3), (0,)))
 
 
 class _SparseLoRAQKV(torch.autograd.Function):
@@ -97,13 +94,12 @@ class _SparseLoRAQKV(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         x, q_idx, k_idx, v_idx, dense_idx = ctx.saved_tensors
         needed = tuple(p.bias is not None and need for p, need in zip(ctx.projs, ctx.needs_input_grad[5::5]))
-        dx, grads = qkv_backward(*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, *ctx.projs, q_idx, k_idx,
-                                 v_idx, dense_idx, needed, ctx.run)
-        small = iter(grads)
+        dx, flat = qkv_backward(*(d.reshape(-1, d.shape[-1]) for d in (dq, dk, dv)), x, *ctx.projs, q_idx, k_idx,
+                                v_idx, dense_idx, needed, ctx.run)
         out: list = [dx.view(*dq.shape[:-1], x.shape[-1])]
-        for p, need in zip(ctx.projs, needed):
-            d_a, d_b = next(small), next(small)
-            out += [None, d_a, d_b, None, next(small).to(p.bias.dtype) if need else None]
+        for p, (d_a, d_b, d_bias) in zip(ctx.projs, lora_grads_unpacked(flat, [(p.lora_a, p.lora_b) for p in ctx.projs],
+                                                                         needed)):
+            out += [None, d_a, d_b, None, None if d_bias is None else d_bias.to(p.bias.dtype)]
         return (*out, None, None, None, None, None)
 
 
@@ -127,10 +123,10 @@ def o_forward(x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.
 
 
 def o_backward(dy: torch.Tensor, x: torch.Tensor, o: LoRAProj, idx: torch.Tensor, dense_idx: torch.Tensor | None,
-               bias_grad: bool, run: Runner) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(dx, [A, B, (bias)]) of :func:`o_forward` (2-D), the bias's gradient if ``bias_grad``."""
-    dx, flat = run(_o_backward, (dy, x), (idx, dense_idx, *o[:4], bias_grad), rows=((0, 1), (0,)))
-    return dx, unpacked(flat, [o.lora_a.shape, o.lora_b.shape, *([o.bias.shape] if bias_grad else [])])
+               bias_grad: bool, run: Runner) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, A, B (, bias) packed into one tensor) of :func:`o_forward` (2-D), the bias's gradient if
+    ``bias_grad``."""
+    return run(_o_backward, (dy, x), (idx, dense_idx, *o[:4], bias_grad), rows=((0, 1), (0,)))
 
 
 class _SparseLoRAO(torch.autograd.Function):
@@ -149,9 +145,9 @@ class _SparseLoRAO(torch.autograd.Function):
     def backward(ctx, dy):
         x, idx, dense_idx = ctx.saved_tensors
         needed = ctx.proj.bias is not None and ctx.needs_input_grad[5]
-        dx, (d_a, d_b, *d_bias) = o_backward(dy.reshape(-1, dy.shape[-1]), x, ctx.proj, idx, dense_idx, needed,
-                                             ctx.run)
-        d_bias = d_bias[0].to(ctx.proj.bias.dtype) if needed else None
+        dx, flat = o_backward(dy.reshape(-1, dy.shape[-1]), x, ctx.proj, idx, dense_idx, needed, ctx.run)
+        ((d_a, d_b, d_bias),) = lora_grads_unpacked(flat, [(ctx.proj.lora_a, ctx.proj.lora_b)], (needed,))
+        d_bias = None if d_bias is None else d_bias.to(ctx.proj.bias.dtype)
         return dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_a, d_b, None, d_bias, None, None, None
 
 

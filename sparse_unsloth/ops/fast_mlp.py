@@ -27,7 +27,7 @@ import torch
 
 from .graphs import Runner, run_eager
 from .lora_swiglu import lora_swiglu_cols, lora_swiglu_rows, swiglu_backward, swiglu_forward
-from .sparse_mm import LoRAProj, cast_like, has_rows, kept_channels, packed, unpacked, weight_like
+from .sparse_mm import LoRAProj, cast_like, has_rows, kept_channels, lora_grads_unpacked, packed, weight_like
 
 
 def first_occurrence(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -158,13 +158,11 @@ def mlp_forward(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, i
 
 def mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                  idx: torch.Tensor, dense_idx: torch.Tensor | None, act_backward: Callable, run: Runner,
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(dx, the LoRA gradients gate A, B, up A, B, down A, B) of :func:`mlp_forward`, from
-    ``x`` and ``dy`` (2-D) alone: one pass through ``run``."""
-    loras = [t for p in (gate, up, down) for t in (p.lora_a, p.lora_b)]
-    dx, flat = run(_backward, (dy, x), (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_backward),
-                   rows=((0, 1), (0,)))
-    return dx, unpacked(flat, [t.shape for t in loras])
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, the LoRA gradients gate A, B, up A, B, down A, B packed into one tensor) of
+    :func:`mlp_forward`, from ``x`` and ``dy`` (2-D) alone: one pass through ``run``."""
+    return run(_backward, (dy, x), (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_backward),
+               rows=((0, 1), (0,)))
 
 
 class _SparseLoRAMLP(torch.autograd.Function):
@@ -190,8 +188,10 @@ class _SparseLoRAMLP(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, idx, dense_idx = ctx.saved_tensors
-        dx, (d_gate_a, d_gate_b, d_up_a, d_up_b, d_down_a, d_down_b) = mlp_backward(
-            dy.reshape(-1, dy.shape[-1]), x, *ctx.projs, idx, dense_idx, ctx.act_backward, ctx.run)
+        dx, flat = mlp_backward(dy.reshape(-1, dy.shape[-1]), x, *ctx.projs, idx, dense_idx, ctx.act_backward,
+                                ctx.run)
+        (d_gate_a, d_gate_b, _), (d_up_a, d_up_b, _), (d_down_a, d_down_b, _) = lora_grads_unpacked(
+            flat, [(p.lora_a, p.lora_b) for p in ctx.projs], (False,) * 3)
         return (dx.view(*dy.shape[:-1], dx.shape[-1]), None, d_gate_a, d_gate_b, None, None,
                 d_up_a, d_up_b, None, None, d_down_a, d_down_b, None, None, None, None, None, None, None)
 

@@ -96,6 +96,17 @@ def unpacked(flat: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.
     return [t.view(s) for t, s in zip(flat.split(sizes), shapes)]
 
 
+def lora_grads_unpacked(flat: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        bias_grads: Sequence[bool]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(dA, dB, d_bias or None) per projection from a backward pass's packed gradients: each
+    projection's A and B (shapes of ``factors``' (A, B)), then its bias's ``[out]`` where
+    ``bias_grads`` says so."""
+    shapes = [s for (a, b), need in zip(factors, bias_grads)
+              for s in ((a.shape, b.shape, b.shape[:1]) if need else (a.shape, b.shape))]
+    grads = iter(unpacked(flat, shapes))
+    return [(next(grads), next(grads), next(grads) if need else None) for need in bias_grads]
+
+
 def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh

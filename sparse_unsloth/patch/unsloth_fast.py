@@ -37,7 +37,7 @@ from torch import nn
 from ..ops.fast_attn import o_backward, o_forward, qkv_backward, qkv_forward
 from ..ops.fast_mlp import mlp_backward, mlp_forward
 from ..ops.lora_swiglu import swiglu_backward, swiglu_forward
-from ..ops.sparse_mm import LoRAProj, unpacked
+from ..ops.sparse_mm import LoRAProj, lora_grads_unpacked
 from .models import ATTN_PROJS, MLP_PROJS, decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
 from .state import BatchRecord, IndicesNow, LayerSparsity
@@ -264,9 +264,9 @@ def _lora_mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor, 
     """(dx, the six LoRA gradients in one flat tensor: the outputs of an op may not alias)."""
     mlp = _module_of(gate_a)
     idx, dense_idx = _indices(mlp, "mlp", ("idx",))
-    dx, grads = mlp_backward(_rows2(dy), _rows2(x), *_projs(mlp, MLP_PROJS), idx, dense_idx, _swiglu(x)[1],
-                             _runner(mlp, x))
-    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
+    dx, flat = mlp_backward(_rows2(dy), _rows2(x), *_projs(mlp, MLP_PROJS), idx, dense_idx, _swiglu(x)[1],
+                            _runner(mlp, x))
+    return dx.view(x.shape), flat
 
 
 @_lora_mlp_backward.register_fake
@@ -281,7 +281,8 @@ def _save_inputs(ctx, inputs, output) -> None:
 def _lora_mlp_grads(ctx, dy):
     x, *loras = ctx.saved_tensors
     dx, flat = torch.ops.sparse_unsloth.lora_mlp_backward(dy, x, *loras)
-    return dx, *unpacked(flat, [t.shape for t in loras])
+    return dx, *(g for d_a, d_b, _ in lora_grads_unpacked(flat, list(zip(loras[0::2], loras[1::2])), (False,) * 3)
+                 for g in (d_a, d_b))
 
 
 _lora_mlp.register_autograd(_lora_mlp_grads, setup_context=_save_inputs)
@@ -310,9 +311,9 @@ def _lora_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: 
     """(dx, the LoRA gradients and the biases' asked for, in one flat tensor)."""
     attn = _module_of(q_a)
     q_idx, k_idx, v_idx, dense_idx = _indices(attn, "attn", ("q_idx", "k_idx", "v_idx"))
-    dx, grads = qkv_backward(_rows2(dq), _rows2(dk), _rows2(dv), _rows2(x), *_projs(attn, ATTN_PROJS[:3]), q_idx,
-                             k_idx, v_idx, dense_idx, (q_bias_grad, k_bias_grad, v_bias_grad), _runner(attn, x))
-    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
+    dx, flat = qkv_backward(_rows2(dq), _rows2(dk), _rows2(dv), _rows2(x), *_projs(attn, ATTN_PROJS[:3]), q_idx,
+                            k_idx, v_idx, dense_idx, (q_bias_grad, k_bias_grad, v_bias_grad), _runner(attn, x))
+    return dx.view(x.shape), flat
 
 
 @_lora_qkv_backward.register_fake
@@ -331,14 +332,9 @@ def _lora_qkv_grads(ctx, dq, dk, dv):
     x, *loras = ctx.saved_tensors
     needed = [dtype is not None and need for dtype, need in zip(ctx.bias_dtypes, ctx.needs_input_grad[7:10])]
     dx, flat = torch.ops.sparse_unsloth.lora_qkv_backward(dq, dk, dv, x, *loras, *needed)
-    shapes = [s for a, b, need in zip(loras[0::2], loras[1::2], needed)
-              for s in ((a.shape, b.shape, b.shape[:1]) if need else (a.shape, b.shape))]
-    small, out = iter(unpacked(flat, shapes)), [dx]
-    bias_grads = []
-    for dtype, need in zip(ctx.bias_dtypes, needed):
-        out += [next(small), next(small)]
-        bias_grads.append(next(small).to(dtype) if need else None)
-    return *out, *bias_grads
+    grads = lora_grads_unpacked(flat, list(zip(loras[0::2], loras[1::2])), needed)
+    return (dx, *(g for d_a, d_b, _ in grads for g in (d_a, d_b)),
+            *(None if d_bias is None else d_bias.to(dtype) for (_, _, d_bias), dtype in zip(grads, ctx.bias_dtypes)))
 
 
 _lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
@@ -362,9 +358,9 @@ def _lora_o_backward(dy: torch.Tensor, x: torch.Tensor, o_a: torch.Tensor, o_b: 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     attn = _module_of(o_a)
     idx, dense_idx = _indices(attn, "attn", ("o_idx",))
-    dx, grads = o_backward(_rows2(dy), _rows2(x), *_projs(attn, ATTN_PROJS[3:]), idx, dense_idx, bias_grad,
-                           _runner(attn, x))
-    return dx.view(x.shape), torch.cat([g.reshape(-1) for g in grads])
+    dx, flat = o_backward(_rows2(dy), _rows2(x), *_projs(attn, ATTN_PROJS[3:]), idx, dense_idx, bias_grad,
+                          _runner(attn, x))
+    return dx.view(x.shape), flat
 
 
 @_lora_o_backward.register_fake
@@ -381,8 +377,8 @@ def _lora_o_grads(ctx, dy):
     x, a, b = ctx.saved_tensors
     needed = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
     dx, flat = torch.ops.sparse_unsloth.lora_o_backward(dy, x, a, b, needed)
-    d_a, d_b, *d_bias = unpacked(flat, [a.shape, b.shape, *([b.shape[:1]] if needed else [])])
-    return dx, d_a, d_b, d_bias[0].to(ctx.bias_dtype) if needed else None
+    ((d_a, d_b, d_bias),) = lora_grads_unpacked(flat, [(a, b)], (needed,))
+    return dx, d_a, d_b, None if d_bias is None else d_bias.to(ctx.bias_dtype)
 
 
 _lora_o.register_autograd(_lora_o_grads, setup_context=_save_o_inputs)
@@ -439,7 +435,7 @@ class Flip:
                 module.__dict__[_FOUND] = found    # the ops of this call read them (Unflip drops them)
             sparse = module.__dict__[_FOUND] is not None
             value = module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name]
-            if sparse and name != "apply_qkv" and name != "apply_o":
+            if sparse and module_name == "mlp":
                 value = types.MethodType(value, module)       # the MLP's forward, a method as Unsloth's is
             _set(module, name, value)
 
