@@ -29,6 +29,8 @@ then writes the result JSON (DESIGN.md's format) and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import datetime
 import json
 import os
@@ -161,7 +163,6 @@ KERNEL_CATEGORIES = (
 
 def sync_points(step) -> dict:
     """Where one step synchronizes the host with the GPU (torch's sync debug mode), by source line."""
-    import collections
     import warnings
 
     import torch
@@ -234,6 +235,32 @@ def timeline(prof, n: int) -> dict:
             "gpu_compute_union_s_per_step": round(busy_union_s(compute) / n, 5)}
 
 
+def pass_kernels(prof, n: int, top: int = 12) -> dict:
+    """Per sparse pass (``TaggedPasses``' ranges on the GPU), its ``top`` kernels: microseconds and
+    launches per call of the pass. A kernel belongs to the innermost range whose GPU span holds it."""
+    ranges, kernels = [], []
+    for ev in prof.profiler.kineto_results.events():
+        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0:
+            continue
+        span = (ev.start_ns(), ev.start_ns() + ev.duration_ns(), ev.name())
+        (ranges if ev.name().startswith("su::") else kernels).append(span)
+    ranges.sort()
+    starts = [r[0] for r in ranges]
+    calls = collections.Counter(r[2] for r in ranges)
+    per: dict = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
+    for s, e, name in kernels:
+        i = bisect.bisect_right(starts, s) - 1
+        while i >= 0 and ranges[i][1] < e:          # not inside this one: an enclosing range, if any
+            i -= 1
+        if i >= 0 and ranges[i][0] <= s:
+            t = per[ranges[i][2]][name[:90]]
+            t[0] += e - s
+            t[1] += 1
+    return {p: [{"kernel": k, "us_per_call": round(t / 1e3 / calls[p], 2), "launches_per_call": round(c / calls[p], 2)}
+                for k, (t, c) in sorted(ks.items(), key=lambda kv: -kv[1][0])[:top]]
+            for p, ks in sorted(per.items())}
+
+
 def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     """GPU kernel time per step (torch.profiler), the ``top`` kernels, the timeline's busy time,
     the GPU time of each sparse pass (``TaggedPasses``) and the host time per step.
@@ -270,6 +297,7 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
         cats[cat] = cats.get(cat, 0.0) + t
     return {"gpu_busy_s_per_step": round(total, 5), "wall_s_per_step_profiled": round(wall, 5),
             **guarded(timeline, prof, n), "sparse_passes": dict(sorted(passes.items())),
+            "pass_kernels": guarded(pass_kernels, prof, n),
             "kernels_per_step": sum(r[2] for r in rows), "host_launches_per_step": launches,
             "categories_s_per_step": {c: round(t, 5) for c, t in sorted(cats.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
