@@ -98,6 +98,8 @@ def time_steps(step, warmup: int, timed: int, tokens: int, on_step=None) -> dict
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
+    pauses = GCPauses()
+    before = torch.cuda.memory_stats()
     for i in range(timed):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -108,12 +110,49 @@ def time_steps(step, warmup: int, timed: int, tokens: int, on_step=None) -> dict
         losses.append(float(loss))
         if on_step is not None:
             on_step(i)
+    pauses.close()
+    after = torch.cuda.memory_stats()
     med = statistics.median(times)
     return {"step_s_median": round(med, 5), "step_s_min": round(min(times), 5),
             "step_s_max": round(max(times), 5), "tokens_per_s": round(tokens / med, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-            "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses]}
+            "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses],
+            "gc": pauses.summary(timed),
+            # cudaMalloc/cudaFree calls during the timed steps (each cudaFree synchronizes the device)
+            "allocator": {k: after.get(k, 0) - before.get(k, 0)
+                          for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}}
+
+
+class GCPauses:
+    """Python's garbage-collector pauses while alive (``gc.callbacks``): a collection of the old
+    generation scans every tracked object of the process (the model's, Dynamo's), and stops the
+    host, which issues the GPU's work, for as long."""
+
+    def __init__(self) -> None:
+        import gc
+        import time
+
+        self.clock, self.start, self.pauses = time.perf_counter, 0.0, []
+        self.callback = self._on
+        gc.callbacks.append(self.callback)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.start = self.clock()
+        else:
+            self.pauses.append((info["generation"], self.clock() - self.start))
+
+    def close(self) -> None:
+        import gc
+
+        gc.callbacks.remove(self.callback)
+
+    def summary(self, steps: int) -> dict:
+        by_gen = {g: [t for gen, t in self.pauses if gen == g] for g in (0, 1, 2)}
+        return {"s_per_step": round(sum(t for _, t in self.pauses) / steps, 5),
+                "collections": {f"gen{g}": len(ts) for g, ts in by_gen.items()},
+                "max_pause_s": {f"gen{g}": round(max(ts, default=0.0), 5) for g, ts in by_gen.items()}}
 
 
 def phase_times(model, opt, ids, labels, n: int = 5) -> dict:
@@ -235,7 +274,7 @@ def timeline(prof, n: int) -> dict:
             "gpu_compute_union_s_per_step": round(busy_union_s(compute) / n, 5)}
 
 
-def pass_kernels(prof, n: int, top: int = 12) -> dict:
+def pass_kernels(prof, n: int, top: int = 40) -> dict:
     """Per sparse pass (``TaggedPasses``' ranges on the GPU), its ``top`` kernels: microseconds and
     launches per call of the pass. A kernel belongs to the innermost range whose GPU span holds it."""
     ranges, kernels = [], []
@@ -489,6 +528,8 @@ class EstimatorTimer:
 
 
 def child_unsloth(args) -> dict:
+    import gc
+
     import torch
     import unsloth  # noqa: F401  (before transformers, so that it patches it)
     from unsloth import FastLanguageModel
@@ -520,9 +561,13 @@ def child_unsloth(args) -> dict:
     timer = EstimatorTimer()
     from sparse_unsloth.patch import state as state_mod
 
-    variants = [("sparse", True)] + ([("sparse_eager", False)] if args.eager_too else [])
-    for name, graphs in variants:
+    variants = [("sparse", True, False)] + ([("sparse_eager", False, False)] if args.eager_too else [])
+    variants += [("sparse_gc_frozen", True, True)] if args.gc_frozen_too else []
+    for name, graphs, frozen in variants:
         state_mod.CUDA_GRAPHS = graphs    # read at every call
+        if frozen:            # every object alive now out of the collector's scans (gc.freeze)
+            gc.collect()
+            gc.freeze()
         su.sparsify(model, config, estimator, progress=False)
         state = su.sparse_state(model)
         state.callback_attached = True   # no trainer here: sparse from the first step, as intended
@@ -543,6 +588,7 @@ def child_unsloth(args) -> dict:
         out["dynamo"][name] = dynamo_counters()
         res["graph_captures"] = state._graphs.captures
         su.unsparsify(model)
+        gc.unfreeze()
     out["profiles"] = profiles
     return out
 
@@ -566,7 +612,7 @@ def where_time_goes(result: dict) -> dict:
     if result.get("speedup"):
         out["missed_by"] = {"speedup": round(result["targets"]["speedup"] / result["speedup"], 3),
                             "estimator_share": round(result["estimator_share"] / result["targets"]["estimator_share"], 3)}
-    for name in ("unsloth_dense_lora", "sparse", "sparse_eager"):
+    for name in ("unsloth_dense_lora", "sparse", "sparse_eager", "sparse_gc_frozen"):
         p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
         if not p or not step or "error" in p:
             continue
@@ -593,6 +639,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--output-tokens", str(args.output_tokens)]
     cmd += [flag for flag, on in (("--skip-peft", args.skip_peft),
                                   ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too),
+                                  ("--gc-frozen-too", args.gc_frozen_too),
                                   ("--host-profile", args.host_profile)) if on]
     log(f"[driver] {' '.join(cmd)}")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -714,7 +761,8 @@ def driver(args) -> None:
     log(f"{'run':20} {'step s':>8} {'tok/s':>9} {'peak GiB':>9}")
     for name, r in runs.items():
         if "step_s_median" in r:
-            log(f"{name:20} {r['step_s_median']:8.4f} {r['tokens_per_s']:9.0f} {r['peak_mem_gib']:9.2f}")
+            log(f"{name:20} {r['step_s_median']:8.4f} {r['tokens_per_s']:9.0f} {r['peak_mem_gib']:9.2f}  "
+                f"steps {r['step_times_s']}  gc {r.get('gc')}  allocator {r.get('allocator')}")
     for key in ("speedup", "speedup_vs_hf_peft", "flop_fraction", "speedup_over_flop_bound", "estimator_share",
                 "memory_vs_dense"):
         log(f"{key:24} {result[key]}")
@@ -749,6 +797,9 @@ def main() -> None:
                     help="also profile the host side of a dense and a sparse step (cProfile)")
     ap.add_argument("--eager-too", action="store_true",
                     help="also time the sparse step without CUDA graphs (SPARSE_UNSLOTH_CUDA_GRAPHS=0)")
+    ap.add_argument("--gc-frozen-too", action="store_true",
+                    help="also time the sparse step with every object alive before it frozen out of the "
+                         "garbage collector's scans (gc.freeze): are its pauses what varies the step?")
     ap.add_argument("--assemble", action="store_true",
                     help="write the result file from the bench_{peft,unsloth}.json already in --out "
                          "(what a device call brought back) instead of running the children")
