@@ -10,7 +10,8 @@
 #              Triton kernels are compiled there (test_lora_swiglu.py would autotune each odd shape)
 #   a          the paper setting (8 x 512, 128 output tokens); a-host: with a host-side profile
 #              (cProfile) of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs;
-#              a-gc: also the sparse step with the objects alive before it frozen out of the GC (gc.freeze)
+#              a-gc: also the sparse step with the objects alive before it frozen out of the GC (gc.freeze);
+#              a-probe: both of the last two
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
@@ -56,6 +57,7 @@ for s in "$@"; do
     a-host) speed a-host --skip-peft --host-profile ;;
     a-eager) speed a-eager --skip-peft --eager-too ;;
     a-gc) speed a-gc --skip-peft --gc-frozen-too ;;
+    a-probe) speed a-probe --skip-peft --eager-too --gc-frozen-too ;;
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;
     c) speed c --skip-peft --preset llama3-8b-csr ;;
     nf4) speed nf4 --load-in-4bit ;;
