@@ -49,16 +49,21 @@ def _lora_ins(x: torch.Tensor, a_both: torch.Tensor, gate_s: float, up_s: float)
 
 
 def _without(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """``t`` with ``rows`` zeroed (a copy; ``t`` itself when there are none)."""
+    """``t`` with ``rows`` zeroed (a contiguous copy, as the LoRA-only kernels read it; ``t``
+    itself when there are none)."""
     return t.index_fill(0, rows, 0) if has_rows(rows) else t
 
 
-def _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u):
-    """(e, g) of the kept channels, every row: ``[rows, kept.padded]``."""
-    kp = kept.padded
-    e = (x @ gate_w.index_select(0, kp).t()).addmm_(t_g, gb.index_select(0, kp).t())
-    g = (x @ up_w.index_select(0, kp).t()).addmm_(t_u, ub.index_select(0, kp).t())
-    return e, g
+def _kept_parts(x, slices, t_g, t_u):
+    """(e, g) of the kept channels, every row: ``[rows, kept.padded]``, from the kept slices
+    (gate W, gate B, up W, up B rows)."""
+    gate_wk, gbk, up_wk, ubk = slices
+    return (x @ gate_wk.t()).addmm_(t_g, gbk.t()), (x @ up_wk.t()).addmm_(t_u, ubk.t())
+
+
+def _kept_slices(kp, *ts):
+    """The rows ``kp`` of each of ``ts``: each slice is gathered once per pass."""
+    return [t.index_select(0, kp) for t in ts]
 
 
 def _clear(ts, kept, dense_idx) -> None:
@@ -77,7 +82,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
     t_g, t_u = _lora_ins(x, torch.cat([ga, ua]), gate_s, up_s)
-    e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
+    e_k, g_k = _kept_parts(x, _kept_slices(kept.padded, gate_w, gb, up_w, ub), t_g, t_u)
     h_k = act_forward(e_k, g_k)
     _clear([h_k], kept, None)
     out = torch.mm(h_k, down_w.index_select(1, kept.padded).t(), out=outs and outs[0])
@@ -105,8 +110,10 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     a_both = torch.cat([ga, ua])
     t_g, t_u = _lora_ins(x, a_both, gate_s, up_s)
     t_d = (dy @ db).mul_(down_s)
-    # The kept channels, context rows (dense rows and padding columns zeroed after the activation).
-    e_k, g_k = _kept_parts(x, kept, gate_w, gb, t_g, up_w, ub, t_u)
+    # The kept channels, every row (the dense rows' and padding columns' values zeroed after the
+    # activation; the kept products below therefore see the context rows only).
+    slices = _kept_slices(kp, gate_w, gb, up_w, ub)
+    e_k, g_k = _kept_parts(x, slices, t_g, t_u)
     da_k = da.index_select(1, kp)
     h_k, du_k, dg_k = act_backward((dy @ down_w.index_select(1, kp)).addmm_(t_d, da_k), e_k, g_k)
     _clear([h_k, du_k, dg_k], kept, dense_idx)
@@ -115,13 +122,14 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     masked = [t.index_fill(0, kept.idx, 0) for t in (gb, ub, da.t())]
     q, r_g, r_u = lora_swiglu_rows(ctx[0], ctx[1], *masked, ctx[2])
     d_gb, d_ub, d_da_t = lora_swiglu_cols(*ctx, *masked)
+    gate_wk, gbk, up_wk, ubk = slices
     q.addmm_(h_k, da_k.t())
-    r_g.addmm_(dg_k, gb.index_select(0, kp))
-    r_u.addmm_(du_k, ub.index_select(0, kp))
+    r_g.addmm_(dg_k, gbk)
+    r_u.addmm_(du_k, ubk)
     d_gb.index_add_(0, kp, dg_k.t() @ t_g)          # padding columns are zero: they add nothing
     d_ub.index_add_(0, kp, du_k.t() @ t_u)
     d_da_t.index_add_(0, kp, h_k.t() @ t_d)
-    dx = torch.mm(dg_k, gate_w.index_select(0, kp), out=outs and outs[0]).addmm_(du_k, up_w.index_select(0, kp))
+    dx = torch.mm(dg_k, gate_wk, out=outs and outs[0]).addmm_(du_k, up_wk)
     del e_k, g_k, h_k, du_k, dg_k
     # The dense rows, every channel; a padded repeat of a row is written twice and summed once.
     if has_rows(dense_idx):
