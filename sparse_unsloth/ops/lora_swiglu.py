@@ -62,31 +62,24 @@ def _configs(rows_kernel: bool) -> list[triton.Config]:
 
 
 @triton.jit
-def _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD: tl.constexpr, IEEE: tl.constexpr):
-    """(h, d_up, d_gate) of one [rows, channels] tile from the rank-r factors (fp32)."""
-    if IEEE:
-        e = tl.dot(a_g, tl.trans(b_g), input_precision="ieee")
-        g = tl.dot(a_u, tl.trans(b_u), input_precision="ieee")
-    else:
-        e = tl.dot(a_g, tl.trans(b_g))
-        g = tl.dot(a_u, tl.trans(b_u))
-    sig = tl.sigmoid(e)
-    f = e * sig
-    h = f * g
-    if BACKWARD:
-        if IEEE:
-            dh = tl.dot(a_d, tl.trans(d_a), input_precision="ieee")
-        else:
-            dh = tl.dot(a_d, tl.trans(d_a))
-        return h, dh * f, dh * g * sig * (1.0 + e * (1.0 - sig))
-    return h, h, h
-
-
-@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD: tl.constexpr, IEEE: tl.constexpr):
+    """(h, d_up, d_gate) of one [rows, channels] tile from the rank-r factors (fp32)."""
+    e = _dot(a_g, tl.trans(b_g), IEEE)
+    g = _dot(a_u, tl.trans(b_u), IEEE)
+    sig = tl.sigmoid(e)
+    f = e * sig
+    h = f * g
+    if BACKWARD:
+        dh = _dot(a_d, tl.trans(d_a), IEEE)
+        return h, dh * f, dh * g * sig * (1.0 + e * (1.0 - sig))
+    return h, h, h
 
 
 @triton.jit
