@@ -134,8 +134,7 @@ class GCPauses:
         import time
 
         self.clock, self.start, self.pauses = time.perf_counter, 0.0, []
-        self.callback = self._on
-        gc.callbacks.append(self.callback)
+        gc.callbacks.append(self._on)
 
     def _on(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -146,7 +145,7 @@ class GCPauses:
     def close(self) -> None:
         import gc
 
-        gc.callbacks.remove(self.callback)
+        gc.callbacks.remove(self._on)          # bound methods of one object compare equal
 
     def summary(self, steps: int) -> dict:
         by_gen = {g: [t for gen, t in self.pauses if gen == g] for g in (0, 1, 2)}
@@ -257,19 +256,26 @@ def busy_union_s(intervals: list[tuple[int, int]]) -> float:
     return total / 1e9
 
 
+def gpu_events(prof) -> list[tuple[int, int, str]]:
+    """``(start_ns, end_ns, name)`` of every GPU-side event of the profile: kernels, copies, and the
+    GPU spans of named ranges (``su::...``)."""
+    return [(ev.start_ns(), ev.start_ns() + ev.duration_ns(), ev.name())
+            for ev in prof.profiler.kineto_results.events()
+            if ev.device_type().name == "CUDA" and ev.duration_ns() > 0]
+
+
 def timeline(prof, n: int) -> dict:
     """From the kernel timeline: the GPU's busy time per step as the union of its kernels' spans
     (all work; compute alone, without the host<->device copies of Unsloth's activation offload,
     which run on a side stream beside compute). The step's real GPU idle is its time minus the
     compute union: the sum of kernel times counts overlapping streams twice."""
     spans, compute = [], []
-    for ev in prof.profiler.kineto_results.events():
-        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0 or ev.name().startswith("su::"):
+    for start, end, name in gpu_events(prof):
+        if name.startswith("su::"):
             continue
-        span = (ev.start_ns(), ev.start_ns() + ev.duration_ns())
-        spans.append(span)
-        if "HtoD" not in ev.name() and "DtoH" not in ev.name():
-            compute.append(span)
+        spans.append((start, end))
+        if "HtoD" not in name and "DtoH" not in name:
+            compute.append((start, end))
     return {"gpu_union_s_per_step": round(busy_union_s(spans) / n, 5),
             "gpu_compute_union_s_per_step": round(busy_union_s(compute) / n, 5)}
 
@@ -278,11 +284,8 @@ def pass_kernels(prof, n: int, top: int = 40) -> dict:
     """Per sparse pass (``TaggedPasses``' ranges on the GPU), its ``top`` kernels: microseconds and
     launches per call of the pass. A kernel belongs to the innermost range whose GPU span holds it."""
     ranges, kernels = [], []
-    for ev in prof.profiler.kineto_results.events():
-        if ev.device_type().name != "CUDA" or ev.duration_ns() <= 0:
-            continue
-        span = (ev.start_ns(), ev.start_ns() + ev.duration_ns(), ev.name())
-        (ranges if ev.name().startswith("su::") else kernels).append(span)
+    for span in gpu_events(prof):
+        (ranges if span[2].startswith("su::") else kernels).append(span)
     ranges.sort()
     starts = [r[0] for r in ranges]
     calls = collections.Counter(r[2] for r in ranges)
