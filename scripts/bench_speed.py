@@ -187,6 +187,8 @@ def phase_times(model, opt, ids, labels, n: int = 5) -> dict:
     return {k: round(statistics.median(r[k] for r in rows), 5) for k in rows[0]}
 
 
+HOST_OP_PREFIXES = ("sparse_unsloth::", "unsloth::", "su::", "cudaGraphLaunch", "aten::copy_", "aten::clone",
+                    "aten::mm", "aten::addmm", "aten::index_select")
 KERNEL_CATEGORIES = (
     ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
     ("attention_core", ("sdpa", "flash", "fmha", "attention")),
@@ -332,6 +334,11 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
     # What the host launched: kernels one by one, or whole graphs (their kernels still show above).
     launches = {ev.key: ev.count // n for ev in prof.key_averages() if ev.device_type == DeviceType.CPU
                 and any(w in ev.key for w in ("LaunchKernel", "GraphLaunch", "MemcpyAsync", "LaunchKernelEx"))}
+    # The host's time in each LoRA op (ours and Unsloth's), sparse pass and graph launch: inclusive
+    # CPU time under the profiler, which adds a few microseconds per ATen call inside.
+    host_ops = {ev.key: {"host_ms_per_step": round(ev.cpu_time_total / 1e3 / n, 3), "calls_per_step": ev.count // n}
+                for ev in prof.key_averages() if ev.device_type == DeviceType.CPU
+                and ev.key.startswith(HOST_OP_PREFIXES)}
     total = sum(r[1] for r in rows)
     cats: dict[str, float] = {}
     for key, t, _ in rows:
@@ -341,6 +348,7 @@ def profile_steps(step, n: int = 2, top: int = 25) -> dict:
             **guarded(timeline, prof, n), "sparse_passes": dict(sorted(passes.items())),
             "pass_kernels": guarded(pass_kernels, prof, n),
             "kernels_per_step": sum(r[2] for r in rows), "host_launches_per_step": launches,
+            "host_ops": dict(sorted(host_ops.items(), key=lambda kv: -kv[1]["host_ms_per_step"])),
             "categories_s_per_step": {c: round(t, 5) for c, t in sorted(cats.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": k[:120], "s_per_step": round(t, 5), "share": round(t / total, 4),
                              "calls_per_step": c} for k, t, c in rows[:top]]}
@@ -779,6 +787,8 @@ def driver(args) -> None:
                 f"{ph['host_bwd_s']:.4f} / GPU {ph['gpu_bwd_s']:.4f} s, GPU tail after bwd {ph['bwd_gpu_tail_s']:.4f} s")
         for op, t in (w.get("sparse_passes") or {}).items():
             log(f"  {op:28} {1e3 * t['gpu_s_per_step']:7.2f} ms  {t['calls_per_step']:4d} calls")
+        for op, t in list(((result.get("profiles") or {}).get(name, {}).get("host_ops") or {}).items())[:14]:
+            log(f"  host {op[:40]:40} {t['host_ms_per_step']:8.2f} ms  {t['calls_per_step']:5d} calls")
 
 
 def main() -> None:

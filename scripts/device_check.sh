@@ -15,6 +15,7 @@
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
+#   probe      scripts/probe_graph_launch.py: host time of a graph replay by its kernel count
 #   ops        scripts/bench_ops.py; products: its --products; kernels: the gather-GEMM GPU tests
 #   parts      keep what this call carries for the notebooks: SmolLM2's GGUF parts (.m1 .m2 .m3, from
 #              /work/shared/device/split-smollm2.sh) into /tmp/g, and the wheels of .nb1 .nb2 .m3
@@ -61,6 +62,7 @@ for s in "$@"; do
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;
     c) speed c --skip-peft --preset llama3-8b-csr ;;
     nf4) speed nf4 --load-in-4bit ;;
+    probe) run_step probe python3 scripts/probe_graph_launch.py ;;
     ops) run_step ops python3 scripts/bench_ops.py --out "$W/ops/bench_ops.json" ;;
     products) run_step products python3 scripts/bench_ops.py --products --out "$W/products/bench_products.json" ;;
     kernels) run_step kernels python3 -m pytest -q -p no:cacheprovider tests/test_gather_mm.py ;;
@@ -82,6 +84,7 @@ tar czf "$OUT/device.tgz" -C "$W" .
 echo "================ device_check summary ================"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 printf '%s\n' "${summary[@]}"
+[ -f "$W/probe/probe.log" ] && sed 's|^|probe: |' "$W/probe/probe.log"
 grep -h -E "passed|failed|error" "$W"/tests/tests.log "$W"/kernels/kernels.log 2>/dev/null | tail -3
 for d in "$W"/*/; do
   grep -h -A40 "^run " "$d"/*.log 2>/dev/null | sed "s|^|$(basename "$d"): |"

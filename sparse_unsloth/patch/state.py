@@ -197,6 +197,9 @@ class BatchRecord:
         self.split = split
         self.choices: dict[tuple[int, str], MLPChoice | AttnChoice | None] = {}
         self.counted: set[tuple[int, str]] = set()    # (layer, kind) whose sparse work was counted
+        # (layer, kind) -> the frozen weights and adapters the fast path's ops use for this forward
+        # (None where that module runs dense): found once per forward, kept for its backward.
+        self.projections: dict[tuple[int, str], Any] = {}
         # A choice (and the padded dense rows) live in a buffer of the state until a later
         # forward needs it: the buffer's write count (SparseState.writes) when this record's went in.
         self.writes: dict[tuple, int] = {}
@@ -543,6 +546,8 @@ class LayerSparsity:
     def count(self, record: BatchRecord, kind: str) -> None:
         """Record that this layer's ``kind`` ("mlp" or "attn") really ran sparse for ``record``,
         with the channels its choice for ``record`` kept."""
+        if (self.layer, kind) in record.counted:
+            return
         if kind == "mlp":
             kept = record.choices[self.layer, "mlp"].idx.numel()
             total = self.state.factors[f"{self.layer}.gate_proj"][1].shape[1]   # intermediate channels

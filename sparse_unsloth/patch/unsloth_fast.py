@@ -47,8 +47,8 @@ _ORIGINAL = "_sparse_unsloth_original"
 _SPARSE = "_sparse_unsloth_sparse"
 _SWITCHES = "_sparse_unsloth_switches"
 _GUARDED = "_sparse_unsloth_guarded"
-_FOUND = "_sparse_unsloth_found"       # the projections the pre-hook found for the layer call in flight
 _MLP_SLOTS = ("_unsloth_forward", "forward")     # TiledMLP keeps the fused MLP in the first
+_KINDS = {"mlp": "mlp", "self_attn": "attn"}      # a switch's submodule -> the kind of its choice
 
 
 class _Missing:
@@ -164,9 +164,9 @@ def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
 
 
 def _pick(module: nn.Module, x: torch.Tensor, kind: str):
-    """(choice, dense rows) of this forward for ``module``'s sparse op (``kind``: "mlp" or "attn";
-    apply_o gets the choice apply_qkv cached for this forward). Counted in the statistics: the
-    op runs sparse (Flip installs it only where a choice is made)."""
+    """(choice, dense rows, projections) of this forward for ``module``'s sparse op (``kind``:
+    "mlp" or "attn"; apply_o gets the choice apply_qkv cached for this forward). Counted in the
+    statistics: the op runs sparse (Flip installs it only where a choice is made)."""
     ctl: LayerSparsity = module.__dict__[_CTL]
     record = ctl.state.record_for_call()
     choice = (ctl.mlp_choice if kind == "mlp" else ctl.attn_choice)(x, record)
@@ -174,7 +174,7 @@ def _pick(module: nn.Module, x: torch.Tensor, kind: str):
         raise RuntimeError(f"sparse_unsloth: the sparse {kind} ran for a forward that chose no channels "
                            "(Flip installs it only for one that does); please report this")
     ctl.count(record, kind)
-    return choice, ctl.state.dense_rows(record)
+    return choice, ctl.state.dense_rows(record), record.projections[ctl.layer, kind]
 
 
 def _runner(self: nn.Module, x: torch.Tensor):
@@ -215,19 +215,16 @@ def _lora_inputs(projs: list[nn.Module]) -> list[torch.Tensor]:
     return [t for p in projs for t in (p.lora_A[p.active_adapters[0]].weight, p.lora_B[p.active_adapters[0]].weight)]
 
 
-def _projs(module: nn.Module, names: tuple[str, ...]) -> list[LoRAProj]:
-    """This call's frozen weights and adapters of ``module``'s projections ``names``: those the
-    pre-hook found for the layer call in flight, or looked up again (a backward runs after it)."""
-    found = module.__dict__.get(_FOUND)
-    if found is None:
-        found = {name: _lora(getattr(module, name)) for name in names}
-    return [found[name] for name in names]
-
-
 def _indices(module: nn.Module, kind: str, fields: tuple[str, ...]) -> tuple:
-    """The backward's indices: the record of the backward in flight, as they are now."""
+    """The backward's indices and dense rows, as they are now, and the projections, from the
+    record of the backward in flight."""
     ctl: LayerSparsity = module.__dict__[_CTL]
-    return IndicesNow(ctl.state, ctl.state.record_for_call(), (ctl.layer, kind), fields)()
+    record = ctl.state.record_for_call()
+    return (*IndicesNow(ctl.state, record, (ctl.layer, kind), fields)(), record.projections[ctl.layer, kind])
+
+
+def _by_name(found: dict[str, LoRAProj], names: tuple[str, ...]) -> list[LoRAProj]:
+    return [found[name] for name in names]
 
 
 def _rows2(t: torch.Tensor) -> torch.Tensor:
@@ -239,7 +236,7 @@ def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a:
               up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     mlp = _module_of(gate_a)
     ctl: LayerSparsity = mlp.__dict__[_CTL]
-    choice, dense_idx = _pick(mlp, x, "mlp")
+    choice, dense_idx, found = _pick(mlp, x, "mlp")
     x2 = _rows2(x)
     if torch._C._current_graph_task_id() != -1:
         # A checkpointed layer's recompute: the supported decoder layers only add the MLP's output
@@ -248,7 +245,7 @@ def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a:
         ctl.state.skipped_output = ctl.layer
         out = x2.new_empty(x2.shape[0], down_b.shape[0])
     else:
-        out = mlp_forward(x2, *_projs(mlp, MLP_PROJS), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
+        out = mlp_forward(x2, *_by_name(found, MLP_PROJS), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -263,8 +260,8 @@ def _lora_mlp_backward(dy: torch.Tensor, x: torch.Tensor, gate_a: torch.Tensor, 
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, the six LoRA gradients in one flat tensor: the outputs of an op may not alias)."""
     mlp = _module_of(gate_a)
-    idx, dense_idx = _indices(mlp, "mlp", ("idx",))
-    dx, flat = mlp_backward(_rows2(dy), _rows2(x), *_projs(mlp, MLP_PROJS), idx, dense_idx, _swiglu(x)[1],
+    idx, dense_idx, found = _indices(mlp, "mlp", ("idx",))
+    dx, flat = mlp_backward(_rows2(dy), _rows2(x), *_by_name(found, MLP_PROJS), idx, dense_idx, _swiglu(x)[1],
                             _runner(mlp, x))
     return dx.view(x.shape), flat
 
@@ -293,8 +290,8 @@ def _lora_qkv(x: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.
               v_a: torch.Tensor, v_b: torch.Tensor, q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
               v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     attn = _module_of(q_a)
-    choice, dense_idx = _pick(attn, x, "attn")
-    outs = qkv_forward(_rows2(x), *_projs(attn, ATTN_PROJS[:3]), choice.q_idx, choice.k_idx, choice.v_idx,
+    choice, dense_idx, found = _pick(attn, x, "attn")
+    outs = qkv_forward(_rows2(x), *_by_name(found, ATTN_PROJS[:3]), choice.q_idx, choice.k_idx, choice.v_idx,
                        dense_idx, _runner(attn, x))
     return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
@@ -310,8 +307,8 @@ def _lora_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: 
                        q_bias_grad: bool, k_bias_grad: bool, v_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, the LoRA gradients and the biases' asked for, in one flat tensor)."""
     attn = _module_of(q_a)
-    q_idx, k_idx, v_idx, dense_idx = _indices(attn, "attn", ("q_idx", "k_idx", "v_idx"))
-    dx, flat = qkv_backward(_rows2(dq), _rows2(dk), _rows2(dv), _rows2(x), *_projs(attn, ATTN_PROJS[:3]), q_idx,
+    q_idx, k_idx, v_idx, dense_idx, found = _indices(attn, "attn", ("q_idx", "k_idx", "v_idx"))
+    dx, flat = qkv_backward(_rows2(dq), _rows2(dk), _rows2(dv), _rows2(x), *_by_name(found, ATTN_PROJS[:3]), q_idx,
                             k_idx, v_idx, dense_idx, (q_bias_grad, k_bias_grad, v_bias_grad), _runner(attn, x))
     return dx.view(x.shape), flat
 
@@ -343,8 +340,8 @@ _lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
 @torch.library.custom_op("sparse_unsloth::lora_o", mutates_args=())
 def _lora_o(x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, o_bias: torch.Tensor | None) -> torch.Tensor:
     attn = _module_of(o_a)
-    choice, dense_idx = _pick(attn, x, "attn")
-    out = o_forward(_rows2(x), *_projs(attn, ATTN_PROJS[3:]), choice.o_idx, dense_idx, _runner(attn, x))
+    choice, dense_idx, found = _pick(attn, x, "attn")
+    out = o_forward(_rows2(x), *_by_name(found, ATTN_PROJS[3:]), choice.o_idx, dense_idx, _runner(attn, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -357,8 +354,8 @@ def _(x, o_a, o_b, o_bias):
 def _lora_o_backward(dy: torch.Tensor, x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, bias_grad: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     attn = _module_of(o_a)
-    idx, dense_idx = _indices(attn, "attn", ("o_idx",))
-    dx, flat = o_backward(_rows2(dy), _rows2(x), *_projs(attn, ATTN_PROJS[3:]), idx, dense_idx, bias_grad,
+    idx, dense_idx, found = _indices(attn, "attn", ("o_idx",))
+    dx, flat = o_backward(_rows2(dy), _rows2(x), *_by_name(found, ATTN_PROJS[3:]), idx, dense_idx, bias_grad,
                           _runner(attn, x))
     return dx.view(x.shape), flat
 
@@ -387,17 +384,12 @@ _lora_o.register_autograd(_lora_o_grads, setup_context=_save_o_inputs)
 def _sparse_projs(module: nn.Module, record: BatchRecord) -> dict[str, LoRAProj] | None:
     """The projections' frozen weights and adapters if the sparse functions serve this forward in
     ``module`` (an MLP or attention): every projection with an active plain adapter, and context
-    tokens to choose channels from; else None. If so, ``module`` is filed for its ops under its
-    projections' LoRA A factors."""
+    tokens to choose channels from; else None."""
     if record.split.sparse_idx.numel() == 0:
         return None
     names = MLP_PROJS if hasattr(module, MLP_PROJS[0]) else ATTN_PROJS
     found = {name: _lora(getattr(module, name)) for name in names}
-    if any(lora is None for lora in found.values()):
-        return None
-    for lora in found.values():
-        _file(module, lora.lora_a)
-    return found
+    return None if any(lora is None for lora in found.values()) else found
 
 
 def _mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -427,17 +419,28 @@ class Flip:
     recompute belongs to) runs sparse, Unsloth's exact originals otherwise."""
 
     def __call__(self, layer: nn.Module, _args: tuple) -> None:
-        record = layer.__dict__[_CTL].state.record_for_call()
+        ctl: LayerSparsity = layer.__dict__[_CTL]
+        record = ctl.state.record_for_call()
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
-            if name != "apply_o":                  # (apply_qkv's module decided for both)
-                found = None if record is None else _sparse_projs(module, record)
-                module.__dict__[_FOUND] = found    # the ops of this call read them (Unflip drops them)
-            sparse = module.__dict__[_FOUND] is not None
+            found = None if record is None else self._found(module, (ctl.layer, _KINDS[module_name]), record)
+            sparse = found is not None
             value = module.__dict__[_SPARSE][name] if sparse else module.__dict__[_ORIGINAL][name]
             if sparse and module_name == "mlp":
                 value = types.MethodType(value, module)       # the MLP's forward, a method as Unsloth's is
             _set(module, name, value)
+
+    @staticmethod
+    def _found(module: nn.Module, key: tuple[int, str], record: BatchRecord) -> dict[str, LoRAProj] | None:
+        """The projections ``module``'s ops compute with for ``record``: looked up at its forward
+        (its recompute and backward use the same; the record keeps them, so a backward looks up
+        nothing), and ``module`` filed for its ops under their LoRA A factors."""
+        if key not in record.projections:
+            record.projections[key] = _sparse_projs(module, record)
+        found = record.projections[key]
+        for lora in (found or {}).values():
+            _file(module, lora.lora_a)
+        return found
 
 
 class Unflip:
@@ -448,7 +451,6 @@ class Unflip:
         for module_name, name in layer.__dict__[_SWITCHES]:
             module = _submodule(layer, module_name)
             _set(module, name, module.__dict__[_ORIGINAL][name])
-            module.__dict__.pop(_FOUND, None)
 
 
 class Guard:
@@ -526,6 +528,6 @@ def unpatch_layer(layer: nn.Module) -> None:
         _set(module, name, module.__dict__[_ORIGINAL][name])
     for module_name, _ in switches:
         module = _submodule(layer, module_name)
-        for key in (_CTL, _ORIGINAL, _SPARSE, _FOUND):
+        for key in (_CTL, _ORIGINAL, _SPARSE):
             module.__dict__.pop(key, None)
     layer.__dict__.pop(_CTL, None)
