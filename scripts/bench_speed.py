@@ -245,6 +245,88 @@ class TaggedPasses:
         GraphRunner.__call__ = self.original
 
 
+class HostClock:
+    """While active, the host's time (``perf_counter``, no profiler: CUPTI inflates graph launches)
+    inside each of our ops (``op <name>``, whole calls), each pass through the CUDA-graph runner
+    (``pass <function>[/bwd]``: input copies, replay, output copies, bookkeeping) and each replay
+    of a graph ``runner`` holds (``replay``)."""
+
+    OPS = ("lora_mlp", "lora_mlp_backward", "lora_qkv", "lora_qkv_backward", "lora_o", "lora_o_backward")
+
+    def __init__(self, runner=None) -> None:
+        self.runner = runner
+
+    def __enter__(self):
+        import time
+
+        import torch
+
+        from sparse_unsloth.ops.graphs import GraphRunner
+        from sparse_unsloth.patch import unsloth_fast
+
+        self.totals: dict = collections.defaultdict(lambda: [0.0, 0])
+        clock, totals = time.perf_counter, self.totals
+
+        def timed(name, fn):
+            def run(*args, **kwargs):
+                start = clock()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    entry = totals[name]
+                    entry[0] += clock() - start
+                    entry[1] += 1
+            return run
+
+        self.restore = [(GraphRunner, "__call__", GraphRunner.__call__)]
+        original = GraphRunner.__call__
+
+        def runner_call(runner, fn, *args, **kwargs):
+            where = "/bwd" if torch._C._current_graph_task_id() != -1 else ""
+            return timed(f"pass {fn.__name__}{where}", original)(runner, fn, *args, **kwargs)
+
+        GraphRunner.__call__ = runner_call
+        for name in self.OPS:
+            fns = getattr(unsloth_fast, f"_{name}")._backend_fns
+            for key, fn in list(fns.items()):
+                self.restore.append((fns, key, fn))
+                fns[key] = timed(f"op {name}", fn)
+        for slot in getattr(self.runner, "_slots", {}).values():
+            for graph in slot.graphs.values():
+                self.restore.append((graph, "replay", graph.replay))
+                graph.replay = timed("replay", graph.replay)
+        return self
+
+    def __exit__(self, *exc):
+        for where, key, value in reversed(self.restore):
+            if isinstance(where, dict):
+                where[key] = value
+            else:
+                setattr(where, key, value)
+
+    def summary(self, steps: int) -> dict:
+        return {name: {"ms_per_step": round(1e3 * t / steps, 3), "calls_per_step": c // steps,
+                       "us_per_call": round(1e6 * t / max(c, 1), 1)}
+                for name, (t, c) in sorted(self.totals.items(), key=lambda kv: -kv[1][0])}
+
+
+def host_clock(step, runner, n: int = 3) -> dict:
+    """Per op, pass and replay, the host's time in ``n`` unprofiled steps (:class:`HostClock`), and
+    the step's host time (to its last launch)."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    with HostClock(runner) as clock:
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        host = (time.perf_counter() - start) / n
+        torch.cuda.synchronize()
+    return {"host_s_per_step": round(host, 5), "by_op_and_pass": clock.summary(n)}
+
+
 def busy_union_s(intervals: list[tuple[int, int]]) -> float:
     """Seconds covered by the union of ``(start_ns, end_ns)`` intervals (overlapping streams count once)."""
     total, end = 0, None
@@ -593,6 +675,7 @@ def child_unsloth(args) -> dict:
         res["phases"] = guarded(phase_times, model, opt, ids, labels)
         profiles[name] = guarded(profile_steps, step)
         res["sync_points"] = guarded(sync_points, step)
+        res["host_clock"] = guarded(host_clock, step, state._graphs)
         if args.host_profile:
             res["host_profile"] = guarded(host_profile, step)
         timer.pop_s()
@@ -788,7 +871,12 @@ def driver(args) -> None:
         for op, t in (w.get("sparse_passes") or {}).items():
             log(f"  {op:28} {1e3 * t['gpu_s_per_step']:7.2f} ms  {t['calls_per_step']:4d} calls")
         for op, t in list(((result.get("profiles") or {}).get(name, {}).get("host_ops") or {}).items())[:14]:
-            log(f"  host {op[:40]:40} {t['host_ms_per_step']:8.2f} ms  {t['calls_per_step']:5d} calls")
+            log(f"  profiled host {op[:40]:40} {t['host_ms_per_step']:8.2f} ms  {t['calls_per_step']:5d} calls")
+        clock = result["runs"].get(name, {}).get("host_clock") or {}
+        if "by_op_and_pass" in clock:
+            log(f"  host clock: {clock['host_s_per_step']:.4f} s to the step's last launch")
+            for op, t in clock["by_op_and_pass"].items():
+                log(f"  clock {op:34} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:5d} calls {t['us_per_call']:8.1f} us")
 
 
 def main() -> None:

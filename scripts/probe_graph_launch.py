@@ -49,6 +49,32 @@ def main() -> None:
         torch.cuda.current_stream().wait_stream(s)
         g.replay()
         print(f"graph of {nodes:4d} kernels   {host_us(g.replay):8.1f} us per replay")
+    # As the sparse passes: ~150 graphs in one memory pool, each of GEMMs, gathers and copies,
+    # replayed in turn.
+    pool = torch.cuda.graph_pool_handle()
+    a = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    idx = torch.arange(0, 256, 2, device="cuda")
+    graphs = []
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(150):
+            g = torch.cuda.CUDAGraph()
+            g.capture_begin(pool=pool)
+            y = a
+            for _ in range(15):
+                t = y @ w.t()
+                t = t.index_select(1, idx)
+                t = t.clone()
+                t.mul_(0.5)
+            g.capture_end()
+            graphs.append(g)
+    torch.cuda.current_stream().wait_stream(s)
+    for g in graphs:
+        g.replay()
+    turn = iter(graphs * 2)
+    print(f"150 graphs of 60 mixed kernels, in turn {host_us(lambda: next(turn).replay(), n=300):8.1f} us per replay")
 
 
 if __name__ == "__main__":
