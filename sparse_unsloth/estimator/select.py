@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.topk import topk_sorted
+
 
 def kept_count(channels: int, sparsity: float) -> int:
     """How many of ``channels`` survive ``sparsity`` (at least one)."""
@@ -53,6 +55,10 @@ def _norms(gram: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest-scoring indices of each row, ascending: one kernel on the GPU (a third of a
+    channel choice's GPU time went to ``topk`` and ``sort``), the two torch ops elsewhere."""
+    if scores.is_cuda:
+        return topk_sorted(scores, k)
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 

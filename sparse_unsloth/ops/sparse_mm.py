@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from .cols import add_cols_, gather_cols
+
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
 
@@ -131,10 +133,10 @@ def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def _cols(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``m[:, idx]``; for a transposed view (``W.T``) gathered as rows of ``W``, which reads whole
-    rows (coalesced) instead of one element per row, and returned transposed (cuBLAS takes it)."""
+    rows, and returned transposed (cuBLAS takes it)."""
     if m.dim() == 2 and m.stride(0) == 1 and m.stride(1) == m.shape[0]:
         return m.t().index_select(0, idx).t()
-    return m.index_select(1, idx)
+    return gather_cols(m, idx)
 
 
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
@@ -146,7 +148,7 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
     if has_rows(dense_idx):
         x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
         rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
-    out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
+    add_cols_(out, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
@@ -163,7 +165,7 @@ def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None, out: torch.
     for x, m, kept in terms:
         m_kept = m.index_select(0, kept.padded)
         m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
-        x_kept = x.index_select(1, kept.padded)
+        x_kept = gather_cols(x, kept.padded)
         out = torch.mm(x_kept, m_kept, out=out) if first else out.addmm_(x_kept, m_kept)
         first = False
     if has_rows(dense_idx):
