@@ -55,6 +55,8 @@ def main() -> None:
     a = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
     idx = torch.arange(0, 256, 2, device="cuda")
+    (a @ w.t()).index_select(1, idx)           # cuBLAS' handle and workspace, outside any capture
+    torch.cuda.synchronize()
     graphs = []
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
