@@ -83,7 +83,8 @@ def test_mlp_vs_oracle_bf16(batch, seq, hidden, inter, keep, dense):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,keep,bias", [
-    (32, 8, 128, 32, False), (12, 4, 64, 17, False), (8, 8, 32, 32, False), (14, 2, 64, 16, True)])
+    (32, 8, 128, 32, False), (12, 4, 64, 17, False), (8, 8, 32, 32, False), (14, 2, 64, 16, True),
+    (32, 8, 128, 102, False)])          # 80% kept (llama3-8b-csr): the masked full GEMMs
 def test_attention_projections_vs_oracle_bf16(heads, kv_heads, head_dim, keep, bias):
     gen = torch.Generator(device=DEV).manual_seed(heads * kv_heads + keep)
     batch, seq = 2, 384

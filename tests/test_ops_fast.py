@@ -62,7 +62,8 @@ def test_mlp_matches_masked_definition(batch, seq, hidden, inter, keep, dense):
         torch.testing.assert_close(g, w, **F64)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,keep,dense", [(4, 2, 6, 2, 3), (6, 6, 4, 1, 0), (8, 1, 3, 3, 7)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,keep,dense", [(4, 2, 6, 2, 3), (6, 6, 4, 1, 0), (8, 1, 3, 3, 7),
+                                                             (4, 2, 8, 5, 4), (2, 2, 5, 3, 0)])   # > half kept: masked GEMMs
 def test_qkv_and_o_match_masked_definition(heads, kv_heads, head_dim, keep, dense):
     gen = torch.Generator().manual_seed(heads * 31 + kv_heads * 7 + keep)
     batch, seq, hidden = 2, 5, 13

@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 
-from .cols import gather_cols
 from .graphs import Runner, run_eager
 from .lora_swiglu import lora_swiglu_cols, lora_swiglu_rows, swiglu_backward, swiglu_forward
 from .sparse_mm import LoRAProj, cast_like, has_rows, kept_channels, lora_grads_unpacked, packed, weight_like
@@ -86,10 +85,10 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     e_k, g_k = _kept_parts(x, _kept_slices(kept.padded, gate_w, gb, up_w, ub), t_g, t_u)
     h_k = act_forward(e_k, g_k)
     _clear([h_k], kept, None)
-    out = torch.mm(h_k, gather_cols(down_w, kept.padded).t(), out=outs and outs[0])
+    out = torch.mm(h_k, down_w.index_select(1, kept.padded).t(), out=outs and outs[0])
     (q,) = lora_swiglu_rows(_without(t_g, dense_idx), _without(t_u, dense_idx), gb.index_fill(0, kept.idx, 0),
                             ub.index_fill(0, kept.idx, 0), da.t().index_fill(0, kept.idx, 0))
-    q.addmm_(h_k, gather_cols(da, kept.padded).t())
+    q.addmm_(h_k, da.index_select(1, kept.padded).t())
     if has_rows(dense_idx):
         x_r = x.index_select(0, dense_idx)
         h_r = act_forward((x_r @ gate_w.t()).addmm_(t_g.index_select(0, dense_idx), gb.t()),
@@ -115,8 +114,8 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     # activation; the kept products below therefore see the context rows only).
     slices = _kept_slices(kp, gate_w, gb, up_w, ub)
     e_k, g_k = _kept_parts(x, slices, t_g, t_u)
-    da_k = gather_cols(da, kp)
-    h_k, du_k, dg_k = act_backward((dy @ gather_cols(down_w, kp)).addmm_(t_d, da_k), e_k, g_k)
+    da_k = da.index_select(1, kp)
+    h_k, du_k, dg_k = act_backward((dy @ down_w.index_select(1, kp)).addmm_(t_d, da_k), e_k, g_k)
     _clear([h_k, du_k, dg_k], kept, dense_idx)
     # The LoRA-only channels of the context rows: rank-r sums per row and per channel.
     ctx = [_without(t, dense_idx) for t in (t_g, t_u, t_d)]

@@ -21,8 +21,6 @@ from typing import NamedTuple
 
 import torch
 
-from .cols import add_cols_, gather_cols
-
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
 
@@ -133,10 +131,24 @@ def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tens
 
 def _cols(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``m[:, idx]``; for a transposed view (``W.T``) gathered as rows of ``W``, which reads whole
-    rows, and returned transposed (cuBLAS takes it)."""
+    rows (coalesced) instead of one element per row, and returned transposed (cuBLAS takes it)."""
     if m.dim() == 2 and m.stride(0) == 1 and m.stride(1) == m.shape[0]:
         return m.t().index_select(0, idx).t()
-    return gather_cols(m, idx)
+    return m.index_select(1, idx)
+
+
+def _mostly_kept(kept: Kept, channels: int) -> bool:
+    """Whether more than half of ``channels`` are kept. Then one GEMM over every channel against
+    ``M`` with the dropped ones zeroed (a masked copy of the weight per pass) is faster than the
+    skinny GEMM over the kept ones plus the column gather or scatter of the activations that it
+    needs: at 80% kept those took as long as the GEMM itself (benchmarks/NOTES.md, 2026-12-06)."""
+    return 2 * kept.k > channels
+
+
+def _masked(m: torch.Tensor, kept: Kept, dim: int) -> torch.Tensor:
+    """``m`` with its channels along ``dim`` outside ``kept`` zeroed (a copy)."""
+    mask = torch.zeros(m.shape[dim], dtype=m.dtype, device=m.device).index_fill_(0, kept.idx, 1)
+    return m * (mask.unsqueeze(1) if dim == 0 else mask)
 
 
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
@@ -148,7 +160,10 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
     if has_rows(dense_idx):
         x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
         rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
-    add_cols_(out, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
+    if _mostly_kept(kept, m.shape[1]):
+        out.addmm_(x, _masked(m, kept, 1))
+    else:
+        out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
@@ -163,9 +178,12 @@ def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None, out: torch.
     """
     first = True
     for x, m, kept in terms:
-        m_kept = m.index_select(0, kept.padded)
-        m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
-        x_kept = gather_cols(x, kept.padded)
+        if _mostly_kept(kept, m.shape[0]):
+            x_kept, m_kept = x, _masked(m, kept, 0)
+        else:
+            m_kept = m.index_select(0, kept.padded)
+            m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
+            x_kept = x.index_select(1, kept.padded)
         out = torch.mm(x_kept, m_kept, out=out) if first else out.addmm_(x_kept, m_kept)
         first = False
     if has_rows(dense_idx):
