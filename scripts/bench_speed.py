@@ -219,6 +219,14 @@ def sync_points(step) -> dict:
     return dict(where.most_common(12))
 
 
+def pass_name(fn) -> str:
+    """A sparse pass's name in the bench's reports: its function, ``/bwd`` when run inside backward
+    (a recompute or a backward)."""
+    import torch
+
+    return fn.__name__ + ("/bwd" if torch._C._current_graph_task_id() != -1 else "")
+
+
 class TaggedPasses:
     """While active, every pass the sparse functions run through the CUDA-graph runner (and every
     channel choice) is a named profiler range, ``su::<function>`` with ``/bwd`` for the passes run
@@ -232,8 +240,7 @@ class TaggedPasses:
         self.original = original = GraphRunner.__call__
 
         def tagged(runner, fn, *args, **kwargs):
-            where = "/bwd" if torch._C._current_graph_task_id() != -1 else ""
-            with torch.profiler.record_function(f"su::{fn.__name__}{where}"):
+            with torch.profiler.record_function(f"su::{pass_name(fn)}"):
                 return original(runner, fn, *args, **kwargs)
 
         GraphRunner.__call__ = tagged
@@ -259,8 +266,6 @@ class HostClock:
     def __enter__(self):
         import time
 
-        import torch
-
         from sparse_unsloth.ops.graphs import GraphRunner
         from sparse_unsloth.patch import unsloth_fast
 
@@ -282,8 +287,7 @@ class HostClock:
         original = GraphRunner.__call__
 
         def runner_call(runner, fn, *args, **kwargs):
-            where = "/bwd" if torch._C._current_graph_task_id() != -1 else ""
-            return timed(f"pass {fn.__name__}{where}", original)(runner, fn, *args, **kwargs)
+            return timed(f"pass {pass_name(fn)}", original)(runner, fn, *args, **kwargs)
 
         GraphRunner.__call__ = runner_call
         for name in self.OPS:

@@ -31,8 +31,7 @@ def main() -> None:
     x = torch.zeros(1024, device="cuda")
     big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(big)
-    print(f"driver {torch.cuda.driver_version() if hasattr(torch.cuda, 'driver_version') else '?'} "
-          f"cuda {torch.version.cuda} torch {torch.__version__} {torch.cuda.get_device_name()}")
+    print(f"cuda {torch.version.cuda} torch {torch.__version__} {torch.cuda.get_device_name()}")
     print(f"eager add_ launch        {host_us(lambda: x.add_(1)):8.1f} us")
     print(f"copy_ [4096,4096] bf16   {host_us(lambda: dst.copy_(big)):8.1f} us")
     print(f"clone [4096,4096] bf16   {host_us(lambda: big.clone()):8.1f} us")

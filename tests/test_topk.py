@@ -52,6 +52,8 @@ def test_non_contiguous_rows_and_bad_k():
         topk_sorted(x, 0)
     with pytest.raises(ValueError, match="between 1 and"):
         topk_sorted(x, 41)
+    with pytest.raises(ValueError, match="at most 65536"):
+        topk_sorted(torch.zeros(65537, device=DEVICE), 3)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.topk import topk_sorted
+from ..ops.topk import MAX_ROW, topk_sorted
 
 
 def kept_count(channels: int, sparsity: float) -> int:
@@ -56,8 +56,9 @@ def _norms(gram: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` highest-scoring indices of each row, ascending: one kernel on the GPU (a third of a
-    channel choice's GPU time went to ``topk`` and ``sort``), the two torch ops elsewhere."""
-    if scores.is_cuda:
+    channel choice's GPU time went to ``topk`` and ``sort``), the two torch ops elsewhere and for
+    rows longer than the kernel holds (the same set, up to ties)."""
+    if scores.is_cuda and scores.shape[-1] <= MAX_ROW:
         return topk_sorted(scores, k)
     return torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
 

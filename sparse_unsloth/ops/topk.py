@@ -21,7 +21,7 @@ from torch.library import wrap_triton
 
 from ._register import register
 
-_MAX_ROW = 1 << 16
+MAX_ROW = 1 << 16
 
 
 @triton.jit
@@ -71,8 +71,8 @@ def topk_sorted(x: torch.Tensor, k: int) -> torch.Tensor:
     n = x.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the row length {n}")
-    if n > _MAX_ROW:
-        raise ValueError(f"rows of {n} entries: at most {_MAX_ROW} (one program holds a row)")
+    if n > MAX_ROW:
+        raise ValueError(f"rows of {n} entries: at most {MAX_ROW} (one program holds a row)")
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _topk_sorted(x, k)

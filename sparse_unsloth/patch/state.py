@@ -435,9 +435,8 @@ class SparseState:
             warnings.warn(f"sparse_unsloth: {message}", stacklevel=4)
 
     def count_sparse(self, record: BatchRecord, layer: int, kind: str, kept: int, total: int) -> None:
-        """Count a layer's sparse work once per forward, when it really ran sparse."""
-        if (layer, kind) in record.counted:
-            return
+        """Count a layer's sparse work for a forward (its caller, :meth:`LayerSparsity.count`, does
+        so once per forward, when it really ran sparse)."""
         if not record.counted:
             s = self.stats
             s["batches"] += 1

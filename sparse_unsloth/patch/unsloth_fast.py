@@ -17,8 +17,10 @@ Unsloth's own LoRA kernels, so a sparse layer compiles as one region with no gra
 (each break costs host time, and on an H100 the sparse step is host-bound: benchmarks/NOTES.md,
 2026-12-06). What an op does per call runs opaque at that call: it finds its module by the
 storage of a LoRA factor it was given, makes or looks up the channel choice (a Python-side
-per-batch cache), and replays its CUDA graphs (``ops/graphs.py``). The backward ops take the
-indices of the forward being differentiated from the state's record of the backward in flight.
+per-batch cache), and replays its CUDA graphs (``ops/graphs.py``). The frozen weights and
+adapters it computes with are looked up once per forward (by the pre-hook) and kept on that
+forward's record. The backward ops take the indices and projections of the forward being
+differentiated from the state's record of the backward in flight.
 A module without an active plain LoRA adapter on every projection (adapters disabled or
 merged), or a batch whose every token is an output token, keeps the originals for that call.
 """
