@@ -90,6 +90,35 @@ def test_qkv_and_o_match_masked_definition(heads, kv_heads, head_dim, keep, dens
         torch.testing.assert_close(g, w, **F64)
 
 
+@pytest.mark.parametrize("keeps,dense", [((7,), 3), ((2,), 3), ((7, 2, 9), 4), ((6, 8), 0), ((9, 9), 11)])
+def test_frozen_products_match_masked_definition(keeps, dense):
+    """Both forms of the frozen products (skinny GEMM over the kept channels at most half kept,
+    the dense product with masked context activations above), terms of both forms summed, the
+    dense rows padded with a repeat."""
+    from sparse_unsloth.ops.sparse_mm import keep_cols_, keep_rows, kept_channels
+
+    gen = torch.Generator().manual_seed(sum(keeps) * 13 + dense)
+    n, channels, width = 11, 9, 5
+    dense_idx = _choose(gen, n, dense)
+    rows_in = _padded(dense_idx, 2) if dense else None
+    terms, want = [], torch.zeros(n, width, dtype=torch.float64)
+    for k in keeps:
+        x = torch.randn(n, channels, dtype=torch.float64, generator=gen)
+        m = torch.randn(channels, width, dtype=torch.float64, generator=gen)
+        idx = _choose(gen, channels, k)
+        terms.append((x, m, kept_channels(idx)))
+        want += masked_linear(x, m.t(), None, idx, dense_idx, 1)
+    torch.testing.assert_close(keep_rows(terms, rows_in), want, **F64)
+
+    for k in keeps:
+        x = torch.randn(n, width, dtype=torch.float64, generator=gen)
+        m = torch.randn(width, channels, dtype=torch.float64, generator=gen)
+        out = torch.randn(n, channels, dtype=torch.float64, generator=gen)
+        idx = _choose(gen, channels, k)
+        want = out + masked_linear(x, m.t(), None, idx, dense_idx, 0)
+        torch.testing.assert_close(keep_cols_(out, x, m, kept_channels(idx), rows_in), want, **F64)
+
+
 def test_lora_params_in_float32_under_lower_precision_activations():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, dtype=torch.bfloat16, generator=gen, requires_grad=True)

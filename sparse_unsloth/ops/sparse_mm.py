@@ -8,6 +8,10 @@ That costs ``N * k + D * C`` multiply-adds per column instead of the split's
 ``(N - D) * k + D * C`` (``k`` kept of ``C`` channels, ``D`` dense of ``N`` rows), and needs
 no token gather/scatter of the big activations and no copy of the dropped part of a weight:
 only the kept slice of ``M`` (a few percent of it) and the dense rows of ``X`` are gathered.
+With more than half of the channels kept, the skinny form saves little and its column gathers
+cost much: there every row runs the dense product, and the context rows' dropped channels are
+zeroed in the activations (input channels before, output channels after), the dense rows'
+left alone, so the dense rows need no second product.
 
 ``M`` is the right operand as used (``W.T`` for a forward product, ``W`` for an input
 gradient); a transposed view is fine.
@@ -138,17 +142,26 @@ def _cols(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _mostly_kept(kept: Kept, channels: int) -> bool:
-    """Whether more than half of ``channels`` are kept. Then one GEMM over every channel against
-    ``M`` with the dropped ones zeroed (a masked copy of the weight per pass) is faster than the
-    skinny GEMM over the kept ones plus the column gather or scatter of the activations that it
-    needs: at 80% kept those took as long as the GEMM itself (benchmarks/NOTES.md, 2026-12-06)."""
+    """Whether more than half of ``channels`` are kept. Then every row runs over every channel
+    (the dense product, no gathered operand) and the dropped channels are zeroed in the context
+    rows' activations: the skinny GEMM over the kept ones needs a column gather or scatter of
+    the activations, which at 80% kept took as long as the GEMM itself (benchmarks/NOTES.md,
+    2026-12-06), and the dense rows need no second product."""
     return 2 * kept.k > channels
 
 
-def _masked(m: torch.Tensor, kept: Kept, dim: int) -> torch.Tensor:
-    """``m`` with its channels along ``dim`` outside ``kept`` zeroed (a copy)."""
-    mask = torch.zeros(m.shape[dim], dtype=m.dtype, device=m.device).index_fill_(0, kept.idx, 1)
-    return m * (mask.unsqueeze(1) if dim == 0 else mask)
+def _channel_mask(kept: Kept, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """``[channels]`` in ``like``'s dtype: 1 at the kept channels, 0 elsewhere."""
+    return torch.zeros(channels, dtype=like.dtype, device=like.device).index_fill_(0, kept.idx, 1)
+
+
+def _masked_context(t: torch.Tensor, kept: Kept, dense_idx: torch.Tensor | None) -> torch.Tensor:
+    """``t`` (a copy) with the channels (columns) outside ``kept`` zeroed in every row but the
+    dense ones."""
+    out = t * _channel_mask(kept, t.shape[1], t)
+    if has_rows(dense_idx):
+        out.index_copy_(0, dense_idx, t.index_select(0, dense_idx))
+    return out
 
 
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
@@ -157,13 +170,18 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
 
     ``x_rows``: ``x``'s dense rows when the caller already gathered them.
     """
+    if _mostly_kept(kept, m.shape[1]):
+        # The dense product, its dropped columns zeroed in the context rows on the way into ``out``.
+        full = x @ m
+        rows = out.index_select(0, dense_idx).add_(full.index_select(0, dense_idx)) if has_rows(dense_idx) else None
+        out.addcmul_(full, _channel_mask(kept, m.shape[1], out))
+        if rows is not None:
+            out.index_copy_(0, dense_idx, rows)
+        return out
     if has_rows(dense_idx):
         x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
         rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
-    if _mostly_kept(kept, m.shape[1]):
-        out.addmm_(x, _masked(m, kept, 1))
-    else:
-        out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
+    out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
     return out
@@ -173,20 +191,22 @@ def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None, out: torch.
               ) -> torch.Tensor:
     """``sum x @ m`` over the terms, non-dense rows reading only the input channels kept.
 
-    A fresh tensor (or ``out``): each term adds ``x[:, idx] @ m[idx]`` for every row, then the
-    dense rows are replaced by their full products.
+    A fresh tensor (or ``out``). A mostly kept term multiplies ``x`` with its dropped channels
+    zeroed in the context rows by all of ``m``; any other adds ``x[:, idx] @ m[idx]`` for every
+    row, and then the dense rows are replaced by their full products (over every term).
     """
-    first = True
+    first, skinny = True, False
     for x, m, kept in terms:
         if _mostly_kept(kept, m.shape[0]):
-            x_kept, m_kept = x, _masked(m, kept, 0)
+            x_kept, m_kept = _masked_context(x, kept, dense_idx), m
         else:
+            skinny = True
             m_kept = m.index_select(0, kept.padded)
             m_kept[kept.k:] = 0                    # the padding columns of x contribute nothing
             x_kept = x.index_select(1, kept.padded)
         out = torch.mm(x_kept, m_kept, out=out) if first else out.addmm_(x_kept, m_kept)
         first = False
-    if has_rows(dense_idx):
+    if skinny and has_rows(dense_idx):
         rows = None
         for x, m, _ in terms:
             x_rows = x.index_select(0, dense_idx)
