@@ -109,3 +109,18 @@ def test_static_shape_choice_equals_the_gathered_rows():
     want = attn_channels(rows, q, k, v, heads, kv_heads, head_dim, 2)      # the voting rows gathered
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_rows_are_found_when_first_asked_not_at_the_split(monkeypatch):
+    """Finding the rows waits for the GPU (nonzero): not at the forward's start, where the GPU
+    still runs the previous step, but when the first sparse layer asks."""
+    calls = []
+    nonzero = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: calls.append(1) or nonzero(t, *a, **k))
+    labels = _labels([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    split = token_split(labels, labels.shape, torch.device("cpu"))
+    assert not calls
+    assert split.vote_rows.tolist() == [True, False, False, False, False, False, False, True]
+    assert not calls
+    assert split.dense_idx.tolist() == [1, 2, 3, 4, 5, 6] and split.sparse_idx.tolist() == [0, 7]
+    assert split.dense_idx.tolist() == [1, 2, 3, 4, 5, 6] and len(calls) == 2      # found once

@@ -38,12 +38,28 @@ DENSE_ROWS_STEP = 64
 
 @dataclasses.dataclass
 class TokenSplit:
-    """Rows of the flattened ``[batch * seq, hidden]`` activations: which stay dense, which vote."""
+    """Rows of the flattened ``[batch * seq, hidden]`` activations: which stay dense, which vote.
 
-    dense_idx: torch.Tensor      # rows computed with every channel (output tokens)
-    sparse_idx: torch.Tensor     # context rows that are real tokens: the estimator scores them
-    sparse_mask: torch.Tensor    # [sequences, tokens]: True at those rows
+    Made from the masks alone; the row indices are found when a sparse layer first asks for them.
+    Finding them makes the host wait for the GPU (their count sets shapes), and at the start of
+    the forward the GPU still runs the previous step's backward: waiting there would throw away
+    the lead the host built during it, which the host-heavy sparse layers then miss. Asked at the
+    first sparse layer (layer 3 or 17 in our presets), the wait is shorter or none.
+    """
+
+    dense_mask: torch.Tensor     # [sequences, tokens]: True at the rows computed with every channel
+    sparse_mask: torch.Tensor    # [sequences, tokens]: True at the context rows that are real tokens
     _sequence_matrices: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def dense_idx(self) -> torch.Tensor:
+        """Rows computed with every channel (output tokens)."""
+        return self.dense_mask.reshape(-1).nonzero().squeeze(1)
+
+    @functools.cached_property
+    def sparse_idx(self) -> torch.Tensor:
+        """Context rows that are real tokens: the estimator scores them."""
+        return self.sparse_mask.reshape(-1).nonzero().squeeze(1)
 
     @property
     def num_tokens(self) -> int:
@@ -159,8 +175,7 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
         dense &= real             # left padding before a labelled first token stays padding
-    votes = ~dense & real
-    return TokenSplit(dense.reshape(-1).nonzero().squeeze(1), votes.reshape(-1).nonzero().squeeze(1), votes)
+    return TokenSplit(dense, ~dense & real)
 
 
 @dataclasses.dataclass
