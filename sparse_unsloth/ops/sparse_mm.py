@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .keep_context import keep_context
+
 Weight = torch.Tensor | Callable[[], torch.Tensor]
 
 
@@ -150,20 +152,6 @@ def _mostly_kept(kept: Kept, channels: int) -> bool:
     return 2 * kept.k > channels
 
 
-def _channel_mask(kept: Kept, channels: int, like: torch.Tensor) -> torch.Tensor:
-    """``[channels]`` in ``like``'s dtype: 1 at the kept channels, 0 elsewhere."""
-    return torch.zeros(channels, dtype=like.dtype, device=like.device).index_fill_(0, kept.idx, 1)
-
-
-def _masked_context(t: torch.Tensor, kept: Kept, dense_idx: torch.Tensor | None) -> torch.Tensor:
-    """``t`` (a copy) with the channels (columns) outside ``kept`` zeroed in every row but the
-    dense ones."""
-    out = t * _channel_mask(kept, t.shape[1], t)
-    if has_rows(dense_idx):
-        out.index_copy_(0, dense_idx, t.index_select(0, dense_idx))
-    return out
-
-
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
                dense_idx: torch.Tensor | None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
     """``out += x @ m`` where non-dense rows get only the output columns ``kept`` (in place).
@@ -172,12 +160,7 @@ def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
     """
     if _mostly_kept(kept, m.shape[1]):
         # The dense product, its dropped columns zeroed in the context rows on the way into ``out``.
-        full = x @ m
-        rows = out.index_select(0, dense_idx).add_(full.index_select(0, dense_idx)) if has_rows(dense_idx) else None
-        out.addcmul_(full, _channel_mask(kept, m.shape[1], out))
-        if rows is not None:
-            out.index_copy_(0, dense_idx, rows)
-        return out
+        return keep_context(x @ m, kept.idx, dense_idx, out=out)
     if has_rows(dense_idx):
         x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
         rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
@@ -198,7 +181,7 @@ def keep_rows(terms: Sequence[Term], dense_idx: torch.Tensor | None, out: torch.
     first, skinny = True, False
     for x, m, kept in terms:
         if _mostly_kept(kept, m.shape[0]):
-            x_kept, m_kept = _masked_context(x, kept, dense_idx), m
+            x_kept, m_kept = keep_context(x, kept.idx, dense_idx), m
         else:
             skinny = True
             m_kept = m.index_select(0, kept.padded)
