@@ -16,7 +16,7 @@
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
 #   probe      scripts/probe_graph_launch.py: host time of a graph replay by its kernel count
-#   ops        scripts/bench_ops.py; products: its --products; kernels: the top-k and context-mask kernel tests
+#   ops        scripts/bench_ops.py; kernels: the top-k and context-mask kernel tests
 #   parts      keep what this call carries for the notebooks: SmolLM2's GGUF parts (.m1 .m2 .m3, from
 #              /work/shared/device/split-smollm2.sh) into /tmp/g, and the wheels of .nb1 .nb2 .m3
 #              (nbclient, ipykernel, matplotlib, gguf, ...) into /tmp/site. A call carries 64 MiB at
@@ -64,7 +64,6 @@ for s in "$@"; do
     nf4) speed nf4 --load-in-4bit ;;
     probe) run_step probe python3 scripts/probe_graph_launch.py ;;
     ops) run_step ops python3 scripts/bench_ops.py --out "$W/ops/bench_ops.json" ;;
-    products) run_step products python3 scripts/bench_ops.py --products --out "$W/products/bench_products.json" ;;
     kernels) run_step kernels python3 -m pytest -q -p no:cacheprovider tests/test_topk.py tests/test_keep_context.py ;;
     parts) mkdir -p /tmp/g
            for d in .m1 .m2 .m3; do [ -d "$d" ] && cp "$d"/gpart* /tmp/g/; done
