@@ -22,7 +22,7 @@ from .sparse_mm import (
     kept_channels,
     lora_grads,
     lora_grads_unpacked,
-    lora_out,
+    lora_ins,
     packed,
     weight_like,
 )
@@ -33,11 +33,12 @@ def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, 
     """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx`` (written into
     ``outs`` when given)."""
     x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
-    projs = ((q_w, q_a, q_b, q_s, q_bias, q_idx), (k_w, k_a, k_b, k_s, k_bias, k_idx),
-             (v_w, v_a, v_b, v_s, v_bias, v_idx))
-    return tuple(add_bias_(keep_cols_(lora_out(x, cast_like(a, x), cast_like(b, x), s, buf), x,
-                                      weight_like(w, x).t(), kept_channels(idx), dense_idx, x_rows), bias)
-                 for (w, a, b, s, bias, idx), buf in zip(projs, outs or (None, None, None)))
+    a_s = [cast_like(a, x) for a in (q_a, k_a, v_a)]
+    lora = lora_ins(x, torch.cat(a_s), [a.shape[0] for a in a_s], (q_s, k_s, v_s))
+    projs = ((q_w, q_b, q_bias, q_idx), (k_w, k_b, k_bias, k_idx), (v_w, v_b, v_bias, v_idx))
+    return tuple(add_bias_(keep_cols_(torch.mm(t, cast_like(b, x).t(), out=buf), x, weight_like(w, x).t(),
+                                      kept_channels(idx), dense_idx, x_rows), bias)
+                 for (w, b, bias, idx), t, buf in zip(projs, lora, outs or (None, None, None)))
 
 
 def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, k_w, k_a, k_b, k_s,
@@ -45,15 +46,13 @@ def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, 
     """(dx, packed (dq_a, dq_b, dq_bias, dk_a, ...)): a bias's gradient where ``bias_grads`` says so."""
     grads = [d.to(x.dtype) for d in (dq, dk, dv)]
     pairs = [(cast_like(a, x), cast_like(b, x)) for a, b in ((q_a, q_b), (k_a, k_b), (v_a, v_b))]
-    lora_g = [lora_grads(x, d, a, b, s) for d, (a, b), s in zip(grads, pairs, (q_s, k_s, v_s))]
+    d_a, d_b, dy_b, a_all = lora_grads(x, grads, pairs, (q_s, k_s, v_s))
     terms = [(d, weight_like(w, x), kept_channels(idx)) for d, w, idx in zip(grads, (q_w, k_w, v_w),
                                                                              (q_idx, k_idx, v_idx))]
-    dx = keep_rows(terms, dense_idx, outs and outs[0])
-    for (_, _, dyb), (a, _) in zip(lora_g, pairs):
-        dx.addmm_(dyb, a)
+    dx = keep_rows(terms, dense_idx, outs and outs[0]).addmm_(dy_b, a_all)
     small = []
-    for (d_a, d_b, _), d, needed in zip(lora_g, grads, bias_grads):
-        small += [d_a, d_b, d.sum(0)] if needed else [d_a, d_b]
+    for da, db, d, needed in zip(d_a, d_b, grads, bias_grads):
+        small += [da, db, d.sum(0)] if needed else [da, db]
     return dx, packed(small)
 
 
@@ -109,9 +108,9 @@ def _o_forward(x, idx, dense_idx, w, a, b, s, bias, outs=None):
 
 
 def _o_backward(dy, x, idx, dense_idx, w, a, b, s, bias_grad, outs=None):
-    dy, a = dy.to(x.dtype), cast_like(a, x)
-    d_a, d_b, dyb = lora_grads(x, dy, a, cast_like(b, x), s)
-    dx = keep_cols_(torch.mm(dyb, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
+    dy = dy.to(x.dtype)
+    (d_a,), (d_b,), dy_b, a = lora_grads(x, [dy], [(cast_like(a, x), cast_like(b, x))], [s])
+    dx = keep_cols_(torch.mm(dy_b, a, out=outs and outs[0]), dy, weight_like(w, x), kept_channels(idx), dense_idx)
     return dx, packed((d_a, d_b, dy.sum(0)) if bias_grad else (d_a, d_b))
 
 

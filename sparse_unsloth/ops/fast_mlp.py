@@ -27,7 +27,16 @@ import torch
 
 from .graphs import Runner, run_eager
 from .lora_swiglu import lora_swiglu_cols, lora_swiglu_rows, swiglu_backward, swiglu_forward
-from .sparse_mm import LoRAProj, cast_like, has_rows, kept_channels, lora_grads_unpacked, packed, weight_like
+from .sparse_mm import (
+    LoRAProj,
+    cast_like,
+    has_rows,
+    kept_channels,
+    lora_grads_unpacked,
+    lora_ins,
+    packed,
+    weight_like,
+)
 
 
 def first_occurrence(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,16 +45,6 @@ def first_occurrence(idx: torch.Tensor, n: int) -> torch.Tensor:
     pos = torch.arange(idx.numel(), device=idx.device)
     first = torch.full((n,), idx.numel(), device=idx.device, dtype=pos.dtype).scatter_reduce_(0, idx, pos, "amin")
     return first[idx] == pos
-
-
-def _lora_ins(x: torch.Tensor, a_both: torch.Tensor, gate_s: float, up_s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_g, t_u) = (gate_s * x @ gate_A.T, up_s * x @ up_A.T) from one product over ``x``
-    (``a_both``: the two A factors stacked), as column views of one ``[rows, 2r]`` tensor."""
-    r = a_both.shape[0] // 2
-    t = x @ a_both.t()
-    t[:, :r] *= gate_s
-    t[:, r:] *= up_s
-    return t[:, :r], t[:, r:]
 
 
 def _without(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -81,7 +80,7 @@ def _forward(x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a, up_b
     gate_w, up_w, down_w = (weight_like(w, x) for w in (gate_w, up_w, down_w))
     ga, gb, ua, ub, da, db = (cast_like(t, x) for t in (gate_a, gate_b, up_a, up_b, down_a, down_b))
     kept = kept_channels(idx)
-    t_g, t_u = _lora_ins(x, torch.cat([ga, ua]), gate_s, up_s)
+    t_g, t_u = lora_ins(x, torch.cat([ga, ua]), [ga.shape[0], ua.shape[0]], (gate_s, up_s))
     e_k, g_k = _kept_parts(x, _kept_slices(kept.padded, gate_w, gb, up_w, ub), t_g, t_u)
     h_k = act_forward(e_k, g_k)
     _clear([h_k], kept, None)
@@ -108,7 +107,7 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
     kp = kept.padded
     dy = dy.to(x.dtype)
     a_both = torch.cat([ga, ua])
-    t_g, t_u = _lora_ins(x, a_both, gate_s, up_s)
+    t_g, t_u = lora_ins(x, a_both, [ga.shape[0], ua.shape[0]], (gate_s, up_s))
     t_d = (dy @ db).mul_(down_s)
     # The kept channels, every row (the dense rows' and padding columns' values zeroed after the
     # activation; the kept products below therefore see the context rows only).

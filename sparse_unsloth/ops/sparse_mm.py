@@ -113,11 +113,14 @@ def lora_grads_unpacked(flat: torch.Tensor, factors: Sequence[tuple[torch.Tensor
     return [(next(grads), next(grads), next(grads) if need else None) for need in bias_grads]
 
 
-def lora_out(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """``s * (x @ a.T) @ b.T``: a LoRA branch (``a`` [r, in], ``b`` [out, r] in x's dtype), fresh
-    or written into ``out``."""
-    return torch.mm((x @ a.t()).mul_(s), b.t(), out=out)
+def lora_ins(x: torch.Tensor, a_all: torch.Tensor, ranks: Sequence[int], scales: Sequence[float],
+             ) -> list[torch.Tensor]:
+    """``s_i * x @ A_i.T`` of LoRA branches that read the same ``x``, from one product over ``x``
+    with their A factors stacked (``a_all``: ``[sum ranks, in]``): column views of one tensor."""
+    parts = (x @ a_all.t()).split(list(ranks), dim=1)
+    for t, s in zip(parts, scales):
+        t.mul_(s)
+    return list(parts)
 
 
 def add_lora_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
@@ -126,13 +129,18 @@ def add_lora_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return out.addmm_(x @ a.t(), b.t(), alpha=s)
 
 
-def lora_grads(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dA, dB, dy @ b * s) of ``y = s * (x @ a.T) @ b.T``; the last feeds the input gradient."""
-    dy_b = (dy @ b).mul_(s)                      # [N, r]
-    d_a = dy_b.t() @ x                           # [r, in]
-    d_b = dy.t() @ (x @ a.t()).mul_(s)           # [out, r]
-    return d_a, d_b, dy_b
+def lora_grads(x: torch.Tensor, dys: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               scales: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(dA per branch, dB per branch, ``[s_i * dy_i @ B_i]`` stacked, the A factors stacked) of LoRA
+    branches ``y_i = s_i * (x @ A_i.T) @ B_i.T`` reading the same ``x``; the last two's product is
+    their input gradient. Each product over ``x`` (and that one) is done once for all branches."""
+    ranks = [a.shape[0] for a, _ in pairs]
+    a_all = torch.cat([a for a, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+    ins = lora_ins(x, a_all, ranks, scales)
+    dy_b = torch.cat([(dy @ b).mul_(s) for dy, (_, b), s in zip(dys, pairs, scales)], dim=1)   # [N, sum r]
+    d_a = list((dy_b.t() @ x).split(ranks))
+    d_b = [dy.t() @ t for dy, t in zip(dys, ins)]
+    return d_a, d_b, dy_b, a_all
 
 
 def _cols(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
