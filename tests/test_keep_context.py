@@ -51,7 +51,7 @@ def test_transposed_source_and_bad_out():
     src = torch.randn(9, 20, generator=gen, dtype=torch.float64).to(DEVICE).t()     # rows not contiguous
     kept_idx, dense_idx = torch.tensor([0, 4, 8], device=DEVICE), torch.tensor([19], device=DEVICE)
     assert torch.equal(keep_context(src, kept_idx, dense_idx), _definition(src, kept_idx, dense_idx))
-    with pytest.raises(ValueError, match="same shape and contiguous rows"):
+    with pytest.raises(ValueError, match="same shape and dtype, and contiguous rows"):
         keep_context(src, kept_idx, dense_idx, out=torch.zeros(9, 20, dtype=torch.float64, device=DEVICE).t())
     with pytest.raises(ValueError, match="2-D"):
         keep_context(src.reshape(-1), kept_idx, dense_idx)

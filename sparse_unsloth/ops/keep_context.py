@@ -35,8 +35,7 @@ def _keep_context_kernel(src_ptr, out_ptr, dense_ptr, kept_ptr, N, C, s_src, s_o
     if ADD:
         prev = tl.load(out_ptr + r * s_out + cols[None, :], mask=inside, other=0.0)
         v = v.to(tl.float32) + prev.to(tl.float32) if UPCAST else v + prev
-    tl.store(out_ptr + r * s_out + cols[None, :], v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-             mask=inside)
+    tl.store(out_ptr + r * s_out + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def _launch(src: torch.Tensor, out: torch.Tensor, dense: torch.Tensor, kept: torch.Tensor, add: bool) -> None:
@@ -88,9 +87,9 @@ def keep_context(src: torch.Tensor, kept_idx: torch.Tensor, dense_idx: torch.Ten
     if src.dim() != 2:
         raise ValueError(f"keep_context takes a 2-D tensor, not one of shape {tuple(src.shape)}")
     src = src if src.stride(1) == 1 else src.contiguous()
-    if out is not None and (out.shape != src.shape or out.stride(1) != 1):
-        raise ValueError(f"out of shape {tuple(out.shape)} (strides {out.stride()}) for a source of shape "
-                         f"{tuple(src.shape)}: it needs the same shape and contiguous rows")
+    if out is not None and (out.shape != src.shape or out.stride(1) != 1 or out.dtype != src.dtype):
+        raise ValueError(f"out of shape {tuple(out.shape)} (strides {out.stride()}, {out.dtype}) for a source of "
+                         f"shape {tuple(src.shape)} ({src.dtype}): it needs the same shape and dtype, and contiguous rows")
     if not (src.is_cuda or INTERPRET):
         masked = _reference(src, kept_idx, dense_idx)
         return masked if out is None else out.add_(masked)
