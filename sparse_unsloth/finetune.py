@@ -245,12 +245,16 @@ def build_trainer(model, tokenizer, train_rows: list[dict], *, output_dir: str, 
     ``in_order``: batches are the rows in order (``bench`` lays out the rows so that each batch
     runs twice, once dense and once sparse); else shuffled with ``seed``.
     """
-    from trl import SFTConfig
+    import trl
 
     on_gpu = next(model.parameters()).is_cuda
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    args = SFTConfig(
+    # Every setting that shapes the run is spelled out: importing Unsloth replaces SFTConfig by one
+    # with other defaults (gradient accumulation 2, 8-bit AdamW, weight decay), which would
+    # double the batch and change the optimizer behind the user's back.
+    args = trl.SFTConfig(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1, optim="adamw_torch", weight_decay=0.0,
         per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, logging_steps=logging_steps, save_strategy="no", report_to=[], seed=seed,
         data_seed=seed, bf16=bf16, use_cpu=not on_gpu, max_length=max_length,

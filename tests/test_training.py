@@ -59,3 +59,29 @@ def test_sft_trainer_trains_sparse_with_falling_loss(tmp_path):
     assert all(h["sparse/mlp_kept_frac"] == pytest.approx((48 + 24) / 192) for h in sparse_logs)
     assert all(h["sparse/attn_kept_frac"] == 0.5 for h in sparse_logs)
     assert all(0 < h["sparse/dense_token_frac"] < 1 for h in sparse_logs)
+
+
+def test_trainer_settings_do_not_follow_a_patched_config_class(tmp_path, monkeypatch):
+    """Importing Unsloth swaps TRL's SFTConfig for one with other defaults (gradient accumulation 2,
+    8-bit AdamW, weight decay 0.001): the CLI's runs must be the batch and optimizer they say."""
+    import dataclasses
+
+    import trl
+
+    from sparse_unsloth.finetune import build_trainer
+
+    @dataclasses.dataclass
+    class UnslothLike(trl.SFTConfig):
+        gradient_accumulation_steps: int = 2
+        optim: str = "adamw_8bit"
+        weight_decay: float = 0.001
+
+    monkeypatch.setattr(trl, "SFTConfig", UnslothLike)
+    rows = ARITHMETIC[:8]
+    trainer = build_trainer(tiny_lora_model(dtype=torch.float32), tiny_tokenizer([r["prompt"] + r["completion"]
+                                                                                   for r in rows]),
+                            rows, output_dir=str(tmp_path), max_steps=1, batch_size=4, learning_rate=1e-3,
+                            max_length=32, seed=0, logging_steps=1, callbacks=[], progress=False)
+    assert isinstance(trainer.args, UnslothLike)
+    assert trainer.args.gradient_accumulation_steps == 1
+    assert trainer.args.optim == "adamw_torch" and trainer.args.weight_decay == 0.0
