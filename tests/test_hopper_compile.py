@@ -16,7 +16,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sparse_unsloth.ops import keep_context, topk
+from sparse_unsloth.ops import keep_context, lora_swiglu, topk
 
 def build(fn, pointers, consts, num_warps):
     sig = {n: pointers.get(n, "i32") for n in fn.arg_names}
@@ -35,6 +35,14 @@ for dt in ("bf16", "fp16", "fp32", "fp64"):
 for dt in ("bf16", "fp32"):
     done[f"topk_sorted {dt}"] = build(topk._topk_sorted_kernel, {"x_ptr": "*" + dt, "out_ptr": "*i64"},
                                       {"BLOCK": 16384}, 16)
+ins = {n: "*bf16" for n in ("tg", "tu", "td", "gb", "ub", "dat")}
+tiles = {"UPCAST": False, "IEEE": False, "BR": 16, "BM": 32, "BC": 64, "SPLIT": 4}
+for backward in (False, True):
+    done[f"lora_swiglu rows backward={backward}"] = build(
+        lora_swiglu._rows_kernel.fn, {**ins, "q_out": "*fp32", "rg_out": "*fp32", "ru_out": "*fp32"},
+        {"BACKWARD": backward, **tiles}, 4)
+done["lora_swiglu cols"] = build(lora_swiglu._cols_kernel.fn,
+                                 {**ins, "dgb_out": "*fp32", "dub_out": "*fp32", "ddat_out": "*fp32"}, tiles, 4)
 json.dump(done, sys.stdout)
 '''
 
@@ -47,4 +55,4 @@ def test_fast_path_kernels_compile_for_hopper():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     done = json.loads(res.stdout)
-    assert len(done) == 10 and all(done.values()), done
+    assert len(done) == 13 and all(done.values()), done

@@ -44,21 +44,24 @@ def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
     return f * g, dh * f, d_gate.to(dh.dtype)
 
 
+_MAX_SPLIT = 8
+
+
 def _configs(rows_kernel: bool) -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({"BM": 16, "BC": 16}, num_warps=1)]
-    # One program per row block (or channel block) walking the other axis: at 8B shapes 4096 rows
-    # / 32 = 128 programs, about one wave of 132 SMs at one program each, so the smaller blocks
-    # (more programs, more warps in flight for the sigmoid's latency) are in the running too.
-    # (The first measurement, 2026-12-06 on an H100 with the first four of each: rows 146 us,
-    # columns 105 us a call, against ~40 us of arithmetic.)
-    if rows_kernel:
-        return [triton.Config({"BM": bm, "BC": bc}, num_warps=w, num_stages=s)
-                for bm, bc, w, s in ((32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3),
-                                     (16, 64, 2, 3), (16, 256, 4, 3), (32, 64, 2, 3))]
-    return [triton.Config({"BM": bm, "BC": bc}, num_warps=w, num_stages=s)
-            for bm, bc, w, s in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3),
-                                 (64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 3))]
+        return [triton.Config({"BM": 16, "BC": 16, "SPLIT": 2}, num_warps=1)]
+    # One program per row block (or channel block) walks the other axis, or a SPLIT-th of it (the
+    # partial sums added after): at 8B shapes 4096 rows / 32 = 128 programs is one program of
+    # 4 warps per SM, too few to hide the loads' and the sigmoid's latency. (The first
+    # measurement, 2026-12-06 on an H100, unsplit: rows 133-198 us, columns 103 us a call,
+    # against ~40 us of arithmetic.)
+    shapes = (((32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 128, 4), (16, 64, 2), (16, 256, 4), (32, 64, 2))
+              if rows_kernel else
+              ((64, 64, 4), (128, 64, 4), (64, 128, 8), (32, 64, 4), (64, 32, 4), (128, 32, 4), (32, 32, 2)))
+    splits = ((bm, bc, w, 1) for bm, bc, w in shapes)
+    more = ((bm, bc, w, k) for bm, bc, w in shapes[:4] for k in (2, 4, _MAX_SPLIT))
+    return [triton.Config({"BM": bm, "BC": bc, "SPLIT": k}, num_warps=w, num_stages=3)
+            for bm, bc, w, k in (*splits, *more)]
 
 
 @triton.jit
@@ -93,15 +96,24 @@ def _block(p, idx, n, ks, RANK, UPCAST: tl.constexpr):
 
 @triton.jit
 def _put(p, x, idx, n, ks, RANK):
-    tl.store(p + idx[:, None] * RANK + ks[None, :], x.to(p.dtype.element_ty),
-             mask=(idx < n)[:, None] & (ks < RANK)[None, :])
+    """``x`` into rows ``idx`` of a row-major ``[n, RANK]`` float32 tensor at ``p`` (masked)."""
+    tl.store(p + idx[:, None] * RANK + ks[None, :], x, mask=(idx < n)[:, None] & (ks < RANK)[None, :])
+
+
+@triton.jit
+def _share(length, BLOCK: tl.constexpr):
+    """[start, stop) of this program's share of ``range(length)``: whole BLOCKs, split
+    ``num_programs(1)`` ways."""
+    per = tl.cdiv(tl.cdiv(length, BLOCK), tl.num_programs(1)) * BLOCK
+    start = tl.program_id(1) * per
+    return start, tl.minimum(start + per, length)
 
 
 @triton.autotune(configs=_configs(True), key=["C", "RANK"])
 @triton.jit
 def _rows_kernel(tg, tu, td, gb, ub, dat, q_out, rg_out, ru_out, N, C, RANK,
                  BACKWARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr,
-                 BM: tl.constexpr, BC: tl.constexpr):
+                 BM: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     ks = tl.arange(0, BR)
     a_g = _block(tg, rows, N, ks, RANK, UPCAST)
@@ -110,26 +122,29 @@ def _rows_kernel(tg, tu, td, gb, ub, dat, q_out, rg_out, ru_out, N, C, RANK,
     acc_q = tl.zeros((BM, BR), dtype=tl.float32)
     acc_g = tl.zeros((BM, BR), dtype=tl.float32)
     acc_u = tl.zeros((BM, BR), dtype=tl.float32)
-    for c0 in range(0, C, BC):
+    start, stop = _share(C, BC)
+    for c0 in range(start, stop, BC):
         cols = (c0 + tl.arange(0, BC)).to(tl.int64)
-        b_g = _block(gb, cols, C, ks, RANK, UPCAST)
-        b_u = _block(ub, cols, C, ks, RANK, UPCAST)
-        d_a = _block(dat, cols, C, ks, RANK, UPCAST)
+        b_g = _block(gb, cols, stop, ks, RANK, UPCAST)
+        b_u = _block(ub, cols, stop, ks, RANK, UPCAST)
+        d_a = _block(dat, cols, stop, ks, RANK, UPCAST)
         h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, BACKWARD, IEEE)
         acc_q += _dot(h.to(d_a.dtype), d_a, IEEE)
         if BACKWARD:
             acc_g += _dot(d_gate.to(b_g.dtype), b_g, IEEE)
             acc_u += _dot(d_up.to(b_u.dtype), b_u, IEEE)
-    _put(q_out, acc_q, rows, N, ks, RANK)
+    part = tl.program_id(1) * N * RANK                   # this split's partial sums
+    _put(q_out + part, acc_q, rows, N, ks, RANK)
     if BACKWARD:
-        _put(rg_out, acc_g, rows, N, ks, RANK)
-        _put(ru_out, acc_u, rows, N, ks, RANK)
+        _put(rg_out + part, acc_g, rows, N, ks, RANK)
+        _put(ru_out + part, acc_u, rows, N, ks, RANK)
 
 
 @triton.autotune(configs=_configs(False), key=["C", "RANK"])
 @triton.jit
 def _cols_kernel(tg, tu, td, gb, ub, dat, dgb_out, dub_out, ddat_out, N, C, RANK,
-                 UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                 SPLIT: tl.constexpr):
     cols = (tl.program_id(0) * BC + tl.arange(0, BC)).to(tl.int64)
     ks = tl.arange(0, BR)
     b_g = _block(gb, cols, C, ks, RANK, UPCAST)
@@ -138,18 +153,20 @@ def _cols_kernel(tg, tu, td, gb, ub, dat, dgb_out, dub_out, ddat_out, N, C, RANK
     acc_g = tl.zeros((BC, BR), dtype=tl.float32)
     acc_u = tl.zeros((BC, BR), dtype=tl.float32)
     acc_d = tl.zeros((BC, BR), dtype=tl.float32)
-    for r0 in range(0, N, BM):
+    start, stop = _share(N, BM)
+    for r0 in range(start, stop, BM):
         rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-        a_g = _block(tg, rows, N, ks, RANK, UPCAST)
-        a_u = _block(tu, rows, N, ks, RANK, UPCAST)
-        a_d = _block(td, rows, N, ks, RANK, UPCAST)
+        a_g = _block(tg, rows, stop, ks, RANK, UPCAST)
+        a_u = _block(tu, rows, stop, ks, RANK, UPCAST)
+        a_d = _block(td, rows, stop, ks, RANK, UPCAST)
         h, d_up, d_gate = _tile(a_g, a_u, a_d, b_g, b_u, d_a, True, IEEE)
         acc_g += _dot(tl.trans(d_gate.to(a_g.dtype)), a_g, IEEE)
         acc_u += _dot(tl.trans(d_up.to(a_u.dtype)), a_u, IEEE)
         acc_d += _dot(tl.trans(h.to(a_d.dtype)), a_d, IEEE)
-    _put(dgb_out, acc_g, cols, C, ks, RANK)
-    _put(dub_out, acc_u, cols, C, ks, RANK)
-    _put(ddat_out, acc_d, cols, C, ks, RANK)
+    part = tl.program_id(1) * C * RANK
+    _put(dgb_out + part, acc_g, cols, C, ks, RANK)
+    _put(dub_out + part, acc_u, cols, C, ks, RANK)
+    _put(ddat_out + part, acc_d, cols, C, ks, RANK)
 
 
 def _checked(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -164,26 +181,32 @@ def _flags(t: torch.Tensor) -> dict:
             "BR": max(16, triton.next_power_of_2(t.shape[1]))}
 
 
+def _partials(n: int, rank: int, like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` float32 ``[_MAX_SPLIT, n, rank]`` buffers of per-split partial sums: zeros, since a
+    config splitting fewer ways leaves the rest unwritten."""
+    return [torch.zeros(_MAX_SPLIT, n, rank, dtype=torch.float32, device=like.device) for _ in range(count)]
+
+
 def triton_rows(tg, tu, gb, ub, da_t, td=None) -> tuple[torch.Tensor, ...]:
     """:func:`lora_swiglu_rows` by the Triton kernel (CUDA, or CPU under the interpreter)."""
     backward = td is not None
     tg, tu, gb, ub, da_t, td = _checked((tg, tu, gb, ub, da_t, tg if td is None else td))
     (n, rank), c = tg.shape, gb.shape[0]
-    q = torch.empty_like(tg)
-    rg, ru = (torch.empty_like(tg), torch.empty_like(tg)) if backward else (q, q)
-    _rows_kernel[lambda meta: (triton.cdiv(n, meta["BM"]),)](
+    parts = _partials(n, rank, tg, 3 if backward else 1)
+    q, rg, ru = parts if backward else parts * 3
+    _rows_kernel[lambda meta: (triton.cdiv(n, meta["BM"]), meta["SPLIT"])](
         tg, tu, td, gb, ub, da_t, q, rg, ru, n, c, rank, BACKWARD=backward, **_flags(tg))
-    return (q, rg, ru) if backward else (q,)
+    return tuple(p.sum(0).to(tg.dtype) for p in parts)
 
 
 def triton_cols(tg, tu, td, gb, ub, da_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lora_swiglu_cols` by the Triton kernel (CUDA, or CPU under the interpreter)."""
     tg, tu, td, gb, ub, da_t = _checked((tg, tu, td, gb, ub, da_t))
     (n, rank), c = tg.shape, gb.shape[0]
-    outs = tuple(torch.empty_like(gb) for _ in range(3))
-    _cols_kernel[lambda meta: (triton.cdiv(c, meta["BC"]),)](
-        tg, tu, td, gb, ub, da_t, *outs, n, c, rank, **_flags(tg))
-    return outs
+    parts = _partials(c, rank, tg, 3)
+    _cols_kernel[lambda meta: (triton.cdiv(c, meta["BC"]), meta["SPLIT"])](
+        tg, tu, td, gb, ub, da_t, *parts, n, c, rank, **_flags(tg))
+    return tuple(p.sum(0).to(gb.dtype) for p in parts)
 
 
 def lora_swiglu_rows(tg: torch.Tensor, tu: torch.Tensor, gb: torch.Tensor, ub: torch.Tensor, da_t: torch.Tensor,
