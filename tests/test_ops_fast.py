@@ -70,7 +70,9 @@ def test_qkv_and_o_match_masked_definition(heads, kv_heads, head_dim, keep, dens
     n, dq, dkv = batch * seq, heads * head_dim, kv_heads * head_dim
     x = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=gen, requires_grad=True)
     a_in = torch.randn(batch, seq, dq, dtype=torch.float64, generator=gen, requires_grad=True)
-    q, k, v, o = _proj(gen, dq, hidden), _proj(gen, dkv, hidden), _proj(gen, dkv, hidden), _proj(gen, hidden, dq)
+    # Ranks differ per projection (PEFT's rank_pattern): q, k and v share their LoRA products over x.
+    q, k, v = _proj(gen, dq, hidden, rank=3), _proj(gen, dkv, hidden, rank=2), _proj(gen, dkv, hidden, rank=4)
+    o = _proj(gen, hidden, dq)
     q_idx, k_idx, v_idx, o_idx = (_choose(gen, dq, keep * heads), _choose(gen, dkv, keep * kv_heads),
                                   _choose(gen, dkv, keep * kv_heads), _choose(gen, dq, keep * heads))
     dense_idx = _choose(gen, n, dense)
