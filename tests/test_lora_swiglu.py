@@ -63,3 +63,17 @@ def test_rank_above_the_register_block_is_refused():
     t = torch.zeros(4, 129)
     with pytest.raises(ValueError, match="rank 129"):
         ls.triton_rows(t, t, t, t, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_llama3_8b_sizes_with_the_autotuned_split():
+    """At Llama-3-8B's sizes the autotuner may split either kernel's long axis: whatever it
+    picks, the sums equal the torch composition's (bf16 factors, float32 reference)."""
+    (tg, tu, td), (gb, ub, da_t) = _inputs(4096, 14336, 16, seed=8)
+    cast = [t.to("cuda", torch.bfloat16) for t in (tg, tu, td, gb, ub, da_t)]
+    wide = [t.double().cpu() for t in cast]              # the torch composition, on the CPU
+    want = (*ls.lora_swiglu_rows(*wide[:2], *wide[3:], wide[2]), *ls.lora_swiglu_cols(*wide))
+    got = (*ls.triton_rows(*cast[:2], *cast[3:], cast[2]), *ls.triton_cols(*cast))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert _rel(g, w) < TOL[torch.bfloat16], (i, _rel(g, w))
