@@ -16,7 +16,7 @@
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
 #   probe      scripts/probe_graph_launch.py: host time of a graph replay by its kernel count
-#   ops        scripts/bench_ops.py; kernels: the top-k and context-mask kernel tests
+#   ops        scripts/bench_ops.py; kernels: the top-k, context-mask and SwiGLU (8B sizes) kernel tests
 #   parts      keep what this call carries for the notebooks: SmolLM2's GGUF parts (.m1 .m2 .m3, from
 #              /work/shared/device/split-smollm2.sh) into /tmp/g, and the wheels of .nb1 .nb2 .m3
 #              (nbclient, ipykernel, matplotlib, gguf, ...) into /tmp/site. A call carries 64 MiB at
