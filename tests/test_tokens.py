@@ -111,16 +111,18 @@ def test_static_shape_choice_equals_the_gathered_rows():
         assert torch.equal(g, w)
 
 
-def test_rows_are_found_when_first_asked_not_at_the_split(monkeypatch):
-    """Finding the rows waits for the GPU (nonzero): not at the forward's start, where the GPU
-    still runs the previous step, but when the first sparse layer asks."""
-    calls = []
-    nonzero = torch.Tensor.nonzero
-    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: calls.append(1) or nonzero(t, *a, **k))
+def test_the_split_never_waits_on_nonzero(monkeypatch):
+    """The rows' count sets their shapes, so finding the rows with ``nonzero`` makes the host wait
+    for the GPU to finish everything queued. The split copies the two counts to the host when it
+    is made and sizes ``nonzero_static`` by them: no ``nonzero`` at all."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("nonzero called")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
     labels = _labels([[-100, -100, 5, 6], [-100, 7, 8, -100]])
     split = token_split(labels, labels.shape, torch.device("cpu"))
-    assert not calls
-    assert split.vote_rows.tolist() == [True, False, False, False, False, False, False, True]
-    assert not calls
+    assert split.counts == (6, 2) and split.num_tokens == 8
     assert split.dense_idx.tolist() == [1, 2, 3, 4, 5, 6] and split.sparse_idx.tolist() == [0, 7]
-    assert split.dense_idx.tolist() == [1, 2, 3, 4, 5, 6] and len(calls) == 2      # found once
+    assert split.vote_rows.tolist() == [True, False, False, False, False, False, False, True]
+    assert split.dense_rows.numel() == DENSE_ROWS_STEP

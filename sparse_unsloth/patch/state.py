@@ -40,31 +40,51 @@ DENSE_ROWS_STEP = 64
 class TokenSplit:
     """Rows of the flattened ``[batch * seq, hidden]`` activations: which stay dense, which vote.
 
-    Made from the masks alone; the row indices are found when a sparse layer first asks for them.
-    Finding them makes the host wait for the GPU (their count sets shapes), and at the start of
-    the forward the GPU still runs the previous step's backward: waiting there would throw away
-    the lead the host built during it, which the host-heavy sparse layers then miss. Asked at the
-    first sparse layer (layer 3 or 17 in our presets), the wait is shorter or none.
+    The row indices' shapes depend on the labels, so the host must learn two counts from the GPU.
+    Waiting for them where the split is made (the forward's start, while the GPU still runs the
+    previous step's backward) would throw away the lead the host built during that backward, and
+    waiting on ``nonzero`` at the first sparse layer would drain the GPU's queue there. So the
+    counts are copied to the host asynchronously when the split is made, and the first sparse
+    layer waits only for that copy, which the GPU reaches right after the previous step: the
+    layers launched since stay queued. The indices then come from ``nonzero_static`` (no wait).
     """
 
     dense_mask: torch.Tensor     # [sequences, tokens]: True at the rows computed with every channel
     sparse_mask: torch.Tensor    # [sequences, tokens]: True at the context rows that are real tokens
     _sequence_matrices: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        counts = torch.stack([self.dense_mask.sum(), self.sparse_mask.sum()])
+        self._copied: torch.cuda.Event | None = None
+        if counts.is_cuda:
+            self._counts = torch.empty(2, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._counts = counts
+
+    @functools.cached_property
+    def counts(self) -> tuple[int, int]:
+        """(dense rows, voting rows): waits for their copy to the host the first time."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        dense, votes = self._counts.tolist()
+        return dense, votes
+
     @functools.cached_property
     def dense_idx(self) -> torch.Tensor:
         """Rows computed with every channel (output tokens)."""
-        return self.dense_mask.reshape(-1).nonzero().squeeze(1)
+        return torch.nonzero_static(self.dense_mask.reshape(-1), size=self.counts[0]).squeeze(1)
 
     @functools.cached_property
     def sparse_idx(self) -> torch.Tensor:
         """Context rows that are real tokens: the estimator scores them."""
-        return self.sparse_mask.reshape(-1).nonzero().squeeze(1)
+        return torch.nonzero_static(self.sparse_mask.reshape(-1), size=self.counts[1]).squeeze(1)
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens: every one is dense or votes, and padding is neither."""
-        return self.dense_idx.numel() + self.sparse_idx.numel()
+        return sum(self.counts)
 
     @functools.cached_property
     def vote_rows(self) -> torch.Tensor:
