@@ -8,6 +8,8 @@ o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are den
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .graphs import Runner, run_eager
@@ -16,7 +18,6 @@ from .sparse_mm import (
     add_bias_,
     add_lora_,
     cast_like,
-    has_rows,
     keep_cols_,
     keep_rows,
     kept_channels,
@@ -32,7 +33,7 @@ def _qkv_forward(x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, q_s, q_bias, 
                  v_w, v_a, v_b, v_s, v_bias, outs=None):
     """(q, k, v) of 2-D ``x``, context rows keeping the output channels ``*_idx`` (written into
     ``outs`` when given)."""
-    x_rows = x.index_select(0, dense_idx) if has_rows(dense_idx) else None
+    x_rows = functools.cache(lambda: x.index_select(0, dense_idx))    # gathered once, if a product needs it
     a_s = [cast_like(a, x) for a in (q_a, k_a, v_a)]
     lora = lora_ins(x, torch.cat(a_s), [a.shape[0] for a in a_s], (q_s, k_s, v_s))
     projs = ((q_w, q_b, q_bias, q_idx), (k_w, k_b, k_bias, k_idx), (v_w, v_b, v_bias, v_idx))

@@ -58,10 +58,10 @@ def _configs(rows_kernel: bool) -> list[triton.Config]:
     shapes = (((32, 64, 4), (32, 128, 4), (64, 64, 4), (16, 128, 4), (16, 64, 2), (16, 256, 4), (32, 64, 2))
               if rows_kernel else
               ((64, 64, 4), (128, 64, 4), (64, 128, 8), (32, 64, 4), (64, 32, 4), (128, 32, 4), (32, 32, 2)))
-    splits = ((bm, bc, w, 1) for bm, bc, w in shapes)
+    whole = ((bm, bc, w, 1) for bm, bc, w in shapes)
     more = ((bm, bc, w, k) for bm, bc, w in shapes[:2] for k in (2, 4, _MAX_SPLIT))   # each config compiles once
     return [triton.Config({"BM": bm, "BC": bc, "SPLIT": k}, num_warps=w, num_stages=3)
-            for bm, bc, w, k in (*splits, *more)]
+            for bm, bc, w, k in (*whole, *more)]
 
 
 @triton.jit

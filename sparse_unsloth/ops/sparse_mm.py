@@ -161,17 +161,18 @@ def _mostly_kept(kept: Kept, channels: int) -> bool:
 
 
 def keep_cols_(out: torch.Tensor, x: torch.Tensor, m: torch.Tensor, kept: Kept,
-               dense_idx: torch.Tensor | None, x_rows: torch.Tensor | None = None) -> torch.Tensor:
+               dense_idx: torch.Tensor | None, x_rows: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """``out += x @ m`` where non-dense rows get only the output columns ``kept`` (in place).
 
-    ``x_rows``: ``x``'s dense rows when the caller already gathered them.
+    ``x_rows``: gives ``x``'s dense rows, for callers whose several products share them (asked
+    only by a product that needs them).
     """
     if _mostly_kept(kept, m.shape[1]):
         # The dense product, its dropped columns zeroed in the context rows on the way into ``out``.
         return keep_context(x @ m, kept.idx, dense_idx, out=out)
     if has_rows(dense_idx):
-        x_rows = x.index_select(0, dense_idx) if x_rows is None else x_rows
-        rows = torch.addmm(out.index_select(0, dense_idx), x_rows, m)
+        rows = torch.addmm(out.index_select(0, dense_idx), x.index_select(0, dense_idx) if x_rows is None else x_rows(),
+                           m)
     out.index_add_(1, kept.idx, (x @ _cols(m, kept.padded))[:, :kept.k])
     if has_rows(dense_idx):
         out.index_copy_(0, dense_idx, rows)
