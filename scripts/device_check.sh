@@ -8,7 +8,7 @@
 # Steps (the speed cases take ~2-3 min each; a call has 10 min):
 #   tests      tests/test_gpu_graphs.py and test_gpu_fast.py (TESTS_K=expr: pytest -k); the fused MLP's
 #              Triton kernels are compiled there (test_lora_swiglu.py would autotune each odd shape)
-#   a          the paper setting (8 x 512, 128 output tokens); a-host: with a host-side profile
+#   a          the paper setting (8 x 512, 128 output tokens); a-peft: also HF PEFT LoRA (~40 s more); a-host: with a host-side profile
 #              (cProfile) of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs;
 #              a-gc: also the sparse step with the objects alive before it frozen out of the GC (gc.freeze);
 #              a-probe: both of the last two
@@ -55,6 +55,7 @@ for s in "$@"; do
     tests) run_step tests python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
              tests/test_gpu_graphs.py tests/test_gpu_fast.py ;;
     a) speed a --skip-peft ;;
+    a-peft) speed a-peft ;;
     a-host) speed a-host --skip-peft --host-profile ;;
     a-eager) speed a-eager --skip-peft --eager-too ;;
     a-gc) speed a-gc --skip-peft --gc-frozen-too ;;
