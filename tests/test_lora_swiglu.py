@@ -59,6 +59,22 @@ def test_zeroed_rows_and_channels_add_nothing():
         assert _rel(g[keep_r.to(DEVICE)], w) < 2e-5
 
 
+def test_only_the_chosen_configs_partial_sums_are_read(monkeypatch):
+    """The first launch of a shape autotunes, every config writing its partial sums into the same
+    buffers; a config splitting fewer ways than another leaves the other's partials behind. The
+    slices past the chosen split are poisoned here: they must not reach the sums."""
+    def poisoned(n, rank, like, count):
+        return [torch.full((ls._MAX_SPLIT, n, rank), float("nan"), device=like.device) for _ in range(count)]
+    monkeypatch.setattr(ls, "_partials", poisoned)
+    (tg, tu, td), (gb, ub, da_t) = _inputs(45, 37, 4, seed=11)     # several blocks a split on each axis
+    want = (*ls.lora_swiglu_rows(tg, tu, gb, ub, da_t, td), *ls.lora_swiglu_cols(tg, tu, td, gb, ub, da_t))
+    cast = [t.to(DEVICE, torch.float32) for t in (tg, tu, td, gb, ub, da_t)]
+    got = (*ls.triton_rows(*cast[:2], *cast[3:], cast[2]), *ls.triton_cols(*cast))
+    assert ls._rows_kernel.best_config.kwargs["SPLIT"] < ls._MAX_SPLIT
+    for g, w in zip(got, want):
+        assert _rel(g, w) < TOL[torch.float32]
+
+
 def test_rank_above_the_register_block_is_refused():
     t = torch.zeros(4, 129)
     with pytest.raises(ValueError, match="rank 129"):

@@ -182,9 +182,17 @@ def _flags(t: torch.Tensor) -> dict:
 
 
 def _partials(n: int, rank: int, like: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """``count`` float32 ``[_MAX_SPLIT, n, rank]`` buffers of per-split partial sums: zeros, since a
-    config splitting fewer ways leaves the rest unwritten."""
-    return [torch.zeros(_MAX_SPLIT, n, rank, dtype=torch.float32, device=like.device) for _ in range(count)]
+    """``count`` float32 ``[_MAX_SPLIT, n, rank]`` buffers of per-split partial sums, uninitialised:
+    only the first ``SPLIT`` of the chosen config are read (:func:`_summed`)."""
+    return [torch.empty(_MAX_SPLIT, n, rank, dtype=torch.float32, device=like.device) for _ in range(count)]
+
+
+def _summed(kernel, parts: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The partial sums the launch just made, added up. The first launch of a shape autotunes:
+    every config then runs into the same buffers, so the slices past the chosen config's
+    ``SPLIT`` hold another config's partials, not zeros (zeroed buffers gave wrong sums there)."""
+    split = kernel.best_config.kwargs["SPLIT"]
+    return tuple(p[:split].sum(0).to(dtype) for p in parts)
 
 
 def triton_rows(tg, tu, gb, ub, da_t, td=None) -> tuple[torch.Tensor, ...]:
@@ -196,7 +204,7 @@ def triton_rows(tg, tu, gb, ub, da_t, td=None) -> tuple[torch.Tensor, ...]:
     q, rg, ru = parts if backward else parts * 3
     _rows_kernel[lambda meta: (triton.cdiv(n, meta["BM"]), meta["SPLIT"])](
         tg, tu, td, gb, ub, da_t, q, rg, ru, n, c, rank, BACKWARD=backward, **_flags(tg))
-    return tuple(p.sum(0).to(tg.dtype) for p in parts)
+    return _summed(_rows_kernel, parts, tg.dtype)
 
 
 def triton_cols(tg, tu, td, gb, ub, da_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,7 +214,7 @@ def triton_cols(tg, tu, td, gb, ub, da_t) -> tuple[torch.Tensor, torch.Tensor, t
     parts = _partials(c, rank, tg, 3)
     _cols_kernel[lambda meta: (triton.cdiv(c, meta["BC"]), meta["SPLIT"])](
         tg, tu, td, gb, ub, da_t, *parts, n, c, rank, **_flags(tg))
-    return tuple(p.sum(0).to(gb.dtype) for p in parts)
+    return _summed(_cols_kernel, parts, gb.dtype)
 
 
 def lora_swiglu_rows(tg: torch.Tensor, tu: torch.Tensor, gb: torch.Tensor, ub: torch.Tensor, da_t: torch.Tensor,
