@@ -707,9 +707,6 @@ def where_time_goes(result: dict) -> dict:
     by category and GPU idle time (host-bound launches), from the profiles."""
     runs, prof = result["runs"], result.get("profiles") or {}
     out = {}
-    if result.get("speedup"):
-        out["missed_by"] = {"speedup": round(result["targets"]["speedup"] / result["speedup"], 3),
-                            "estimator_share": round(result["estimator_share"] / result["targets"]["estimator_share"], 3)}
     for name in ("unsloth_dense_lora", "sparse", "sparse_eager", "sparse_gc_frozen"):
         p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
         if not p or not step or "error" in p:
@@ -722,6 +719,16 @@ def where_time_goes(result: dict) -> dict:
                      "kernel_launches": p["kernels_per_step"], "host_launches": p.get("host_launches_per_step"),
                      "by_category_s": p["categories_s_per_step"]}
     return out
+
+
+def against_targets(result: dict) -> dict:
+    """Each target with this run's value and whether it is met (``met`` None: not measured)."""
+    values = {k: result[k] for k in ("speedup", "speedup_vs_hf_peft", "estimator_share", "memory_vs_dense")}
+    values["gpu_idle_share"] = (result["where_time_goes"].get("sparse") or {}).get("gpu_idle_share")
+    at_least = ("speedup", "speedup_vs_hf_peft")
+    return {k: {"value": v, "target": result["targets"][k],
+                "met": None if v is None else (v >= result["targets"][k]) == (k in at_least)}
+            for k, v in values.items()}
 
 
 def _read(path: str) -> dict:
@@ -851,6 +858,7 @@ def driver(args) -> None:
         "errors": [r["error"] for r in (peft, uns) if "error" in r] or None,
     }
     result["where_time_goes"] = where_time_goes(result)
+    result["against_targets"] = against_targets(result)
     path = os.path.join(args.out, f"{result['name']}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -864,6 +872,8 @@ def driver(args) -> None:
     for key in ("speedup", "speedup_vs_hf_peft", "flop_fraction", "speedup_over_flop_bound", "estimator_share",
                 "memory_vs_dense"):
         log(f"{key:24} {result[key]}")
+    log("targets: " + ", ".join(f"{k} {'met' if t['met'] else 'MISSED' if t['met'] is False else 'not measured'}"
+                                for k, t in result["against_targets"].items()))
     for name, w in result["where_time_goes"].items():
         if "gpu_compute_busy_s" in w:
             log(f"{name:20} GPU compute {w['gpu_compute_busy_s']:.4f} s, idle {w['gpu_idle_share']:.1%}, "
