@@ -46,7 +46,7 @@ class BenchResult:
     seq_len: float                       # mean padded row length of the timed batches
     output_tokens: float                 # mean labelled tokens a row
     warmup_pairs: int
-    estimator_share: float               # estimator time / sparse step time, timed sparse steps
+    estimator_share: float | None        # estimator time / sparse step time (None: inside the passes)
     memory: dict[str, Any]
     flop_fraction: float | None
     device: str
@@ -181,14 +181,15 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     if kept < len(sample):
         notes.append(f"{len(sample) - kept} of the {len(sample)} rows drawn had no labelled token within "
                      f"max_length {max_length} and were left out")
-    if not unsloth_fast.applies(model):   # the test by which sparsify picks its backend
+    fast = unsloth_fast.applies(model)    # the test by which sparsify picks its backend
+    if not fast:
         notes.append("the sparse layers ran the reference path (plain PyTorch, as on CPU or without "
                      "Unsloth): it computes the same result, it is not built to be faster; the fast path "
                      "needs a model loaded through Unsloth on a CUDA GPU (bench --unsloth)")
     return BenchResult(
         comparison=compare(dense_s, sparse_s), dense_step_s=dense_s, sparse_step_s=sparse_s,
         tokens_per_step=tokens, batch_size=batch_size, seq_len=seq_len, output_tokens=output_tokens,
-        warmup_pairs=warmup_steps, estimator_share=estimator / sum(sparse_s),
+        warmup_pairs=warmup_steps, estimator_share=None if fast else estimator / sum(sparse_s),
         memory=_memory(callback.peak_bytes[timed], schedule[timed]), flop_fraction=flops,
         device=torch.cuda.get_device_name() if on_gpu else "cpu", notes=notes)
 
@@ -204,7 +205,9 @@ def format_report(result: BenchResult) -> str:
         lines.append(f"{name:<8}{spread.median:>11.3f} s{spread.low:>8.3f} s{spread.high:>8.3f} s"
                      f"{result.tokens_per_s(sparse):>11.0f}")
     lines.append(f"result:    {c.describe()}")
-    lines.append(f"estimator: {100 * result.estimator_share:.1f}% of the sparse step time")
+    lines.append("estimator: made inside the sparse passes' CUDA graphs, not timed apart here "
+                 "(scripts/bench_speed.py times it alone)" if result.estimator_share is None else
+                 f"estimator: {100 * result.estimator_share:.1f}% of the sparse step time")
     memory = result.memory
     if "dense_gib" in memory:
         lines.append(f"peak GPU memory: dense {memory['dense_gib']:.2f} GiB, "

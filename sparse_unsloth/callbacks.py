@@ -22,7 +22,9 @@ class SparsityCallback(TrainerCallback):
     ``sparse/mlp_kept_frac`` and
     ``sparse/attn_kept_frac`` (channels kept for context tokens in the sparse layers),
     ``sparse/dense_token_frac`` (output tokens computed dense), ``sparse/estimator_ms``
-    (estimator wall time per forward pass, host side).
+    (estimator wall time per forward pass, host side; logged by the reference path only: the
+    Unsloth fast path makes each choice inside the CUDA graph of the pass that first uses it,
+    where no host clock sees it).
 
     Under DDP (``torchrun`` / ``accelerate launch``) every rank sparsifies its own micro-batches;
     the statistics are summed over the ranks before the averages are taken, so each logged value

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sparse_unsloth as su
 from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
-from sparse_unsloth.ops.graphs import bucket, run_eager
+from sparse_unsloth.ops.graphs import bucket, run_after, run_eager
 from sparse_unsloth.ops.sparse_mm import LoRAProj
 
 
@@ -57,6 +57,41 @@ def test_results_are_fresh_and_inputs_copied():
     (u,) = runner(_doubled_in_place, (x,), (w,))
     (u,) = runner(_doubled_in_place, (x,), (w,))
     assert torch.equal(u, (2 * x_before) @ w) and torch.equal(x, x_before)   # the graph doubled its copy
+
+
+class _TopColumns:
+    """A prologue: the 2 columns of largest ``|x + noise|`` summed over the rows (``noise``: its own
+    token-row input) into ``into``; zero padding rows change no sum."""
+
+    def __init__(self, noise, into):
+        self.inputs, self.into = (noise,), into
+        self.graph_shape, self.graph_key = ("top columns", into.shape), into.data_ptr()
+
+    def __call__(self, x, noise):
+        self.into.copy_((x + noise).abs().sum(0).topk(2).indices)
+
+
+def _columns(x, cols, outs=None):
+    return (x.index_select(1, cols),)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_prologue_writes_what_the_pass_reads_in_the_same_pass(graphs):
+    """``run_after``: the prologue runs first, on the pass's own copy of ``x`` and its own inputs,
+    and writes the const the pass reads. A new prologue object with the same keys (each batch
+    makes one) replays the graph the first one was captured in."""
+    runner = CPUGraphs() if graphs else run_eager
+    cols = torch.zeros(2, dtype=torch.long)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        x, noise = (torch.randn(7, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+        (y,) = run_after(runner, _TopColumns(noise, cols), _columns, x, (cols,), (0,))
+        want = (x + noise).abs().sum(0).topk(2).indices
+        assert torch.equal(cols, want) and torch.equal(y, x[:, want])
+    if graphs:
+        assert (runner.captures, runner.replays) == (1, 3)
+    (y,) = run_after(runner, None, _columns, x, (cols,), (0,))       # no prologue: the plain pass
+    assert torch.equal(y, x[:, cols])
 
 
 def test_slots_share_scratch_buffers():
@@ -240,9 +275,10 @@ def test_training_steps_through_the_fast_path_with_graphs_equal_eager(monkeypatc
         for name, g in grads_e.items():
             torch.testing.assert_close(grads_g[name], g, rtol=1e-10, atol=1e-12, msg=name)
         captured.append(runner.captures)
-    # 3 MLPs x (forward, backward; the recompute computes nothing) + 3 channel choices,
-    # captured at the second step; nothing new after
-    assert captured == [0, 3 * 2 + 3, 3 * 2 + 3] and runner.replays == 2 * captured[-1]
+    # 3 MLPs x (forward with its channel choice as prologue, backward; the recompute computes
+    # nothing), captured at the second step; nothing new after, though every forward's choice is
+    # a new object (the graphs are keyed by its buffer and factors)
+    assert captured == [0, 3 * 2, 3 * 2] and runner.replays == 2 * captured[-1]
 
 
 def test_attention_projections_through_the_runner_equal_eager():

@@ -87,7 +87,7 @@ def test_attention_functions_match_reference_ops(monkeypatch):
     x = torch.randn(*ids.shape, 48, dtype=torch.float64, generator=gen, requires_grad=True)
     q, k, v = unsloth_fast._apply_qkv(attn, x)
     state = su.sparse_state(model)
-    choice = state.layers[2].attn_choice(x, state.current)
+    choice = state.layers[2].choose_now("attn", x, state.current)
     dense_idx = su.sparse_state(model).split.dense_idx
     x2 = x.reshape(-1, 48)
     for out, name, idx in ((q, "q_proj", choice.q_idx), (k, "k_proj", choice.k_idx), (v, "v_proj", choice.v_idx)):

@@ -9,10 +9,11 @@ o weight (``o_idx``). Dense rows see the full weights; the LoRA branches are den
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
-from .graphs import Runner, run_eager
+from .graphs import Runner, run_after, run_eager
 from .sparse_mm import (
     LoRAProj,
     add_bias_,
@@ -58,11 +59,12 @@ def _qkv_backward(dq, dk, dv, x, q_idx, k_idx, v_idx, dense_idx, q_w, q_a, q_b, 
 
 
 def qkv_forward(x: torch.Tensor, q: LoRAProj, k: LoRAProj, v: LoRAProj, q_idx: torch.Tensor, k_idx: torch.Tensor,
-                v_idx: torch.Tensor, dense_idx: torch.Tensor | None, run: Runner,
+                v_idx: torch.Tensor, dense_idx: torch.Tensor | None, run: Runner, choose: Any = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) of 2-D ``x``, no autograd: one pass through ``run``. Kept channels and dense rows
-    go in as consts, read in place by a CUDA graph (see ``fast_mlp.mlp_forward``)."""
-    return run(_qkv_forward, (x,), (q_idx, k_idx, v_idx, dense_idx, *q, *k, *v), rows=((0,), (0, 1, 2)))
+    go in as consts, read in place by a CUDA graph (see ``fast_mlp.mlp_forward``, and there
+    ``choose``)."""
+    return run_after(run, choose, _qkv_forward, x, (q_idx, k_idx, v_idx, dense_idx, *q, *k, *v), (0, 1, 2))
 
 
 def qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, x: torch.Tensor, q: LoRAProj, k: LoRAProj,

@@ -22,10 +22,11 @@ the LoRA-only channels' kernels compute.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from .graphs import Runner, run_eager
+from .graphs import Runner, run_after, run_eager
 from .lora_swiglu import lora_swiglu_cols, lora_swiglu_rows, swiglu_backward, swiglu_forward
 from .sparse_mm import (
     LoRAProj,
@@ -154,12 +155,14 @@ def _backward(dy, x, idx, dense_idx, gate_w, gate_a, gate_b, gate_s, up_w, up_a,
 
 
 def mlp_forward(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj, idx: torch.Tensor,
-                dense_idx: torch.Tensor | None, act_forward: Callable, run: Runner) -> torch.Tensor:
+                dense_idx: torch.Tensor | None, act_forward: Callable, run: Runner, choose: Any = None,
+                ) -> torch.Tensor:
     """The sparse MLP's output for 2-D ``x``, no autograd: one pass through ``run``. The kept
     channels and dense rows go in with the weights, as consts: a CUDA graph reads them where
     they are (the patch keeps them in buffers of their own), no copy per pass. The weights go in
-    themselves (or their dequantizing functions): a 4-bit weight is dequantized per pass."""
-    (out,) = run(_forward, (x,), (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_forward), rows=((0,), (0,)))
+    themselves (or their dequantizing functions): a 4-bit weight is dequantized per pass.
+    ``choose``: the prologue that writes ``idx`` first, in the same pass (``graphs.run_after``)."""
+    (out,) = run_after(run, choose, _forward, x, (idx, dense_idx, *gate[:4], *up[:4], *down[:4], act_forward), (0,))
     return out
 
 

@@ -28,6 +28,7 @@ updated in place by the optimizer is read fresh at every replay.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,35 @@ def run_eager(fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any],
     return tuple(into) or res
 
 
+def run_after(run: Runner, prologue: Any, fn: Callable[..., Outputs], x: torch.Tensor, consts: Sequence[Any],
+              row_out: Sequence[int]) -> Outputs:
+    """``fn(x, *consts)`` through ``run`` (``x``: token rows; ``row_out``: the outputs that are), with
+    ``prologue`` run first in the same pass, so in the same CUDA graph (None: no prologue).
+
+    A prologue is work whose result ``fn`` reads from a const tensor it writes (a layer's channel
+    choice, made in the pass that first uses it): a callable ``prologue(x, *inputs)``, where
+    ``prologue.inputs`` are token-row tensors of its own (or None) loaded like ``x``, and a const
+    of the graph by its ``graph_shape`` and ``graph_key``. Fusing it saves a graph call, and the
+    load of ``x`` it would make, on the host's path.
+    """
+    if prologue is None:
+        return run(fn, (x,), consts, rows=((0,), row_out))
+    inputs = (x, *prologue.inputs)
+    return run(_after_prologue(fn), inputs, (*consts, prologue), rows=(tuple(range(len(inputs))), row_out))
+
+
+@functools.cache
+def _after_prologue(fn: Callable[..., Outputs]) -> Callable[..., Outputs]:
+    # One function per ``fn`` (cached): the runner keys its graphs by the function.
+    def body(x, *args, outs=None):
+        prologue = args[-1]
+        own = len(prologue.inputs)
+        prologue(x, *args[:own])
+        return fn(x, *args[own:-1], outs=outs)
+    body.__name__ = body.__qualname__ = f"prologue+{fn.__name__}"     # as profiles name the pass
+    return body
+
+
 def bucket(n: int) -> int:
     """``n`` token rows rounded up to a bucket: a multiple of 1/8 of the power of two below it
     (of 64 at least), so at most 1/8 (or 63 rows) of padding and 8 buckets per doubling."""
@@ -57,7 +87,7 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _const_keys(consts: Sequence[Any]) -> tuple[tuple, tuple]:
+def const_keys(consts: Sequence[Any]) -> tuple[tuple, tuple]:
     """(what a slot's buffers depend on, what a graph reads) of the consts: a tensor's shape and
     its storage, a dequantizer's float shape and its packed weight, any other value itself.
 
@@ -145,7 +175,7 @@ class GraphRunner:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
-        shapes, graph_key = _const_keys((*consts, *into))
+        shapes, graph_key = const_keys((*consts, *into))
         slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
                               for i, t in enumerate(inputs)),
                     shapes, tuple(row_in), tuple(row_out),

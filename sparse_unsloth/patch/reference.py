@@ -75,7 +75,7 @@ class ChooseChannels:
         ctl: LayerSparsity = module.__dict__[CTL]
         record = ctl.state.record_for_call()
         hidden = _hidden(args, kwargs)
-        choice = (ctl.mlp_choice if self.kind == "mlp" else ctl.attn_choice)(hidden, record)
+        choice = ctl.choose_now(self.kind, hidden, record)
         for name, _, field in _GROUPS[self.kind][1]:
             linear = frozen_linear(getattr(module, name))
             linear.__dict__[_SLOT] = None if choice is None else (getattr(choice, field), record, ctl, self.kind)

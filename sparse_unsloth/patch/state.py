@@ -26,7 +26,7 @@ import torch
 from ..config import SparseConfig
 from ..estimator.factors import EstimatorFactors
 from ..estimator.select import attn_channels, ffn_channels, kept_count
-from ..ops.graphs import GraphRunner, Runner, run_eager
+from ..ops.graphs import GraphRunner, Runner, const_keys, run_eager
 from ..ops.sparse_mm import packed, unpacked
 from .models import AttentionGeometry
 
@@ -196,6 +196,28 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         dense[..., :-1] |= target[..., 1:]
         dense &= real             # left padding before a labelled first token stays padding
     return TokenSplit(dense, ~dense & real)
+
+
+class PendingChoice:
+    """A layer's channel choice for one forward, not made yet: ``fn(hidden rows, *inputs, *consts)``
+    returns ``(channels,)``, which go into ``buffer`` (where the sparse passes and the backward
+    read them). The first pass that needs them runs it as its prologue, inside its own CUDA
+    graph (``ops.graphs.run_after``): one graph call and one load of the hidden states fewer on
+    the host's path, which paces the sparse forward. As a const of that graph it is keyed by
+    ``fn`` and by its consts' and buffer's shapes and storages, like any const."""
+
+    def __init__(self, fn, inputs: tuple, consts: tuple, buffer: torch.Tensor) -> None:
+        self.fn, self.inputs, self.consts, self.buffer = fn, inputs, consts, buffer
+        shapes, identities = const_keys((*consts, buffer))
+        self.graph_shape, self.graph_key = (fn, shapes), identities
+
+    def __call__(self, hidden_rows: torch.Tensor, *inputs: torch.Tensor | None) -> None:
+        self.buffer.copy_(self.fn(hidden_rows, *inputs, *self.consts)[0])
+
+    def now(self, hidden: torch.Tensor, run: Runner) -> None:
+        """Make the choice from ``hidden`` in a pass of its own."""
+        ins = (rows(hidden), *self.inputs)
+        run(self.fn, ins, self.consts, rows=(tuple(range(len(ins))), ()), into=(self.buffer,))
 
 
 @dataclasses.dataclass
@@ -495,7 +517,8 @@ class SparseState:
         out = {"sparse/active": s["batches"] / s["forwards"] if s["forwards"] else 0.0}
         if s["batches"]:
             out["sparse/dense_token_frac"] = s["dense_tokens"] / max(s["tokens"], 1)
-            out["sparse/estimator_ms"] = 1e3 * s["estimator_s"] / s["batches"]
+            if s["estimator_s"]:      # timed where a choice is made in a pass of its own (see choose_now)
+                out["sparse/estimator_ms"] = 1e3 * s["estimator_s"] / s["batches"]
             if s["mlp_total"]:
                 out["sparse/mlp_kept_frac"] = s["mlp_kept"] / s["mlp_total"]
             if s["attn_total"]:
@@ -517,65 +540,68 @@ class LayerSparsity:
         self.mlp_sparsity = state.config.sparsity("mlp", layer)
         self.attn_sparsity = state.config.sparsity("self_attn", layer)
 
-    def _cached(self, kind: str, hidden: torch.Tensor, choose, record: BatchRecord):
+    def choice(self, kind: str, hidden: torch.Tensor, record: BatchRecord | None,
+               ) -> tuple[MLPChoice | AttnChoice | None, PendingChoice | None]:
+        """``record``'s channel choice for this layer's ``kind`` ("mlp" or "attn"; None where it
+        runs dense), and the work that makes it if it is not made yet (else None). The choice's
+        buffer is ``record``'s from now on; the pass that first uses it runs that work as its
+        prologue, or :meth:`choose_now` does."""
+        sparsity = self.mlp_sparsity if kind == "mlp" else self.attn_sparsity
+        if not sparsity or record is None:
+            return None, None
         key = (self.layer, kind)
-        state = self.state
         if key in record.choices:
-            state.check_intact(record, key)
-            return record.choices[key]
+            self.state.check_intact(record, key)
+            return record.choices[key], None
         if record.split.sparse_idx.numel() == 0:
             record.choices[key] = None      # every real token is an output token: nothing to skip
-            return None
-        start = time.perf_counter()
-        # Channel choice is discrete: no gradient flows through it, and recording a graph
-        # would make checkpointing's recompute (which hits the cache) save fewer tensors.
-        with torch.no_grad():
-            choice = choose(hidden.detach(), record)
-        state.stats["estimator_s"] += time.perf_counter() - start
+            return None, None
+        # Channel choice is discrete: no gradient flows through it.
+        choice, pending = (self._plan_mlp if kind == "mlp" else self._plan_attn)(hidden.detach(), record)
         record.choices[key] = choice
+        return choice, pending
+
+    def choose_now(self, kind: str, hidden: torch.Tensor, record: BatchRecord | None,
+                   ) -> MLPChoice | AttnChoice | None:
+        """:meth:`choice`, made now if it is not yet (its own pass, timed in the statistics)."""
+        choice, pending = self.choice(kind, hidden, record)
+        if pending is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                pending.now(hidden.detach(), self.state.runner(hidden))
+            self.state.stats["estimator_s"] += time.perf_counter() - start
         return choice
 
-    def mlp_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> MLPChoice | None:
-        if not self.mlp_sparsity or record is None:
-            return None
-        state = self.state
+    def _buffer(self, kind: str, record: BatchRecord, size: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Where ``record``'s choice goes: the layer's shared buffer when CUDA graphs read it, else its own."""
+        if self.state.in_place(hidden):
+            return self.state.take((self.layer, kind), record, size, hidden.device)
+        return torch.empty(size, dtype=torch.long, device=hidden.device)
 
-        def choose(hidden: torch.Tensor, record: BatchRecord) -> MLPChoice:
-            split = record.split
-            f = state.factors_like(hidden)
-            gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
-            keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
-            average = state.config.ffn_seq_average
-            sequences = split.sequence_matrix(hidden.dtype) if average else None
-            into = (state.take((self.layer, "mlp"), record, keep, hidden.device),) if state.in_place(hidden) else ()
-            (idx,) = state.runner(hidden)(choose_mlp, (rows(hidden), split.vote_rows, sequences),
-                                          (*gate, *up, keep, average), rows=((0, 1, 2), ()), into=into)
-            return MLPChoice(idx)
-
-        return self._cached("mlp", hidden, choose, record)
+    def _plan_mlp(self, hidden: torch.Tensor, record: BatchRecord) -> tuple[MLPChoice, PendingChoice]:
+        state, split = self.state, record.split
+        f = state.factors_like(hidden)
+        gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
+        keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
+        average = state.config.ffn_seq_average
+        sequences = split.sequence_matrix(hidden.dtype) if average else None
+        buffer = self._buffer("mlp", record, keep, hidden)
+        return MLPChoice(buffer), PendingChoice(choose_mlp, (split.vote_rows, sequences),
+                                                (*gate, *up, keep, average), buffer)
 
     def attn_kept(self) -> int:
         return kept_count(self.state.geometry.head_dim, self.attn_sparsity)
 
-    def attn_choice(self, hidden: torch.Tensor, record: BatchRecord | None) -> AttnChoice | None:
-        if not self.attn_sparsity or record is None:
-            return None
+    def _plan_attn(self, hidden: torch.Tensor, record: BatchRecord) -> tuple[AttnChoice, PendingChoice]:
         state, geo = self.state, self.state.geometry
-
-        def choose(hidden: torch.Tensor, record: BatchRecord) -> AttnChoice:
-            split = record.split
-            f = state.factors_like(hidden)
-            factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
-            keep = self.attn_kept()
-            sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
-            into = ((state.take((self.layer, "attn"), record, sum(s[0] for s in sizes), hidden.device),)
-                    if state.in_place(hidden) else ())
-            (flat,) = state.runner(hidden)(choose_attn, (rows(hidden), split.vote_rows),
-                                           (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep),
-                                           rows=((0, 1), ()), into=into)
-            return AttnChoice(flat, *unpacked(flat, sizes))
-
-        return self._cached("attn", hidden, choose, record)
+        f = state.factors_like(hidden)
+        factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
+        keep = self.attn_kept()
+        sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
+        buffer = self._buffer("attn", record, sum(s[0] for s in sizes), hidden)
+        return (AttnChoice(buffer, *unpacked(buffer, sizes)),
+                PendingChoice(choose_attn, (record.split.vote_rows,),
+                              (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep), buffer))
 
     def count(self, record: BatchRecord, kind: str) -> None:
         """Record that this layer's ``kind`` ("mlp" or "attn") really ran sparse for ``record``,

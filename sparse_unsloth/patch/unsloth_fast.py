@@ -17,7 +17,8 @@ Unsloth's own LoRA kernels, so a sparse layer compiles as one region with no gra
 (each break costs host time, and on an H100 the sparse step is host-bound: benchmarks/NOTES.md,
 2026-12-06). What an op does per call runs opaque at that call: it finds its module by the
 storage of a LoRA factor it was given, makes or looks up the channel choice (a Python-side
-per-batch cache), and replays its CUDA graphs (``ops/graphs.py``). The frozen weights and
+per-batch cache; the MLP and QKV passes make it themselves, as the prologue of their CUDA
+graph), and replays its CUDA graphs (``ops/graphs.py``). The frozen weights and
 adapters it computes with are looked up once per forward (by the pre-hook) and kept on that
 forward's record. The backward ops take the indices and projections of the forward being
 differentiated from the state's record of the backward in flight.
@@ -165,18 +166,23 @@ def _swiglu(x: torch.Tensor) -> tuple[Callable, Callable]:
     return _unsloth_swiglu_forward, _unsloth_swiglu_backward
 
 
-def _pick(module: nn.Module, x: torch.Tensor, kind: str):
-    """(choice, dense rows, projections) of this forward for ``module``'s sparse op (``kind``:
-    "mlp" or "attn"; apply_o gets the choice apply_qkv cached for this forward). Counted in the
-    statistics: the op runs sparse (Flip installs it only where a choice is made)."""
+def _pick(module: nn.Module, x: torch.Tensor, kind: str, defer: bool):
+    """(choice, the work that makes it or None, dense rows, projections) of this forward for
+    ``module``'s sparse op (``kind``: "mlp" or "attn"; apply_o gets the choice apply_qkv made
+    for this forward). ``defer``: the op's pass makes the choice, as its prologue; else it is
+    made now. Counted in the statistics: the op runs sparse (Flip installs it only where a
+    choice is made)."""
     ctl: LayerSparsity = module.__dict__[_CTL]
     record = ctl.state.record_for_call()
-    choice = (ctl.mlp_choice if kind == "mlp" else ctl.attn_choice)(x, record)
+    if defer:
+        choice, pending = ctl.choice(kind, x, record)
+    else:
+        choice, pending = ctl.choose_now(kind, x, record), None
     if choice is None:
         raise RuntimeError(f"sparse_unsloth: the sparse {kind} ran for a forward that chose no channels "
                            "(Flip installs it only for one that does); please report this")
     ctl.count(record, kind)
-    return choice, ctl.state.dense_rows(record), record.projections[ctl.layer, kind]
+    return choice, pending, ctl.state.dense_rows(record), record.projections[ctl.layer, kind]
 
 
 def _runner(self: nn.Module, x: torch.Tensor):
@@ -238,16 +244,18 @@ def _lora_mlp(x: torch.Tensor, gate_a: torch.Tensor, gate_b: torch.Tensor, up_a:
               up_b: torch.Tensor, down_a: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     mlp = _module_of(gate_a)
     ctl: LayerSparsity = mlp.__dict__[_CTL]
-    choice, dense_idx, found = _pick(mlp, x, "mlp")
+    recompute = torch._C._current_graph_task_id() != -1
+    choice, pending, dense_idx, found = _pick(mlp, x, "mlp", defer=not recompute)
     x2 = _rows2(x)
-    if torch._C._current_graph_task_id() != -1:
+    if recompute:
         # A checkpointed layer's recompute: the supported decoder layers only add the MLP's output
         # to the residual (patch/models.py), so nothing reads it, as long as no other layer is
         # recomputed before its backward (Guard); the backward recomputes what it needs from x.
         ctl.state.skipped_output = ctl.layer
         out = x2.new_empty(x2.shape[0], down_b.shape[0])
     else:
-        out = mlp_forward(x2, *_by_name(found, MLP_PROJS), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x))
+        out = mlp_forward(x2, *_by_name(found, MLP_PROJS), choice.idx, dense_idx, _swiglu(x)[0], _runner(mlp, x),
+                          pending)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -292,9 +300,9 @@ def _lora_qkv(x: torch.Tensor, q_a: torch.Tensor, q_b: torch.Tensor, k_a: torch.
               v_a: torch.Tensor, v_b: torch.Tensor, q_bias: torch.Tensor | None, k_bias: torch.Tensor | None,
               v_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     attn = _module_of(q_a)
-    choice, dense_idx, found = _pick(attn, x, "attn")
+    choice, pending, dense_idx, found = _pick(attn, x, "attn", defer=True)
     outs = qkv_forward(_rows2(x), *_by_name(found, ATTN_PROJS[:3]), choice.q_idx, choice.k_idx, choice.v_idx,
-                       dense_idx, _runner(attn, x))
+                       dense_idx, _runner(attn, x), pending)
     return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
 
@@ -342,7 +350,7 @@ _lora_qkv.register_autograd(_lora_qkv_grads, setup_context=_save_qkv_inputs)
 @torch.library.custom_op("sparse_unsloth::lora_o", mutates_args=())
 def _lora_o(x: torch.Tensor, o_a: torch.Tensor, o_b: torch.Tensor, o_bias: torch.Tensor | None) -> torch.Tensor:
     attn = _module_of(o_a)
-    choice, dense_idx, found = _pick(attn, x, "attn")
+    choice, _, dense_idx, found = _pick(attn, x, "attn", defer=False)
     out = o_forward(_rows2(x), *_by_name(found, ATTN_PROJS[3:]), choice.o_idx, dense_idx, _runner(attn, x))
     return out.view(*x.shape[:-1], out.shape[-1])
 
