@@ -191,8 +191,8 @@ def _runner(self: nn.Module, x: torch.Tensor):
 
 # The ops below find their module by the storage of one of its LoRA A factors: a tensor that
 # Dynamo passes through (a Python handle would be baked into the compiled block, one per layer).
-# Flip files each module here as it installs the sparse functions, so a moved or copied model,
-# or another adapter, is filed again before its ops run.
+# Flip files each module here when a forward first looks up its projections, so a moved or
+# copied model, or another adapter, is filed again before its ops run.
 _BY_FACTOR: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
@@ -444,13 +444,13 @@ class Flip:
     def _found(module: nn.Module, key: tuple[int, str], record: BatchRecord) -> dict[str, LoRAProj] | None:
         """The projections ``module``'s ops compute with for ``record``: looked up at its forward
         (its recompute and backward use the same; the record keeps them, so a backward looks up
-        nothing), and ``module`` filed for its ops under their LoRA A factors."""
+        nothing), when ``module`` is filed for its ops under their LoRA A factors (the host paces
+        the sparse forward: this hook runs for every layer call, a recompute's too)."""
         if key not in record.projections:
-            record.projections[key] = _sparse_projs(module, record)
-        found = record.projections[key]
-        for lora in (found or {}).values():
-            _file(module, lora.lora_a)
-        return found
+            found = record.projections[key] = _sparse_projs(module, record)
+            for lora in (found or {}).values():
+                _file(module, lora.lora_a)
+        return record.projections[key]
 
 
 class Unflip:
