@@ -17,6 +17,7 @@
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
 #   probe      scripts/probe_graph_launch.py: host time of a graph replay by its kernel count
 #   ops        scripts/bench_ops.py; kernels: the top-k, context-mask and SwiGLU (8B sizes) kernel tests
+#   calib8b    scripts/time_calibrate.py: how long `calibrate` takes for a Llama-3-8B shape (~5 min?)
 #   parts      keep what this call carries for the notebooks: SmolLM2's GGUF parts (.m1 .m2 .m3, from
 #              /work/shared/device/split-smollm2.sh) into /tmp/g, and the wheels of .nb1 .nb2 .m3
 #              (nbclient, ipykernel, matplotlib, gguf, ...) into /tmp/site. A call carries 64 MiB at
@@ -67,6 +68,7 @@ for s in "$@"; do
     ops) run_step ops python3 scripts/bench_ops.py --out "$W/ops/bench_ops.json" ;;
     kernels) run_step kernels python3 -m pytest -q -p no:cacheprovider tests/test_topk.py tests/test_keep_context.py \
                tests/test_lora_swiglu.py::test_llama3_8b_sizes_with_the_autotuned_split ;;
+    calib8b) run_step calib8b python3 scripts/time_calibrate.py --out "$W/calib8b" ;;
     parts) mkdir -p /tmp/g
            for d in .m1 .m2 .m3; do [ -d "$d" ] && cp "$d"/gpart* /tmp/g/; done
            wheels=$(ls .nb1/*.whl .nb2/*.whl .m3/*.whl 2>/dev/null)
@@ -90,5 +92,6 @@ grep -h -E "passed|failed|error" "$W"/tests/tests.log "$W"/kernels/kernels.log 2
 for d in "$W"/*/; do
   grep -h -A40 "^run " "$d"/*.log 2>/dev/null | sed "s|^|$(basename "$d"): |"
 done
+[ -f "$W/calib8b/calibrate_llama3-8b.json" ] && sed 's|^|calib8b: |' "$W/calib8b/calibrate_llama3-8b.json"
 [ -f "$W/notebooks/notebooks.log" ] && tail -14 "$W/notebooks/notebooks.log" | sed 's|^|notebooks: |'
 exit 0
