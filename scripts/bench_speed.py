@@ -90,22 +90,28 @@ def make_step(model, opt, ids, labels):
 
 
 def time_steps(step, warmup: int, timed: int, tokens: int) -> dict:
-    """Median CUDA-event step time after ``warmup`` steps."""
+    """Median CUDA-event step time after ``warmup`` steps, and each step's host time: how long
+    the host took to issue it, any wait for the GPU inside the step included (``host_times_s``).
+    A step that ends barely after its host is done was paced by the host; hosts differ
+    (benchmarks/NOTES.md, sixth 2026-12-06 session), and this tells a slow host's steps apart."""
     import statistics
+    import time
 
     import torch
 
     losses = [float(step()) for _ in range(warmup)]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, host = [], []
     pauses = GCPauses()
     before = torch.cuda.memory_stats()
     for _ in range(timed):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         loss = step()
         end.record()
+        host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
         losses.append(float(loss))
@@ -116,7 +122,8 @@ def time_steps(step, warmup: int, timed: int, tokens: int) -> dict:
             "step_s_max": round(max(times), 5), "tokens_per_s": round(tokens / med, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-            "step_times_s": [round(t, 5) for t in times], "losses": [round(x, 4) for x in losses],
+            "step_times_s": [round(t, 5) for t in times], "host_times_s": [round(t, 5) for t in host],
+            "losses": [round(x, 4) for x in losses],
             "gc": pauses.summary(timed),
             # cudaMalloc/cudaFree calls during the timed steps (each cudaFree synchronizes the device)
             "allocator": {k: after.get(k, 0) - before.get(k, 0)
@@ -868,7 +875,8 @@ def driver(args) -> None:
     for name, r in runs.items():
         if "step_s_median" in r:
             log(f"{name:20} {r['step_s_median']:8.4f} {r['tokens_per_s']:9.0f} {r['peak_mem_gib']:9.2f}  "
-                f"steps {r['step_times_s']}  gc {r.get('gc')}  allocator {r.get('allocator')}")
+                f"steps {r['step_times_s']}  host {r.get('host_times_s')}  gc {r.get('gc')}  "
+                f"allocator {r.get('allocator')}")
     for key in ("speedup", "speedup_vs_hf_peft", "flop_fraction", "speedup_over_flop_bound", "estimator_share",
                 "memory_vs_dense"):
         log(f"{key:24} {result[key]}")
