@@ -11,11 +11,20 @@
 # (/work/shared/device/split-smollm2.sh: /tmp/g/m.gguf; /work/shared/models/qwen2.5-coder-0.5b/
 # split-for-device.sh: /tmp/q/m.gguf; both need the gguf wheel they carry installed).
 # Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
-# machine. Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
+# machine. Each finished run's summary (a few KB, no weights) is also kept under
+# $OUT/parity_work/<name>/ as it finishes; copy that folder here to the ignored .parity_work/ and
+# carry it next time (another machine, another session): its runs are not trained again.
+# Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${PARITY_DATA:-.parity_data}   # a copy on the device: PARITY_DATA=/tmp/pd
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+carry() {  # name: --keep into $OUT (on the device), --resume-from what an earlier machine kept
+  local opts=()
+  [ -n "${OUT:-}" ] && opts+=(--keep "$OUT/parity_work/$1")
+  [ -d ".parity_work/$1" ] && opts+=(--resume-from ".parity_work/$1")
+  echo "${opts[@]}"
+}
 case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
   prepare)
     src=${2:-/work/shared/data}
@@ -28,11 +37,11 @@ case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
     python3 scripts/parity_calibrated.py --model smollm2 \
       --config smollm2-135m-calibrated --reference-config smollm2-135m-safe \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
-      --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" ;;
+      --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" $(carry parity_smollm2_calibrated) ;;
   qwen)
     python3 scripts/parity_calibrated.py --model "${2:?GGUF}" \
       --config "${3:-qwen2.5-coder-0.5b-calibrated}" \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-qwen \
-      --name parity_qwen05b_calibrated --out "${OUT:-benchmarks/results}" ;;
+      --name parity_qwen05b_calibrated --out "${OUT:-benchmarks/results}" $(carry parity_qwen05b_calibrated) ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

@@ -81,6 +81,38 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
     return json.loads((out / "summary.json").read_text())
 
 
+_FINISHED = ("summary.json", "arc_easy_acc.json")     # what a finished run leaves that the result reads
+
+
+def resume_from(carried: Path | None, work: Path) -> list[str]:
+    """Seed ``work`` with the finished runs kept in ``carried`` (by :func:`keep_run` on another
+    machine: a device call cut by its limit, or an earlier session), so that they are not trained
+    again; returns their names. An ARC run counts as finished only with its accuracy: its adapter
+    is not kept, so it could not be scored again."""
+    if carried is None or not carried.is_dir():
+        return []
+    seeded = []
+    for run in sorted(d for d in carried.iterdir() if (d / "summary.json").is_file()):
+        if run.name.endswith("-arc") and not (run / "arc_easy_acc.json").is_file():
+            continue
+        (work / run.name).mkdir(parents=True, exist_ok=True)
+        for name in _FINISHED:
+            if (run / name).is_file() and not (work / run.name / name).is_file():
+                (work / run.name / name).write_bytes((run / name).read_bytes())
+        seeded.append(run.name)
+    return seeded
+
+
+def keep_run(run_dir: Path, keep: Path | None) -> None:
+    """Copy a finished run's summary (and ARC accuracy) into ``keep``/<run> (no weights: a few KB)."""
+    if keep is None:
+        return
+    (keep / run_dir.name).mkdir(parents=True, exist_ok=True)
+    for name in _FINISHED:
+        if (run_dir / name).is_file():
+            (keep / run_dir.name / name).write_bytes((run_dir / name).read_bytes())
+
+
 def arc_accuracy(model_path: str, adapter: str, items: list[tuple[str, list[str], int]]) -> float:
     """Share of questions whose gold choice has the highest summed log-probability."""
     import torch
@@ -148,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, help="where the runs go; finished runs found there are reused, so a "
                                             "call cut by a time limit resumes (default: a temporary folder)")
+    p.add_argument("--keep", type=Path, help="copy each finished run's summary here as it finishes (the "
+                                            "device's $OUT: it comes back even from a call cut by its limit)")
+    p.add_argument("--resume-from", type=Path, help="a folder --keep wrote on another machine: its finished "
+                                                   "runs are not trained again (a chain split over sessions)")
     args = p.parse_args(argv)
 
     import torch
@@ -166,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     arc_steps = -(-args.arc_epochs * len(arc_train) // args.batch)
     work = args.work or Path(tempfile.mkdtemp(prefix="parity-"))
     work.mkdir(parents=True, exist_ok=True)
+    seeded = resume_from(args.resume_from, work)
+    if seeded:
+        print(f"resumed finished runs from {args.resume_from}: {', '.join(seeded)}", flush=True)
     # sparse-unsloth train holds out a local file's last --eval-rows rows: the test rows go last.
     gsm8k = _jsonl([{"question": r["question"], "answer": r["answer"]} for r in train_rows + test_rows],
                    work / "gsm8k.jsonl")
@@ -173,10 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {}
     for label, config in (("dense", "dense"), ("sparse", args.config)):
         run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{label}-gsm8k")
+        keep_run(work / f"{label}-gsm8k", args.keep)
         arc_run = train(args, config, arc, arc_steps, 0, work / f"{label}-arc")
         acc_file = work / f"{label}-arc" / "arc_easy_acc.json"
         if not acc_file.is_file():
             acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
+        keep_run(work / f"{label}-arc", args.keep)
         acc = json.loads(acc_file.read_text())
         metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
                           "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
@@ -201,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "arc_test_rows": len(arc_test), "max_length": args.max_length, "lr": args.lr,
                      "lora_r": args.lora_r, "seed": args.seed, "unsloth": args.unsloth,
                      "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
+        "resumed_runs": seeded,      # trained on an earlier machine (their summaries carried here)
         "baseline": "dense",
         "metrics": metrics,
         "flop_fraction": flop_fraction(load_config(args.config), shape, *geo, lora_r=args.lora_r),

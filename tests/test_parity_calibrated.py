@@ -21,3 +21,25 @@ def test_arc_row_parses():
 def test_a_gold_outside_the_choices_is_an_error():
     with pytest.raises(ValueError, match="cannot parse"):
         arc_item({**ROW, "answer": "answer5"})
+
+
+def test_finished_runs_kept_on_one_machine_resume_on_another(tmp_path):
+    """What --keep copies as runs finish seeds --resume-from's work folder elsewhere: those runs
+    are found finished (summary there); an ARC run kept without its accuracy is trained again."""
+    from parity_calibrated import keep_run, resume_from
+
+    work_a, kept, work_b = tmp_path / "a", tmp_path / "kept", tmp_path / "b"
+    for run, files in {"dense-gsm8k": {"summary.json": '{"eval_loss": 0.69}', "adapter.bin": "weights"},
+                       "dense-arc": {"summary.json": "{}", "arc_easy_acc.json": "0.66"},
+                       "sparse-gsm8k": {"summary.json": '{"eval_loss": 0.70}'},
+                       "sparse-arc": {"summary.json": "{}"}}.items():
+        (work_a / run).mkdir(parents=True)
+        for name, text in files.items():
+            (work_a / run / name).write_text(text)
+        keep_run(work_a / run, kept)
+    assert not (kept / "dense-gsm8k" / "adapter.bin").exists()        # summaries only, no weights
+    assert resume_from(kept, work_b) == ["dense-arc", "dense-gsm8k", "sparse-gsm8k"]
+    assert (work_b / "dense-gsm8k" / "summary.json").read_text() == '{"eval_loss": 0.69}'
+    assert (work_b / "dense-arc" / "arc_easy_acc.json").read_text() == "0.66"
+    assert not (work_b / "sparse-arc").exists()
+    assert resume_from(None, work_b) == [] and resume_from(tmp_path / "missing", work_b) == []
