@@ -298,3 +298,28 @@ def test_attention_ops_backward_equals_the_ops_functions(lora_bias, monkeypatch)
     for g, c, w in zip(got, compiled, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c, w, rtol=1e-12, atol=1e-12)
+
+
+def test_the_projection_lookup_follows_peft_adapter_state():
+    """``_lora`` (read from the module registries, for host time) gives what PEFT's own accessors
+    give: the active adapter's factors and scale and the base weight and bias, another adapter
+    after ``set_adapter``, and None while adapters are disabled or merged."""
+    from peft import LoraConfig
+
+    model = tiny_lora_model(model_type="qwen2")        # q/k/v base biases
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"]))
+    q = decoder_layers(model)[0].self_attn.q_proj
+    assert frozen_linear(q) is q.get_base_layer()
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        got = unsloth_fast._lora(q)
+        assert got.weight is q.get_base_layer().weight and got.bias is q.get_base_layer().bias
+        assert got.lora_a is q.lora_A[name].weight and got.lora_b is q.lora_B[name].weight
+        assert got.scale == q.scaling[name]
+    model.set_adapter("default")
+    with model.disable_adapter():
+        assert unsloth_fast._lora(q) is None
+    q.merge()
+    assert unsloth_fast._lora(q) is None
+    q.unmerge()
+    assert unsloth_fast._lora(decoder_layers(model)[0].self_attn.o_proj).bias is None

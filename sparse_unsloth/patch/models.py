@@ -80,9 +80,15 @@ def attention_geometry(model: nn.Module) -> AttentionGeometry:
 
 
 def frozen_linear(proj: nn.Module) -> nn.Module:
-    """The frozen base linear under a PEFT LoRA layer (or the projection itself)."""
-    get_base = getattr(proj, "get_base_layer", None)
-    return get_base() if callable(get_base) else proj
+    """The frozen base linear under a PEFT LoRA layer (or the projection itself).
+
+    PEFT's ``get_base_layer`` walks the same ``base_layer`` chain with ``hasattr``, which costs a
+    failed ``nn.Module.__getattr__`` (~5 us); the sparse fast path asks for every projection of
+    every sparse layer at each forward, on the host path that paces it.
+    """
+    while "base_layer" in proj._modules:
+        proj = proj._modules["base_layer"]
+    return proj
 
 
 class Dequantize:

@@ -131,17 +131,24 @@ def _check_plain_lora(projs: list[nn.Module], biases: bool) -> None:
 
 
 def _lora(proj: nn.Module) -> LoRAProj | None:
-    """This call's frozen weight and active adapter, or None when no adapter is active."""
+    """This call's frozen weight and active adapter, or None when no adapter is active.
+
+    It runs for every projection of every sparse layer at each forward: submodules and
+    parameters are read from their registries (``_modules``, ``_parameters``), not through
+    ``nn.Module.__getattr__`` (1-3 us a lookup on the host path that paces the sparse step).
+    """
     if proj.disable_adapters or proj.merged:
         return None
     name = proj.active_adapters[0]
-    if name not in proj.lora_A:
+    lora_a = proj._modules["lora_A"]._modules.get(name)
+    if lora_a is None:
         return None
     base = frozen_linear(proj)
-    weight = base.weight
+    weight, bias = base._parameters["weight"], base._parameters.get("bias")
     if getattr(weight, "quant_state", None) is not None:
         weight = weight_getter(base)   # a 4-bit weight: its dequantization, which a pass calls once
-    return LoRAProj(weight, proj.lora_A[name].weight, proj.lora_B[name].weight, proj.scaling[name], base.bias)
+    return LoRAProj(weight, lora_a._parameters["weight"], proj._modules["lora_B"]._modules[name]._parameters["weight"],
+                    proj.scaling[name], bias)
 
 
 def _unsloth_swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -397,8 +404,8 @@ def _sparse_projs(module: nn.Module, record: BatchRecord) -> dict[str, LoRAProj]
     tokens to choose channels from; else None."""
     if record.split.sparse_idx.numel() == 0:
         return None
-    names = MLP_PROJS if hasattr(module, MLP_PROJS[0]) else ATTN_PROJS
-    found = {name: _lora(getattr(module, name)) for name in names}
+    projs = module._modules             # registries, not __getattr__: see _lora
+    found = {name: _lora(projs[name]) for name in (MLP_PROJS if MLP_PROJS[0] in projs else ATTN_PROJS)}
     return None if any(lora is None for lora in found.values()) else found
 
 
@@ -485,7 +492,9 @@ def guard_layer(layer: nn.Module, state) -> None:
 
 
 def _submodule(layer: nn.Module, name: str) -> nn.Module:
-    return getattr(layer, name)       # a switch names the decoder layer's "mlp" or "self_attn"
+    # A switch names the decoder layer's "mlp" or "self_attn"; read from the registry, as the
+    # hooks run at every layer call (see _lora).
+    return layer._modules[name]
 
 
 def _set(module: nn.Module, name: str, value) -> None:
