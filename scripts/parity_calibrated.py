@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-rows", type=int, default=4000)
     p.add_argument("--eval-rows", type=int, default=500)
     p.add_argument("--arc-epochs", type=int, default=2)
+    p.add_argument("--arc-train-rows", type=int, default=0, help="0: all (fewer: a dry run of the script)")
     p.add_argument("--arc-test-rows", type=int, default=0, help="0: all")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows = _read_jsonl(args.gsm8k_dir / "train.jsonl", args.train_rows)
     test_rows = _read_jsonl(args.gsm8k_dir / "test.jsonl", args.eval_rows)
     arc_train = [arc_item(r) for r in json.loads((args.arc_dir / "train.json").read_text())]
+    arc_train = arc_train[:args.arc_train_rows] if args.arc_train_rows else arc_train
     arc_test = [arc_item(r) for r in json.loads((args.arc_dir / "test.json").read_text())]
     arc_test = arc_test[:args.arc_test_rows] if args.arc_test_rows else arc_test
     arc_steps = -(-args.arc_epochs * len(arc_train) // args.batch)
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.date.today().isoformat(),
         "settings": {"model": args.model, "config": args.config, "steps": args.steps, "batch": args.batch,
-                     "train_rows": len(train_rows), "eval_rows": len(test_rows), "arc_steps": arc_steps,
+                     "train_rows": len(train_rows), "eval_rows": len(test_rows), "arc_train_rows": len(arc_train),
+                     "arc_steps": arc_steps,
                      "arc_test_rows": len(arc_test), "max_length": args.max_length, "lr": args.lr,
                      "lora_r": args.lora_r, "seed": args.seed, "unsloth": args.unsloth,
                      "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
