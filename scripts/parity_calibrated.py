@@ -95,22 +95,23 @@ def resume_from(carried: Path | None, work: Path) -> list[str]:
     for run in sorted(d for d in carried.iterdir() if (d / "summary.json").is_file()):
         if run.name.endswith("-arc") and not (run / "arc_easy_acc.json").is_file():
             continue
-        (work / run.name).mkdir(parents=True, exist_ok=True)
-        for name in _FINISHED:
-            if (run / name).is_file() and not (work / run.name / name).is_file():
-                (work / run.name / name).write_bytes((run / name).read_bytes())
+        _copy_finished(run, work / run.name, overwrite=False)     # what this machine has wins
         seeded.append(run.name)
     return seeded
 
 
 def keep_run(run_dir: Path, keep: Path | None) -> None:
     """Copy a finished run's summary (and ARC accuracy) into ``keep``/<run> (no weights: a few KB)."""
-    if keep is None:
-        return
-    (keep / run_dir.name).mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        _copy_finished(run_dir, keep / run_dir.name, overwrite=True)
+
+
+def _copy_finished(src: Path, dst: Path, overwrite: bool) -> None:
+    """The files of run folder ``src`` that the result reads (``_FINISHED``), into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
     for name in _FINISHED:
-        if (run_dir / name).is_file():
-            (keep / run_dir.name / name).write_bytes((run_dir / name).read_bytes())
+        if (src / name).is_file() and (overwrite or not (dst / name).is_file()):
+            (dst / name).write_bytes((src / name).read_bytes())
 
 
 def arc_accuracy(model_path: str, adapter: str, items: list[tuple[str, list[str], int]]) -> float:
