@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resume-from", type=Path, help="a folder --keep wrote on another machine: its finished "
                                                    "runs are not trained again (a chain split over sessions)")
     args = p.parse_args(argv)
+    if args.resume_from is not None and not args.resume_from.is_dir():
+        # a mistyped folder would silently train every run again, at the cost of device time
+        p.error(f"--resume-from {args.resume_from}: no such folder (it is what --keep wrote on the earlier "
+                "machine: copy that folder here first)")
 
     import torch
 

@@ -43,3 +43,14 @@ def test_finished_runs_kept_on_one_machine_resume_on_another(tmp_path):
     assert (work_b / "dense-arc" / "arc_easy_acc.json").read_text() == "0.66"
     assert not (work_b / "sparse-arc").exists()
     assert resume_from(None, work_b) == [] and resume_from(tmp_path / "missing", work_b) == []
+
+
+def test_a_missing_resume_folder_is_an_error(tmp_path, capsys):
+    """A mistyped --resume-from must not quietly train every run again."""
+    from parity_calibrated import main
+
+    with pytest.raises(SystemExit):
+        main(["--config", "dense", "--gsm8k-dir", str(tmp_path), "--arc-dir", str(tmp_path),
+              "--resume-from", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert "--resume-from" in err and "no such folder" in err
