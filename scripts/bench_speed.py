@@ -669,10 +669,12 @@ def child_unsloth(args) -> dict:
     estimator = random_factors(model, config) if args.estimator == "random" else None
     from sparse_unsloth.patch import state as state_mod
 
-    variants = [("sparse", True, False)] + ([("sparse_eager", False, False)] if args.eager_too else [])
-    variants += [("sparse_gc_frozen", True, True)] if args.gc_frozen_too else []
-    for name, graphs, frozen in variants:
+    variants = [("sparse", True, True, False)] + ([("sparse_eager", False, False, False)] if args.eager_too else [])
+    variants += [("sparse_passes", True, False, False)] if args.passes_too else []
+    variants += [("sparse_gc_frozen", True, True, True)] if args.gc_frozen_too else []
+    for name, graphs, layer_graphs, frozen in variants:
         state_mod.CUDA_GRAPHS = graphs    # read at every call
+        state_mod.LAYER_GRAPHS = layer_graphs
         if frozen:            # every object alive now out of the collector's scans (gc.freeze)
             gc.collect()
             gc.freeze()
@@ -692,6 +694,7 @@ def child_unsloth(args) -> dict:
             res["host_profile"] = guarded(host_profile, step)
         out["dynamo"][name] = dynamo_counters()
         res["graph_captures"] = state._graphs.captures
+        res["layer_graph_captures"] = state._layer_graphs.captures
         su.unsparsify(model)
         gc.unfreeze()
     out["profiles"] = profiles
@@ -714,7 +717,7 @@ def where_time_goes(result: dict) -> dict:
     by category and GPU idle time (host-bound launches), from the profiles."""
     runs, prof = result["runs"], result.get("profiles") or {}
     out = {}
-    for name in ("unsloth_dense_lora", "sparse", "sparse_eager", "sparse_gc_frozen"):
+    for name in ("unsloth_dense_lora", "sparse", "sparse_eager", "sparse_passes", "sparse_gc_frozen"):
         p, step = prof.get(name), runs.get(name, {}).get("step_s_median")
         if not p or not step or "error" in p:
             continue
@@ -751,6 +754,7 @@ def run_child(stage: str, args, out_dir: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--output-tokens", str(args.output_tokens)]
     cmd += [flag for flag, on in (("--skip-peft", args.skip_peft),
                                   ("--load-in-4bit", args.load_in_4bit), ("--eager-too", args.eager_too),
+                                  ("--passes-too", args.passes_too),
                                   ("--gc-frozen-too", args.gc_frozen_too),
                                   ("--host-profile", args.host_profile)) if on]
     log(f"[driver] {' '.join(cmd)}")
@@ -918,6 +922,9 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true", help="build the model but do not time HF PEFT")
     ap.add_argument("--host-profile", action="store_true",
                     help="also profile the host side of a dense and a sparse step (cProfile)")
+    ap.add_argument("--passes-too", action="store_true",
+                    help="also time the sparse step without layer graphs, each layer's passes replayed one "
+                         "by one (SPARSE_UNSLOTH_LAYER_GRAPHS=0)")
     ap.add_argument("--eager-too", action="store_true",
                     help="also time the sparse step without CUDA graphs (SPARSE_UNSLOTH_CUDA_GRAPHS=0)")
     ap.add_argument("--gc-frozen-too", action="store_true",

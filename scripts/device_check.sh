@@ -11,7 +11,8 @@
 #   a          the paper setting (8 x 512, 128 output tokens); a-peft: also HF PEFT LoRA (~40 s more); a-host: with a host-side profile
 #              (cProfile) of a dense and a sparse step; a-eager: also the sparse step without CUDA graphs;
 #              a-gc: also the sparse step with the objects alive before it frozen out of the GC (gc.freeze);
-#              a-probe: both of the last two
+#              a-probe: both of the last two; a-passes: also the sparse step without layer graphs (each
+#              layer's passes replayed one by one, SPARSE_UNSLOTH_LAYER_GRAPHS=0)
 #   b          4 x 1024, 256 output tokens
 #   c          the llama3-8b-csr preset (little sparsity: the machinery's own cost)
 #   nf4        the paper setting in 4-bit NF4, with HF PEFT QLoRA
@@ -59,6 +60,7 @@ for s in "$@"; do
     a-peft) speed a-peft ;;
     a-host) speed a-host --skip-peft --host-profile ;;
     a-eager) speed a-eager --skip-peft --eager-too ;;
+    a-passes) speed a-passes --skip-peft --passes-too ;;
     a-gc) speed a-gc --skip-peft --gc-frozen-too ;;
     a-probe) speed a-probe --skip-peft --eager-too --gc-frozen-too ;;
     b) speed b --skip-peft --batch 4 --seq 1024 --output-tokens 256 ;;

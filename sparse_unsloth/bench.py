@@ -151,16 +151,17 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         trainer.train_dataset = trainer.train_dataset.select(pair_indices(kept, batch_size, pairs, distinct))
         was_enabled = state.enabled
         # The warm-up sees each batch once: its CUDA graphs are captured then, not in a timed step.
-        graphs = state.runner(next(model.parameters()))
-        capture_at = getattr(graphs, "capture_at", None)
-        if capture_at is not None:
-            graphs.capture_at = 1
+        weight = next(model.parameters())
+        runners = [r for r in (state.runner(weight), state.layer_runner(weight)) if hasattr(r, "capture_at")]
+        capture_at = [r.capture_at for r in runners]
+        for r in runners:
+            r.capture_at = 1
         try:
             trainer.train()
         finally:
             state.enabled = was_enabled
-            if capture_at is not None:
-                graphs.capture_at = capture_at
+            for r, at in zip(runners, capture_at):
+                r.capture_at = at
     if len(callback.step_s) != 2 * pairs:
         raise RuntimeError(f"the trainer ran {len(callback.step_s)} steps, not the {2 * pairs} scheduled")
 

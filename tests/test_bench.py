@@ -141,24 +141,26 @@ def test_measure_needs_a_sparsified_model(tiny_model_dir):
 
 def test_measure_captures_graphs_in_the_warm_up(tiny_sparse, monkeypatch):
     """On a GPU the warm-up must capture the CUDA graphs of the batches the timed pairs replay:
-    the runner captures at the first sighting while bench runs, and as before afterwards."""
+    the runners (passes, layers) capture at the first sighting while bench runs, and as before
+    afterwards."""
     from helpers import ARITHMETIC, cpu_graphs
 
     from sparse_unsloth.patch import sparse_state
     from sparse_unsloth.patch import state as state_mod
 
     model, tokenizer = tiny_sparse
-    runner = cpu_graphs(capture_at=2)
+    runner, layers = cpu_graphs(capture_at=2), cpu_graphs(capture_at=2)
     monkeypatch.setattr(state_mod.SparseState, "runner", lambda self, t: runner)
+    monkeypatch.setattr(state_mod.SparseState, "layer_runner", lambda self, t: layers)
     during = []
     original_end = bench._Alternate.on_step_end
 
     def spy(self, *args, **kwargs):
-        during.append(runner.capture_at)
+        during.append((runner.capture_at, layers.capture_at))
         return original_end(self, *args, **kwargs)
 
     monkeypatch.setattr(bench._Alternate, "on_step_end", spy)
     bench.measure(model, tokenizer, ARITHMETIC[:20], steps=1, warmup_steps=1, batch_size=2, max_length=32,
                   progress=False)
-    assert during == [1] * 4 and runner.capture_at == 2
+    assert during == [(1, 1)] * 4 and runner.capture_at == layers.capture_at == 2
     assert sparse_state(model).enabled is True

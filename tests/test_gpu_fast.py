@@ -320,9 +320,11 @@ def test_4bit_weights_through_the_fused_functions_equal_their_dequantization():
         assert torch.equal(got, want)
 
 
-def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, monkeypatch):
-    """Unsloth's offloaded checkpointing recomputes each layer inside backward: the graphs are
-    captured and replayed there too, and give the eager step's gradients."""
+@pytest.mark.parametrize("layer_graphs", [True, False], ids=["layer-graphs", "passes"])
+def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_graphs, monkeypatch):
+    """Unsloth's offloaded checkpointing runs each layer without grad, then recomputes it inside
+    backward: the graphs (each sparse layer's no-grad forward as one, or pass by pass) are captured
+    and replayed, and every step, its tokens and label split new, gives the eager step's gradients."""
     import sparse_unsloth as su
     from sparse_unsloth.patch import state as state_mod
 
@@ -330,23 +332,29 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, monkeypatc
     su.sparsify(model, TINY_CONFIG, progress=False)
     state = su.sparse_state(model)
     state.callback_attached = True
+    monkeypatch.setattr(state_mod, "LAYER_GRAPHS", layer_graphs)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
-    labels = ids.clone()
-    labels[:, :96] = -100
-    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", False)
-    eager_loss, eager_grads = _step(model, ids, labels)
-    assert state._graphs.captures == 0
-    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
-    for _ in range(3):                                   # eager (first sighting), capture, replay
+    for context in (96, 90, 93, 96, 91):   # 132-156 dense rows: one padded size; eager (first sighting), capture, replays
+        ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
+        labels = ids.clone()
+        labels[:, :context] = -100
+        monkeypatch.setattr(state_mod, "CUDA_GRAPHS", False)
+        captured = state.captures
+        eager_loss, eager_grads = _step(model, ids, labels)
+        assert state.captures == captured
+        monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
         loss, grads = _step(model, ids, labels)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         for name, g in eager_grads.items():
             assert _rel(grads[name], g) < 1e-4, name
-    # Once each: 3 MLPs x (forward without grad, its channel choice the prologue; backward; the
-    # recompute runs none), 2 attention layers x (QKV with the choice as prologue, QKV in the
-    # recompute (the choice made), QKV backward, O (forward = recompute), O backward).
-    captured = state._graphs.captures
-    assert captured == 3 * 2 + 2 * 5, captured
-    _step(model, ids, labels)
-    assert state._graphs.captures == captured
+        assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
+    if layer_graphs:
+        # A graph per sparse layer (1-3); passes: 3 MLPs x backward (the forward is in the layer's
+        # graph, the recompute runs none), 2 attention layers x (QKV and O in the recompute, each
+        # backward).
+        assert (state._layer_graphs.captures, state._graphs.captures) == (3, 3 * 1 + 2 * 4)
+    else:
+        # 3 MLPs x (forward without grad, its channel choice the prologue; backward; the recompute
+        # runs none), 2 attention layers x (QKV with the choice as prologue, QKV in the recompute
+        # (the choice made), QKV backward, O (forward = recompute), O backward).
+        assert (state._layer_graphs.captures, state._graphs.captures) == (0, 3 * 2 + 2 * 5)

@@ -141,6 +141,20 @@ def test_least_recently_used_buckets_are_dropped():
     assert len(runner) == 2
 
 
+def test_calls_without_token_rows_are_bucketed_by_shape_and_dropped_with_their_buffers():
+    """A layer graph's inputs cannot be padded: each input shape is a bucket of its own, and the
+    buffers of a dropped shape are freed (only the kept graphs' remain)."""
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1, max_buckets=2)
+    for n, captures in ((5, 1), (6, 2), (5, 2), (7, 3), (6, 4)):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        (y,) = runner(_times, (x,), (w,))
+        assert torch.equal(y, x @ w)
+        assert runner.captures == captures, n
+    assert len(runner) == 2
+    assert sorted(t.shape[0] for t in runner._store.values()) == [6, 6, 7, 7]     # an input and an output each
+
+
 def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
     w = torch.randn(4, 4, dtype=torch.float64)
     runner = CPUGraphs(capture_at=1)
@@ -252,6 +266,7 @@ def test_training_steps_through_the_fast_path_with_graphs_equal_eager(monkeypatc
         state.callback_attached = True
     monkeypatch.setattr(state_mod.SparseState, "runner",
                         lambda self, t: runner if self is graph_state else state_mod.run_eager)
+    monkeypatch.setattr(state_mod, "LAYER_GRAPHS", False)    # each pass through the runner (test_layer_graphs.py)
     for model in models:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()

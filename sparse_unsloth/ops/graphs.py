@@ -150,8 +150,9 @@ class GraphRunner:
     is seen (a batch shape that never comes back costs no capture), then is captured after one
     eager warm-up (Triton compiles, cuBLAS workspaces) and replayed. ``rows`` names the token-row
     inputs and outputs: those are padded to :func:`bucket` rows (and the outputs cut back). The
-    graphs of at most ``max_buckets`` buckets are kept, the least recently used dropped first.
-    ``captures`` counts the captures made.
+    graphs of at most ``max_buckets`` buckets are kept, the least recently used dropped first (a
+    call without token rows cannot be padded: its inputs' exact shapes are its bucket), with the
+    buffers no kept graph reads. ``captures`` counts the captures made.
 
     While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
     straight into them (returning them); anything else it returns is copied in. The results
@@ -164,7 +165,7 @@ class GraphRunner:
         self.max_buckets = max_buckets
         self.captures = 0
         self._slots: dict[Any, _Slot] = {}
-        self._buckets: collections.OrderedDict[int, list] = collections.OrderedDict()   # rows -> slot keys
+        self._buckets: collections.OrderedDict[Any, list] = collections.OrderedDict()   # bucket -> slot keys
         self._seen: collections.Counter[tuple] = collections.Counter()
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
         self._store: dict[tuple, torch.Tensor] = {}     # every buffer is the first rows of one of these
@@ -180,6 +181,7 @@ class GraphRunner:
                               for i, t in enumerate(inputs)),
                     shapes, tuple(row_in), tuple(row_out),
                     torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        group = n if row_in else slot_key[1]
         slot = self._slots.get(slot_key)
         graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
@@ -188,13 +190,13 @@ class GraphRunner:
                 return run_eager(fn, inputs, consts, into=into)
             if slot is None:
                 slot = self._slots[slot_key] = self._slot(inputs, row_in, n or 0)
-                self._buckets.setdefault(n or 0, []).append(slot_key)
+                self._buckets.setdefault(group, []).append(slot_key)
             slot.load(inputs)
             graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, row_out, into)
             self.captures += 1
         else:
             slot.load(inputs)
-        self._buckets.move_to_end(n or 0)
+        self._buckets.move_to_end(group)
         graph.replay()
         if self._regrown:
             self._prune()
@@ -301,18 +303,25 @@ class GraphRunner:
             for key in list(keys):
                 slot = self._slots[key]
                 if any(b is not None and b._base is not None and id(b._base) not in live
-                       for b in (*slot.inputs, *(slot.outputs or ()))):
+                       for b in self._buffers_of(slot)):
                     del self._slots[key]
                     keys.remove(key)
             if not keys:
                 del self._buckets[n]
         self._regrown = False
 
-    def _drop(self, buckets: Sequence[int]) -> None:
+    def _drop(self, buckets: Sequence[Any]) -> None:
         for n in buckets:
             for key in self._buckets.pop(n):
                 del self._slots[key]
         self._seen.clear()
+        # Free the tensors that no kept slot reads (exact-shape buffers of a dropped shape).
+        read = {id(b if b._base is None else b._base) for slot in self._slots.values() for b in self._buffers_of(slot)}
+        self._store = {key: t for key, t in self._store.items() if id(t) in read}
+
+    @staticmethod
+    def _buffers_of(slot: _Slot) -> list[torch.Tensor]:
+        return [b for b in (*slot.inputs, *(slot.outputs or ())) if b is not None]
 
     def __len__(self) -> int:
         return sum(len(slot.graphs) for slot in self._slots.values())

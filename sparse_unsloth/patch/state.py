@@ -33,6 +33,11 @@ from .models import AttentionGeometry
 # The sparse work of CUDA tensors runs as replayed CUDA graphs (ops/graphs.py); 0 runs it
 # eagerly, kernel by kernel (a debugging aid: slower, same results up to GEMM kernel choice).
 CUDA_GRAPHS = os.environ.get("SPARSE_UNSLOTH_CUDA_GRAPHS", "1") != "0"
+# With CUDA graphs, a sparse decoder layer's no-grad forward (a checkpointed layer's) is one graph
+# of its own (patch/layer_graphs.py); 0 replays its passes one by one (to measure the difference).
+LAYER_GRAPHS = os.environ.get("SPARSE_UNSLOTH_LAYER_GRAPHS", "1") != "0"
+# Input shapes whose layer graphs are kept (each shape: a graph per sparse layer and two buffers).
+LAYER_GRAPH_SHAPES = 4
 DENSE_ROWS_STEP = 64
 
 
@@ -262,6 +267,7 @@ class BatchRecord:
         self.writes: dict[tuple, int] = {}
         self.finished = False        # a backward through this forward's outputs has ended
         self.dense_rows: torch.Tensor | None = None     # placed by SparseState.dense_rows
+        self.inputs: dict[Any, torch.Tensor] = {}        # placed by SparseState.vote_inputs
 
     def keep_copy(self, key: tuple) -> None:
         """Copy what this record holds in the buffer ``key`` out of it (a later forward takes it)."""
@@ -330,8 +336,11 @@ class SparseState:
         self._cast: dict[tuple[torch.device, torch.dtype], EstimatorFactors] = {}
         self._warned: set[str] = set()
         self._graphs = GraphRunner()
+        self._layer_graphs = GraphRunner(max_buckets=LAYER_GRAPH_SHAPES)
+        self.in_layer_graph = False          # a layer graph's body runs: its passes run eagerly inside
         self._captures_logged = 0
         self._buffers: dict[tuple, torch.Tensor] = {}        # see take()
+        self._inputs: dict[tuple, torch.Tensor] = {}         # see vote_inputs()
         self.owners: dict[tuple, BatchRecord] = {}           # whose indices each buffer holds
         self.writes: collections.Counter[tuple] = collections.Counter()
         self._entered: list[BatchRecord] = []
@@ -342,8 +351,8 @@ class SparseState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_captures_logged", "_buffers",
-                    "owners", "writes", "_entered", "skipped_output"):
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph",
+                    "_captures_logged", "_buffers", "_inputs", "owners", "writes", "_entered", "skipped_output"):
             state.pop(key)
         return state
 
@@ -452,6 +461,38 @@ class SparseState:
         self.check_intact(record, key)
         return record.dense_rows
 
+    def vote_inputs(self, record: BatchRecord, dtype: torch.dtype | None = None) -> tuple:
+        """(vote rows, and with ``dtype`` the sequence matrix in it) of ``record``'s split: what its
+        channel choices read (TokenSplit.vote_rows, .sequence_matrix).
+
+        Where CUDA graphs read them, they are copied (once per record) into buffers of their
+        shape that stay put: a layer graph (patch/layer_graphs.py) reads them where it read them
+        at its capture. Only a forward's choices read them, and forwards run one after another on
+        one stream, so one buffer per shape serves every record. Such a copy must not be made
+        inside a layer graph (it would copy the captured forward's tensors at every replay):
+        :meth:`place_inputs` makes it first.
+        """
+        split, inputs = record.split, record.inputs
+        for key in ("votes",) if dtype is None else ("votes", dtype):
+            if key not in inputs:
+                t = split.vote_rows if key == "votes" else split.sequence_matrix(dtype)
+                if self.in_place(t):
+                    if self.in_layer_graph:
+                        raise RuntimeError(f"sparse_unsloth: a layer graph would copy this forward's {key!r} "
+                                           "(placed before it for another dtype?); please report this")
+                    where = (t.shape, t.dtype, t.device)
+                    if where not in self._inputs:
+                        self._inputs[where] = torch.empty_like(t)
+                    t = self._inputs[where].copy_(t)
+                inputs[key] = t
+        return (inputs["votes"],) if dtype is None else (inputs["votes"], inputs[dtype])
+
+    def place_inputs(self, record: BatchRecord, dtype: torch.dtype) -> None:
+        """Put what ``record``'s choices and passes read per forward into its buffers now, before a
+        layer graph is captured or replayed (see :meth:`vote_inputs`)."""
+        self.dense_rows(record)
+        self.vote_inputs(record, dtype if self.config.ffn_seq_average else None)
+
     def record_for_call(self) -> BatchRecord | None:
         """The record a patched layer computes with now: in backward (a checkpointed layer's
         recompute, a sparse function's backward), the one of the forward being differentiated;
@@ -467,12 +508,26 @@ class SparseState:
         return self._backward
 
     def runner(self, t: torch.Tensor) -> Runner:
-        """How the sparse work on ``t``'s device runs: replayed CUDA graphs on the fast path's GPU,
-        eagerly elsewhere (the reference path keeps its indices in autograd's saved tensors, so
-        they must not live in buffers that a later forward rewrites)."""
+        """How the sparse work on ``t``'s device is made to run: replayed CUDA graphs on the fast
+        path's GPU, eagerly elsewhere (the reference path keeps its indices in autograd's saved
+        tensors, so they must not live in buffers that a later forward rewrites)."""
         if self.fast and t.is_cuda and CUDA_GRAPHS:
             return self._graphs
         return run_eager
+
+    def pass_runner(self, t: torch.Tensor) -> Runner:
+        """How a sparse pass on ``t`` runs now: eagerly inside a layer graph's body (that graph
+        records it; graphs do not nest), else as :meth:`runner` says."""
+        return run_eager if self.in_layer_graph else self.runner(t)
+
+    def layer_runner(self, t: torch.Tensor) -> GraphRunner | None:
+        """The runner of the layer graphs on ``t``'s device (None: layers run pass by pass)."""
+        return self._layer_graphs if LAYER_GRAPHS and self.in_place(t) else None
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far, of passes and of layers."""
+        return self._graphs.captures + self._layer_graphs.captures
 
     def in_place(self, t: torch.Tensor) -> bool:
         """Whether indices for ``t``'s device go into the shared buffers (:meth:`take`): only for
@@ -505,7 +560,7 @@ class SparseState:
         self.stats[f"{kind}_total"] += total
 
     def reset_stats(self) -> None:
-        self._captures_logged = self._graphs.captures
+        self._captures_logged = self.captures
         self.stats = {"batches": 0, "forwards": 0, "dense_tokens": 0, "tokens": 0, "estimator_s": 0.0,
                       "mlp_kept": 0, "mlp_total": 0, "attn_kept": 0, "attn_total": 0}
 
@@ -525,8 +580,8 @@ class SparseState:
                 out["sparse/attn_kept_frac"] = s["attn_kept"] / s["attn_total"]
             # Captures happen for each new bucket of batch shape: a count that keeps growing means
             # the batches' token counts span more buckets than the runner keeps.
-            if self._graphs.captures:
-                out["sparse/graph_captures"] = self._graphs.captures - self._captures_logged
+            if self.captures:
+                out["sparse/graph_captures"] = self.captures - self._captures_logged
         self.reset_stats()
         return out
 
@@ -568,7 +623,7 @@ class LayerSparsity:
         if pending is not None:
             start = time.perf_counter()
             with torch.no_grad():
-                pending.now(hidden.detach(), self.state.runner(hidden))
+                pending.now(hidden.detach(), self.state.pass_runner(hidden))
             self.state.stats["estimator_s"] += time.perf_counter() - start
         return choice
 
@@ -579,14 +634,14 @@ class LayerSparsity:
         return torch.empty(size, dtype=torch.long, device=hidden.device)
 
     def _plan_mlp(self, hidden: torch.Tensor, record: BatchRecord) -> tuple[MLPChoice, PendingChoice]:
-        state, split = self.state, record.split
+        state = self.state
         f = state.factors_like(hidden)
         gate, up = f[f"{self.layer}.gate_proj"], f[f"{self.layer}.up_proj"]
         keep = kept_count(gate[1].shape[1], self.mlp_sparsity)
         average = state.config.ffn_seq_average
-        sequences = split.sequence_matrix(hidden.dtype) if average else None
         buffer = self._buffer("mlp", record, keep, hidden)
-        return MLPChoice(buffer), PendingChoice(choose_mlp, (split.vote_rows, sequences),
+        votes = state.vote_inputs(record, hidden.dtype if average else None)
+        return MLPChoice(buffer), PendingChoice(choose_mlp, (votes[0], votes[1] if average else None),
                                                 (*gate, *up, keep, average), buffer)
 
     def attn_kept(self) -> int:
@@ -600,7 +655,7 @@ class LayerSparsity:
         sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
         buffer = self._buffer("attn", record, sum(s[0] for s in sizes), hidden)
         return (AttnChoice(buffer, *unpacked(buffer, sizes)),
-                PendingChoice(choose_attn, (record.split.vote_rows,),
+                PendingChoice(choose_attn, state.vote_inputs(record),
                               (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep), buffer))
 
     def count(self, record: BatchRecord, kind: str) -> None:

@@ -9,7 +9,9 @@ the dense warm-up, eval and generation run Unsloth untouched (bit-identical, and
 Unsloth's compiled decoder block as before), the sparse functions only exist in the block while
 they are used, and between calls the model copies and pickles as an unpatched one. Our
 functions are one per kind for every layer (the MLP's bound as a method, as Unsloth binds its
-own): Dynamo guards on them, so the block is not recompiled for each layer.
+own): Dynamo guards on them, so the block is not recompiled for each layer. Its ``forward``
+becomes a :class:`~.layer_graphs.LayerGraph`: a sparse forward without grad (a checkpointed
+layer's) replays as one CUDA graph; any other call runs the layer's own forward.
 
 Our sparse functions are torch ops, each with its backward op (``sparse_unsloth::lora_mlp``,
 ``lora_qkv``, ``lora_o``): Dynamo traces a call to one into Unsloth's compiled block, as it does
@@ -41,6 +43,7 @@ from ..ops.fast_attn import o_backward, o_forward, qkv_backward, qkv_forward
 from ..ops.fast_mlp import mlp_backward, mlp_forward
 from ..ops.lora_swiglu import swiglu_backward, swiglu_forward
 from ..ops.sparse_mm import LoRAProj, lora_grads_unpacked
+from .layer_graphs import LayerGraph
 from .models import ATTN_PROJS, MLP_PROJS, decoder_layers, frozen_linear, weight_getter
 from .reference import remove_hooks
 from .state import BatchRecord, IndicesNow, LayerSparsity
@@ -193,7 +196,7 @@ def _pick(module: nn.Module, x: torch.Tensor, kind: str, defer: bool):
 
 
 def _runner(self: nn.Module, x: torch.Tensor):
-    return self.__dict__[_CTL].state.runner(x)
+    return self.__dict__[_CTL].state.pass_runner(x)
 
 
 # The ops below find their module by the storage of one of its LoRA A factors: a tensor that
@@ -529,6 +532,9 @@ def patch_layer(layer: nn.Module, ctl: LayerSparsity) -> None:
         module.__dict__.setdefault(_SPARSE, {})[name] = sparse
     layer.__dict__[_CTL] = ctl
     layer.__dict__[_SWITCHES] = [(module_name, name) for module_name, name, _ in switches]
+    if switches:
+        kinds = tuple(dict.fromkeys(_KINDS[module_name] for module_name, _, _ in switches))
+        layer.__dict__["forward"] = LayerGraph(layer, ctl, kinds, layer.__dict__.get("forward"))
     layer.register_forward_pre_hook(Flip())
     layer.register_forward_hook(Unflip())
 
@@ -542,6 +548,9 @@ def unpatch_layer(layer: nn.Module) -> None:
     if switches is None:
         return
     remove_hooks(layer, (Flip, Unflip))
+    graph = layer.__dict__.pop("forward", None)
+    if isinstance(graph, LayerGraph) and graph.original is not None:
+        layer.__dict__["forward"] = graph.original
     for module_name, name in switches:
         module = _submodule(layer, module_name)
         _set(module, name, module.__dict__[_ORIGINAL][name])

@@ -1,0 +1,108 @@
+"""A sparse decoder layer's no-grad forward replayed as one graph (patch/layer_graphs.py), on the CPU.
+
+The graphs are tapes of the aten ops their capture ran (helpers.cpu_tape_graphs): a replay runs
+those ops and no Python, as a CUDA graph does, so a side effect the layer graph does not redo
+before a replay, or a per-forward tensor read inside the capture, shows as different gradients,
+a choice made again in backward, or different statistics.
+"""
+
+import copy
+import dataclasses
+import importlib
+
+import pytest
+import torch
+from helpers import assert_same_grads, cpu_graphs, cpu_tape_graphs, tiny_lora_model, token_batch, train_step
+
+import sparse_unsloth as su
+from sparse_unsloth.patch import unsloth_fast
+from sparse_unsloth.patch.layer_graphs import LayerGraph
+
+sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
+MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.8}, estimator_rank=3)   # HF attention skips apply_qkv
+
+
+def _pair(monkeypatch, config=MLP_ONLY, reentrant=True):
+    """Two copies of one checkpointed sparse model on the fast path, their indices in place as with
+    CUDA graphs: the first with layer graphs, the second pass by pass."""
+    base = tiny_lora_model("llama")
+    base.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    base.enable_input_require_grads()
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
+    models = [su.sparsify(copy.deepcopy(base), config, progress=False) for _ in range(2)]
+    layered, plain = (su.sparse_state(m) for m in models)
+    for state in (layered, plain):
+        state.callback_attached = True
+        runner = cpu_graphs()
+        monkeypatch.setattr(state, "runner", lambda _t, runner=runner: runner)
+    layered._layer_graphs = cpu_tape_graphs(max_buckets=layered._layer_graphs.max_buckets)
+    monkeypatch.setattr(plain, "layer_runner", lambda _t: None)
+    return models, layered
+
+
+def _stats(models):
+    """Each model's statistics since the last call, but the graph captures (they differ by design)."""
+    found = [su.sparse_state(m).pop_stats() for m in models]
+    for stats in found:
+        stats.pop("sparse/graph_captures", None)
+    return found
+
+
+@pytest.mark.parametrize("dense_rows", [True, False], ids=["output-tokens-dense", "all-sparse"])
+def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monkeypatch):
+    """Steps of one shape, their label splits, tokens and so channels differing: the first runs
+    each layer's body, the second captures and replays it, the rest replay; every step gives the
+    pass-by-pass step's loss, gradients and statistics, and no choice is made in backward."""
+    models, layered = _pair(monkeypatch, dataclasses.replace(MLP_ONLY, dense_output_tokens=dense_rows))
+    for step, context in enumerate((6, 4, 8, 5)):
+        ids, labels = token_batch(seed=10 + step, context=context)
+        (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
+        stats, want_stats = _stats(models)
+        assert stats == want_stats and stats["sparse/active"] == 1.0
+        assert layered.stats["estimator_s"] == 0.0         # no choice was made again in backward
+    assert layered._layer_graphs.captures == 3                 # one per sparse layer, at the second step
+    assert layered._layer_graphs.replays == 3 * 3
+    for model in models:                                       # a forward that no backward recomputes
+        model(input_ids=ids, labels=labels)
+    stats, want_stats = _stats(models)
+    assert stats == want_stats and stats["sparse/active"] == 1.0 and layered._layer_graphs.replays == 4 * 3
+    dense_loss, _ = train_step(tiny_lora_model("llama"), input_ids=ids, labels=labels)
+    assert abs(loss - dense_loss) > 1e-6                        # it ran sparse
+
+
+def test_two_forwards_then_one_backward_through_layer_graphs(monkeypatch):
+    """DPO's chosen and rejected forwards replayed, one loss: the second forward's choices take each
+    layer's buffer, the first keeps copies (made before the replay that overwrites the buffer)."""
+    models, layered = _pair(monkeypatch)
+    model = models[0]
+    a, la = token_batch(seed=1)
+    b, lb = token_batch(seed=2, context=3)
+    for _ in range(2):                              # body, then captured: the next forwards replay
+        train_step(model, input_ids=a, labels=la)
+    _, grads_a = train_step(model, input_ids=a, labels=la)
+    _, grads_b = train_step(model, input_ids=b, labels=lb)
+    replays = layered._layer_graphs.replays
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss
+    loss.backward()
+    assert layered._layer_graphs.replays == replays + 2 * 3
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
+
+
+def test_only_sparse_no_grad_forwards_take_the_layer_graphs(monkeypatch):
+    """Without checkpointing the forward keeps its graph (autograd), so layers run pass by pass; a
+    patched layer's forward is a LayerGraph, and unsparsify puts the layer's own back."""
+    models, layered = _pair(monkeypatch)
+    model = models[0]
+    model.base_model.model.gradient_checkpointing_disable()
+    ids, labels = token_batch()
+    for _ in range(3):
+        train_step(model, input_ids=ids, labels=labels)
+    assert layered._layer_graphs.captures == 0 and len(layered._layer_graphs._seen) == 0
+    layers = model.base_model.model.model.layers
+    assert all(isinstance(layer.__dict__["forward"], LayerGraph) for layer in layers)
+    su.unsparsify(model)
+    assert all("forward" not in layer.__dict__ for layer in layers)
