@@ -669,8 +669,9 @@ def child_unsloth(args) -> dict:
     estimator = random_factors(model, config) if args.estimator == "random" else None
     from sparse_unsloth.patch import state as state_mod
 
-    variants = [("sparse", True, True, False)] + ([("sparse_eager", False, False, False)] if args.eager_too else [])
-    variants += [("sparse_passes", True, False, False)] if args.passes_too else []
+    # Pass by pass first: a variant that fails takes the process, and the ones after it, down.
+    variants = [("sparse_passes", True, False, False)] if args.passes_too else []
+    variants += [("sparse", True, True, False)] + ([("sparse_eager", False, False, False)] if args.eager_too else [])
     variants += [("sparse_gc_frozen", True, True, True)] if args.gc_frozen_too else []
     for name, graphs, layer_graphs, frozen in variants:
         state_mod.CUDA_GRAPHS = graphs    # read at every call
