@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch._library import custom_ops
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ALL_PROJS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -113,9 +116,16 @@ def cuda_subset(gen, n, k):
     return torch.randperm(n, device="cuda", generator=gen)[:k].sort().values
 
 
-def cpu_graphs(**kw):
-    """A GraphRunner whose "graph" calls its body again (only its two CUDA steps replaced), so that
-    its bookkeeping runs on the CPU; ``.replays`` counts the replays."""
+def cpu_graphs(tape: bool = False, **kw):
+    """A GraphRunner with its two CUDA steps replaced, so that its bookkeeping runs on the CPU;
+    ``.replays`` counts the replays.
+
+    Its "graph" calls the body again, or with ``tape`` is a tape of the aten ops its capture ran:
+    a replay then runs those ops again on the same tensors and no Python of ours (our ops are
+    taped by what they run inside). So, as on a GPU, a replay misses a side effect that the caller
+    does not redo, and a copy of a per-call tensor taped at the capture reads that tensor again
+    at every replay.
+    """
     import types
 
     from sparse_unsloth.ops.graphs import GraphRunner
@@ -130,70 +140,42 @@ def cpu_graphs(**kw):
                 return fn(*inputs, *consts)
 
         def _record(self, body, device):
+            if tape:
+                recorded = _Tape()
+                with torch.no_grad(), recorded:
+                    body()
+                body = recorded.replay
+
             def replay():
                 self.replays += 1
-                body()
+                with torch.no_grad():
+                    body()
             return types.SimpleNamespace(replay=replay)
 
     return CPUGraphs(**kw)
 
 
+class _Tape(TorchDispatchMode):
+    """The aten ops run while active, to run again (see :func:`cpu_graphs`)."""
 
-def cpu_tape_graphs(**kw):
-    """A GraphRunner whose "graph" is a tape of the aten ops its capture ran (only its two CUDA
-    steps replaced): a replay runs those ops again on the same tensors and nothing else, no Python
-    of ours (our ops are taped by what they run inside). So, as on a GPU, a replay misses a side
-    effect that the caller does not redo, and a copy of a per-call tensor taped at the capture
-    reads that tensor again at every replay. ``.replays`` counts the replays."""
-    import types
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
 
-    from torch._library import custom_ops
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "sparse_unsloth":        # tape what our op runs, as a graph would
+            with self:
+                return custom_ops.OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise RuntimeError("a host sync inside a CUDA graph capture")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
 
-    from sparse_unsloth.ops.graphs import GraphRunner
-
-    class Tape(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func.namespace == "sparse_unsloth":        # tape what our op runs, as a graph would
-                with self:
-                    return custom_ops.OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-            if func is torch.ops.aten._local_scalar_dense.default:
-                raise RuntimeError("a host sync inside a CUDA graph capture")
-            out = func(*args, **kwargs)
-            self.ops.append((func, args, kwargs, out))
-            return out
-
-        def replay(self) -> None:
-            for func, args, kwargs, out in self.ops:
-                new = func(*args, **kwargs)
-                for o, n in zip(tree_leaves(out), tree_leaves(new)):
-                    if isinstance(o, torch.Tensor) and o.data_ptr() != n.data_ptr():
-                        o.copy_(n)
-
-    class TapeGraphs(GraphRunner):
-        def __init__(self, **kw) -> None:
-            super().__init__(**kw)
-            self.replays = 0
-
-        def _warm_up(self, fn, inputs, consts, device):
-            with torch.no_grad():
-                return fn(*inputs, *consts)
-
-        def _record(self, body, device):
-            tape = Tape()
-            with torch.no_grad(), tape:
-                body()
-
-            def replay():
-                self.replays += 1
-                with torch.no_grad():
-                    tape.replay()
-            return types.SimpleNamespace(replay=replay)
-
-    return TapeGraphs(**kw)
+    def replay(self) -> None:
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            for o, n in zip(tree_leaves(out), tree_leaves(new)):
+                if isinstance(o, torch.Tensor) and o.data_ptr() != n.data_ptr():
+                    o.copy_(n)

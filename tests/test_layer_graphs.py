@@ -1,6 +1,6 @@
 """A sparse decoder layer's no-grad forward replayed as one graph (patch/layer_graphs.py), on the CPU.
 
-The graphs are tapes of the aten ops their capture ran (helpers.cpu_tape_graphs): a replay runs
+The graphs are tapes of the aten ops their capture ran (helpers.cpu_graphs): a replay runs
 those ops and no Python, as a CUDA graph does, so a side effect the layer graph does not redo
 before a replay, or a per-forward tensor read inside the capture, shows as different gradients,
 a choice made again in backward, or different statistics.
@@ -12,7 +12,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_same_grads, cpu_graphs, cpu_tape_graphs, tiny_lora_model, token_batch, train_step
+from helpers import assert_same_grads, cpu_graphs, tiny_lora_model, token_batch, train_step
 
 import sparse_unsloth as su
 from sparse_unsloth.patch import unsloth_fast
@@ -35,7 +35,7 @@ def _pair(monkeypatch, config=MLP_ONLY, reentrant=True):
         state.callback_attached = True
         runner = cpu_graphs()
         monkeypatch.setattr(state, "runner", lambda _t, runner=runner: runner)
-    layered._layer_graphs = cpu_tape_graphs(max_buckets=layered._layer_graphs.max_buckets)
+    layered._layer_graphs = cpu_graphs(tape=True, max_buckets=layered._layer_graphs.max_buckets)
     monkeypatch.setattr(plain, "layer_runner", lambda _t: None)
     return models, layered
 
