@@ -106,3 +106,29 @@ def test_only_sparse_no_grad_forwards_take_the_layer_graphs(monkeypatch):
     assert all(isinstance(layer.__dict__["forward"], LayerGraph) for layer in layers)
     su.unsparsify(model)
     assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_a_layer_graph_that_cannot_be_captured_leaves_the_layers_pass_by_pass(monkeypatch):
+    """A capture that CUDA refuses (a host sync in some version of Unsloth's block, say) is a
+    warning, not a stopped training: that forward and the later ones run pass by pass, with the
+    pass-by-pass step's results."""
+    models, layered = _pair(monkeypatch)
+    runner = layered._layer_graphs
+
+    def refused(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner, "_record", refused)
+    for step in range(3):
+        ids, labels = token_batch(seed=20 + step)
+        if step == 1:
+            with pytest.warns(UserWarning, match="could not be captured as one CUDA graph"):
+                (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        else:
+            (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
+        stats, want_stats = _stats(models)
+        assert stats == want_stats
+    assert runner.captures == 0 and "operation not permitted" in layered.layer_graphs_failed
+    assert layered.layer_runner(ids) is None

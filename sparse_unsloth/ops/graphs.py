@@ -111,6 +111,10 @@ def _padded_shape(t: torch.Tensor, n: int | None) -> tuple:
     return ((n, *t.shape[1:]) if n is not None else tuple(t.shape)), t.dtype, t.device
 
 
+class CaptureFailed(RuntimeError):
+    """A function could not be recorded as a CUDA graph (nothing of it was kept)."""
+
+
 class _Slot:
     """The buffers that every graph of one function over one shape reads and writes (views of
     the runner's shared tensors), and those graphs by their consts."""
@@ -254,7 +258,10 @@ class GraphRunner:
                 if buf is not None and out.data_ptr() != buf.data_ptr():
                     buf.copy_(out)
 
-        graph = self._record(body, device)
+        try:
+            graph = self._record(body, device)
+        except RuntimeError as e:       # e.g. a host sync in fn: CUDA refuses it while capturing
+            raise CaptureFailed(f"capturing {fn.__name__} failed: {e}") from e
         graph.outputs = outputs
         return graph
 

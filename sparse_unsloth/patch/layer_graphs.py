@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ops.graphs import CaptureFailed
 from .state import LayerSparsity
 
 _PLAIN = (type(None), bool, int, float, str)
@@ -116,7 +117,18 @@ class LayerGraph:
         keys = [record.dense_rows, *record.inputs.values(), *(record.choices[layer, k].buffer for k in kinds),
                 *(field for k in kinds for proj in record.projections[layer, k].values() for field in proj)]
         spec = (kinds, len(inputs), len(consts), args_spec, kwargs_spec)
-        out = runner(_layer_body, (hidden, *inputs), (*consts, *keys, spec, self))
+        try:
+            out = runner(_layer_body, (hidden, *inputs), (*consts, *keys, spec, self))
+        except CaptureFailed as e:
+            # A speed-up that cannot be had must not stop the training: from now on the layers run
+            # pass by pass (as with SPARSE_UNSLOTH_LAYER_GRAPHS=0), this one too, its choices made
+            # again there.
+            state.layer_graphs_failed = str(e)
+            state._warn_once(f"a sparse decoder layer's forward could not be captured as one CUDA graph ({e}); "
+                             "sparse layers now run pass by pass (slower, the same results). Please report this")
+            for kind in kinds:
+                record.choices.pop((layer, kind), None)
+            return self.forward(*args, **kwargs)
         return out[0] if self.returns_tensor else out
 
     def body(self, kinds: tuple[str, ...], args: tuple, kwargs: dict) -> tuple:

@@ -338,6 +338,7 @@ class SparseState:
         self._graphs = GraphRunner()
         self._layer_graphs = GraphRunner(max_buckets=LAYER_GRAPH_SHAPES)
         self.in_layer_graph = False          # a layer graph's body runs: its passes run eagerly inside
+        self.layer_graphs_failed: str | None = None     # why a layer graph could not be captured
         self._captures_logged = 0
         self._buffers: dict[tuple, torch.Tensor] = {}        # see take()
         self._inputs: dict[tuple, torch.Tensor] = {}         # see vote_inputs()
@@ -351,7 +352,7 @@ class SparseState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph",
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph", "layer_graphs_failed",
                     "_captures_logged", "_buffers", "_inputs", "owners", "writes", "_entered", "skipped_output"):
             state.pop(key)
         return state
@@ -522,7 +523,9 @@ class SparseState:
 
     def layer_runner(self, t: torch.Tensor) -> GraphRunner | None:
         """The runner of the layer graphs on ``t``'s device (None: layers run pass by pass)."""
-        return self._layer_graphs if LAYER_GRAPHS and self.in_place(t) else None
+        if not LAYER_GRAPHS or self.layer_graphs_failed is not None:
+            return None
+        return self._layer_graphs if self.in_place(t) else None
 
     @property
     def captures(self) -> int:
