@@ -289,8 +289,15 @@ class GraphRunner:
                 graph.capture_begin(pool=self._streams[current.device][1], capture_error_mode="thread_local")
                 try:
                     body()
-                finally:
-                    graph.capture_end()
+                except BaseException:
+                    # End the capture, but raise the body's error: capture_end's own ("operation
+                    # failed due to a previous error during capture") would hide what failed.
+                    try:
+                        graph.capture_end()
+                    except RuntimeError:
+                        pass
+                    raise
+                graph.capture_end()
             current.wait_stream(stream)
         return _Recorded(graph)
 
