@@ -132,3 +132,31 @@ def test_a_layer_graph_that_cannot_be_captured_leaves_the_layers_pass_by_pass(mo
         assert stats == want_stats
     assert runner.captures == 0 and "operation not permitted" in layered.layer_graphs_failed
     assert layered.layer_runner(ids) is None
+
+
+def test_a_copy_of_the_votes_inside_a_layer_graph_is_an_error(monkeypatch):
+    """The vote rows are placed before a layer graph runs; a copy asked for inside one would be
+    taped with this forward's tensors and read at every replay, so it is refused."""
+    _, layered = _pair(monkeypatch)
+    ids, labels = token_batch()
+    layered.begin_batch(labels, ids.shape, ids.device, training=True)
+    record = layered.current
+    layered.place_inputs(record, torch.float64)
+    votes, sequences = layered.vote_inputs(record, torch.float64)
+    assert torch.equal(votes, record.split.vote_rows) and votes is not record.split.vote_rows
+    assert torch.equal(sequences, record.split.sequence_matrix(torch.float64))
+    layered.in_layer_graph = True
+    with pytest.raises(RuntimeError, match="would copy this forward's"):
+        layered.vote_inputs(record, torch.float32)
+
+
+def test_unsparsify_puts_back_an_instance_forward_the_layer_had(monkeypatch):
+    model = tiny_lora_model("llama")
+    layers = model.base_model.model.model.layers
+    own = layers[0].forward
+    layers[0].__dict__["forward"] = own            # as accelerate's hooks leave it
+    monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
+    su.sparsify(model, MLP_ONLY, progress=False)
+    assert isinstance(layers[0].__dict__["forward"], LayerGraph) and layers[0].__dict__["forward"].original is own
+    su.unsparsify(model)
+    assert layers[0].__dict__["forward"] is own and "forward" not in layers[1].__dict__

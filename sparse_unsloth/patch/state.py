@@ -352,8 +352,9 @@ class SparseState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph", "layer_graphs_failed",
-                    "_captures_logged", "_buffers", "_inputs", "owners", "writes", "_entered", "skipped_output"):
+        for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph",
+                    "layer_graphs_failed", "_captures_logged", "_buffers", "_inputs", "owners", "writes", "_entered",
+                    "skipped_output"):
             state.pop(key)
         return state
 
@@ -463,8 +464,8 @@ class SparseState:
         return record.dense_rows
 
     def vote_inputs(self, record: BatchRecord, dtype: torch.dtype | None = None) -> tuple:
-        """(vote rows, and with ``dtype`` the sequence matrix in it) of ``record``'s split: what its
-        channel choices read (TokenSplit.vote_rows, .sequence_matrix).
+        """(vote rows, the sequence matrix in ``dtype`` or None without one) of ``record``'s split:
+        what its channel choices read (TokenSplit.vote_rows, .sequence_matrix).
 
         Where CUDA graphs read them, they are copied (once per record) into buffers of their
         shape that stay put: a layer graph (patch/layer_graphs.py) reads them where it read them
@@ -486,7 +487,7 @@ class SparseState:
                         self._inputs[where] = torch.empty_like(t)
                     t = self._inputs[where].copy_(t)
                 inputs[key] = t
-        return (inputs["votes"],) if dtype is None else (inputs["votes"], inputs[dtype])
+        return inputs["votes"], None if dtype is None else inputs[dtype]
 
     def place_inputs(self, record: BatchRecord, dtype: torch.dtype) -> None:
         """Put what ``record``'s choices and passes read per forward into its buffers now, before a
@@ -644,8 +645,7 @@ class LayerSparsity:
         average = state.config.ffn_seq_average
         buffer = self._buffer("mlp", record, keep, hidden)
         votes = state.vote_inputs(record, hidden.dtype if average else None)
-        return MLPChoice(buffer), PendingChoice(choose_mlp, (votes[0], votes[1] if average else None),
-                                                (*gate, *up, keep, average), buffer)
+        return MLPChoice(buffer), PendingChoice(choose_mlp, votes, (*gate, *up, keep, average), buffer)
 
     def attn_kept(self) -> int:
         return kept_count(self.state.geometry.head_dim, self.attn_sparsity)
@@ -658,7 +658,7 @@ class LayerSparsity:
         sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
         buffer = self._buffer("attn", record, sum(s[0] for s in sizes), hidden)
         return (AttnChoice(buffer, *unpacked(buffer, sizes)),
-                PendingChoice(choose_attn, state.vote_inputs(record),
+                PendingChoice(choose_attn, state.vote_inputs(record)[:1],
                               (*factors, geo.num_heads, geo.num_kv_heads, geo.head_dim, keep), buffer))
 
     def count(self, record: BatchRecord, kind: str) -> None:

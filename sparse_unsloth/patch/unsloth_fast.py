@@ -548,9 +548,9 @@ def unpatch_layer(layer: nn.Module) -> None:
     if switches is None:
         return
     remove_hooks(layer, (Flip, Unflip))
-    graph = layer.__dict__.pop("forward", None)
-    if isinstance(graph, LayerGraph) and graph.original is not None:
-        layer.__dict__["forward"] = graph.original
+    graph = layer.__dict__.get("forward")
+    if isinstance(graph, LayerGraph):            # the layer's own instance forward back, if it had one
+        _set(layer, "forward", _MISSING if graph.original is None else graph.original)
     for module_name, name in switches:
         module = _submodule(layer, module_name)
         _set(module, name, module.__dict__[_ORIGINAL][name])
