@@ -268,6 +268,7 @@ class BatchRecord:
         self.finished = False        # a backward through this forward's outputs has ended
         self.dense_rows: torch.Tensor | None = None     # placed by SparseState.dense_rows
         self.inputs: dict[Any, torch.Tensor] = {}        # placed by SparseState.vote_inputs
+        self.graphed: set[int] = set()      # layers whose forward ran as a graph (patch/layer_graphs.py)
 
     def keep_copy(self, key: tuple) -> None:
         """Copy what this record holds in the buffer ``key`` out of it (a later forward takes it)."""
