@@ -28,6 +28,7 @@ cached RoPE tables) are read in place, keyed by their storage; plain values key 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -252,11 +253,43 @@ class LayerGraph:
             with torch.enable_grad():
                 hidden = call.inputs[0].detach().requires_grad_()
                 args, kwargs = call.arguments(hidden)
-                # With the layer's hooks, which install our sparse functions for this call (this runs
-                # in backward, after the recompute's call has put the originals back); not through
-                # the layer's __call__, which would checkpoint it again.
-                out = self.layer._call_impl(*args, **kwargs)
-                out = out if isinstance(out, torch.Tensor) else out[0]
-                return torch.autograd.grad(out, (hidden, *call.params), dy, allow_unused=True)
+                with _fresh_leaves(self.layer, call.params, state.leaves) as leaves:
+                    # With the layer's hooks, which install our sparse functions for this call (this
+                    # runs in backward, after the recompute's call has put the originals back); not
+                    # through the layer's __call__, which would checkpoint it again.
+                    out = self.layer._call_impl(*args, **kwargs)
+                    out = out if isinstance(out, torch.Tensor) else out[0]
+                    return torch.autograd.grad(out, (hidden, *leaves), dy, allow_unused=True)
         finally:
             state.in_layer_graph = False
+
+
+@contextlib.contextmanager
+def _fresh_leaves(layer: nn.Module, params: list[torch.Tensor], cache: dict):
+    """``layer``'s trainable ``params`` replaced, while active, by other leaves on the same storage.
+
+    A parameter's gradient accumulator is one autograd node, alive while a graph through the
+    parameter is (the training step's is, around this backward), and it keeps the stream it was
+    made on: the training stream, outside any capture. A backward captured on the runner's stream
+    would wait on that stream, which CUDA refuses inside a capture (torch 2.11; later versions can
+    override it: ``set_override_stale_capture_stream``). The other leaves' accumulators live only
+    as long as this backward's graph, so a capture makes its own. They are kept in ``cache`` (by
+    the parameter's id, checked against its storage): the same objects each time, so that no
+    guard of a compiled block sees a new parameter.
+    """
+    wanted = {id(p) for p in params}
+    where = [(m, name) for m in layer.modules() for name, p in m._parameters.items() if id(p) in wanted]
+    originals = [m._parameters[name] for m, name in where]
+    by_id = {}
+    for p in originals:
+        leaf = cache.get(id(p))
+        if leaf is None or leaf.data_ptr() != p.data_ptr() or leaf.shape != p.shape or leaf.dtype != p.dtype:
+            leaf = cache[id(p)] = nn.Parameter(p.detach())
+        by_id[id(p)] = leaf
+    try:
+        for (m, name), p in zip(where, originals):
+            m._parameters[name] = by_id[id(p)]
+        yield [by_id[id(p)] for p in params]
+    finally:
+        for (m, name), p in zip(where, originals):
+            m._parameters[name] = p
