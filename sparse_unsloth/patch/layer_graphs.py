@@ -188,7 +188,7 @@ class LayerGraph:
         try:
             out = runner(_forward_body, inputs, (*consts, *self._keys(record, kinds), spec, self))
         except CaptureFailed as e:
-            self._failed(e)
+            self._failed(e, "forward")
             for kind in kinds:                          # made again, pass by pass
                 record.choices.pop((layer, kind), None)
             return self.forward(*args, **kwargs)
@@ -198,7 +198,7 @@ class LayerGraph:
     def _backward_graph(self, record, args: tuple, kwargs: dict):
         """The recompute of a layer whose forward ran as a graph: an output whose backward replays the
         graph of the layer's recompute and backward together."""
-        plan = self._plan(record, args, kwargs)
+        plan = None if self.ctl.state.backward_graphs_failed else self._plan(record, args, kwargs)
         if plan is None:
             return self.forward(*args, **kwargs)
         runner, kinds, inputs, consts, args_spec, kwargs_spec = plan
@@ -216,19 +216,23 @@ class LayerGraph:
             try:
                 return runner(_backward_body, (hidden, *inputs[1:], dy), graph_consts)
             except CaptureFailed as e:
-                self._failed(e)
+                self._failed(e, "backward")
                 return _backward_body(hidden, *inputs[1:], dy, *graph_consts)
 
         out = _Recomputed.apply(run, args[0], *params)
         return out if self.returns_tensor else (out,)
 
-    def _failed(self, error: CaptureFailed) -> None:
-        # A speed-up that cannot be had must not stop the training: from now on the layers run pass
-        # by pass (as with SPARSE_UNSLOTH_LAYER_GRAPHS=0), this call too.
+    def _failed(self, error: CaptureFailed, half: str) -> None:
+        # A speed-up that cannot be had must not stop the training: from now on that half of every
+        # sparse layer (a forward failing: all of it, as with SPARSE_UNSLOTH_LAYER_GRAPHS=0) runs
+        # pass by pass, this call too.
         state = self.ctl.state
-        state.layer_graphs_failed = str(error)
-        state._warn_once(f"a sparse decoder layer could not be captured as one CUDA graph ({error}); sparse "
-                         "layers now run pass by pass (slower, the same results). Please report this")
+        if half == "forward":
+            state.layer_graphs_failed = str(error)
+        state.backward_graphs_failed = str(error)
+        state._warn_once(f"a sparse decoder layer's {half} could not be captured as one CUDA graph ({error}); "
+                         f"the sparse layers' {'forward and backward' if half == 'forward' else 'backward'} now "
+                         "run pass by pass (slower, the same results). Please report this")
 
     def body(self, kinds: tuple[str, ...], args: tuple, kwargs: dict) -> tuple:
         """The layer's forward, its passes eager and its choices made in it (what a capture records)."""
