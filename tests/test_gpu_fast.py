@@ -335,7 +335,7 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
     state.callback_attached = True
     monkeypatch.setattr(state_mod, "LAYER_GRAPHS", layer_graphs)
     gen = torch.Generator().manual_seed(0)
-    for context in (96, 90, 93, 96, 91):   # 132-156 dense rows: one padded size; eager (first sighting), capture, replays
+    for context in (96, 90, 93, 96, 91):   # 132-156 dense rows: one padded size; first sighting, capture, replays
         ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
         labels = ids.clone()
         labels[:, :context] = -100
@@ -351,7 +351,8 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
         assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
     if layer_graphs:
         # Two graphs per sparse layer (1-3): its forward, its recompute and backward; the passes run
-        # inside them, none through the pass runner.
+        # inside them, none captured through the pass runner (the first step, a shape seen once,
+        # runs pass by pass: each pass's first sighting, eager).
         assert (state._layer_graphs.captures, state._graphs.captures) == (2 * 3, 0)
     else:
         # 3 MLPs x (forward without grad, its channel choice the prologue; backward; the recompute

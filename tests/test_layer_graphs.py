@@ -17,7 +17,7 @@ from helpers import assert_same_grads, cpu_graphs, tiny_lora_model, token_batch,
 
 import sparse_unsloth as su
 from sparse_unsloth.patch import unsloth_fast
-from sparse_unsloth.patch.layer_graphs import LayerGraph
+from sparse_unsloth.patch.layer_graphs import LayerGraph, _layout
 
 sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
 MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.8}, estimator_rank=3)   # HF attention skips apply_qkv
@@ -52,10 +52,13 @@ def _stats(models):
 @pytest.mark.parametrize("dense_rows", [True, False], ids=["output-tokens-dense", "all-sparse"])
 def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monkeypatch):
     """Steps of one shape, their label splits, tokens and so channels differing: the first runs
-    each layer's forward and backward bodies, the second captures and replays them, the rest
-    replay; every step gives the pass-by-pass step's loss, gradients and statistics, and no choice
-    is made in backward."""
+    pass by pass (a shape seen once), the second captures each layer's forward, and its backward at
+    once, and replays them, the rest replay; every step gives the pass-by-pass step's loss,
+    gradients and statistics, and no choice is made in backward."""
     models, layered = _pair(monkeypatch, dataclasses.replace(MLP_ONLY, dense_output_tokens=dense_rows))
+    bodies = []
+    body = LayerGraph.body
+    monkeypatch.setattr(LayerGraph, "body", lambda self, *a: bodies.append(self) or body(self, *a))
     for step, context in enumerate((6, 4, 8, 5)):
         ids, labels = token_batch(seed=10 + step, context=context)
         (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
@@ -64,6 +67,8 @@ def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monke
         stats, want_stats = _stats(models)
         assert stats == want_stats and stats["sparse/active"] == 1.0
         assert layered.stats["estimator_s"] == 0.0         # no choice was made again in backward
+        if step == 0:                                       # no layer's body ran
+            assert layered._layer_graphs.captures == 0 and bodies == []
     # A forward and a backward graph per sparse layer, captured at the second step, replayed since
     assert layered._layer_graphs.captures == 2 * 3
     assert layered._layer_graphs.replays == 2 * 3 * 3
@@ -189,3 +194,13 @@ def test_a_backward_graph_that_cannot_be_captured_is_run_as_its_body(monkeypatch
         assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
     assert runner.captures == 3 and runner.replays == 2 * 3
     assert "host sync" in layered.backward_graphs_failed and layered.layer_graphs_failed is None
+
+
+def test_a_tensor_argument_on_another_device_keeps_the_layer_pass_by_pass():
+    """What a layer reads of a host tensor at capture (a packed batch's lengths, say) would stay in
+    its graph as it was then: such a call has no layout, so the layer runs pass by pass."""
+    hidden = torch.zeros(2, 5, 4)
+    inputs, consts = [hidden], []
+    assert _layout(torch.zeros(2, 5, dtype=torch.long), hidden, inputs, consts) == ("input", 1)
+    assert _layout((torch.zeros(3, device="meta"), 1), hidden, inputs, consts) is None
+    assert len(inputs) == 2 and consts == []

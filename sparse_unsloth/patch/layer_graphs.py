@@ -46,6 +46,8 @@ def _layout(value: Any, hidden: torch.Tensor, inputs: list, consts: list):
     if isinstance(value, torch.Tensor):
         if value is hidden:
             return ("hidden",)
+        if value.device != hidden.device:
+            return None          # a host tensor that the layer reads at capture would stay as it was then
         if not value.is_floating_point() or (value.dim() >= 2 and value.shape[-2] == hidden.shape[-2]):
             inputs.append(value)
             return ("input", len(inputs) - 1)
@@ -161,8 +163,9 @@ class LayerGraph:
         args_spec = tuple(_layout(a, hidden, inputs, consts) for a in args)
         kwargs_spec = tuple((name, _layout(v, hidden, inputs, consts)) for name, v in kwargs.items())
         if None in args_spec or any(s is None for _, s in kwargs_spec):
-            state._warn_once("a decoder layer got an argument that its CUDA graph cannot take (not a tensor "
-                             "or plain value); such forwards run pass by pass (slower, same results)")
+            state._warn_once("a decoder layer got an argument that its CUDA graph cannot take (not a tensor on "
+                             "the hidden states' device or a plain value); such forwards run pass by pass "
+                             "(slower, same results)")
             return None
         return runner, kinds, inputs, consts, args_spec, kwargs_spec
 
@@ -186,9 +189,13 @@ class LayerGraph:
             self.ctl.count(record, kind)
         spec = (kinds, len(inputs), len(consts), 0, args_spec, kwargs_spec)
         try:
-            out = runner(_forward_body, inputs, (*consts, *self._keys(record, kinds), spec, self))
+            # An input shape seen for the first time runs pass by pass, whose passes replay graphs of
+            # padded shapes (a padding-free batch's token count rarely comes back).
+            out = runner(_forward_body, inputs, (*consts, *self._keys(record, kinds), spec, self), defer=True)
         except CaptureFailed as e:
             self._failed(e, "forward")
+            out = None
+        if out is None:
             for kind in kinds:                          # made again, pass by pass
                 record.choices.pop((layer, kind), None)
             return self.forward(*args, **kwargs)
@@ -213,8 +220,8 @@ class LayerGraph:
         graph_consts = (*consts, *self._keys(record, kinds), *params, spec, self)
 
         def run(hidden: torch.Tensor, dy: torch.Tensor) -> tuple:
-            try:
-                return runner(_backward_body, (hidden, *inputs[1:], dy), graph_consts)
+            try:   # its forward's graph was captured: this shape comes back
+                return runner(_backward_body, (hidden, *inputs[1:], dy), graph_consts, capture_at=1)
             except CaptureFailed as e:
                 self._failed(e, "backward")
                 return _backward_body(hidden, *inputs[1:], dy, *graph_consts)
