@@ -155,6 +155,23 @@ def test_calls_without_token_rows_are_bucketed_by_shape_and_dropped_with_their_b
     assert sorted(t.shape[0] for t in runner._store.values()) == [6, 6, 7, 7]     # an input and an output each
 
 
+def _scaled(x, scale, w, outs=None):
+    return (x @ w * scale,)
+
+
+def test_zero_dim_inputs_share_their_buffer_across_shapes():
+    """A 0-dim tensor argument (a packed batch's max length) is an input of every shape's graph, in
+    one buffer of its own: the second shape's slot reuses it."""
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    for n, s in ((5, 2.0), (6, 3.0), (5, 4.0)):
+        x, scale = torch.randn(n, 4, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+        (y,) = runner(_scaled, (x, scale), (w,))
+        assert torch.equal(y, x @ w * s)
+    assert runner.captures == 2
+    assert sum(t.dim() == 0 for t in runner._store.values()) == 1
+
+
 def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
     w = torch.randn(4, 4, dtype=torch.float64)
     runner = CPUGraphs(capture_at=1)

@@ -1,4 +1,5 @@
-"""A sparse decoder layer's no-grad forward replayed as one graph (patch/layer_graphs.py), on the CPU.
+"""A sparse decoder layer's no-grad forward, and its recompute with its backward, each replayed as
+one graph (patch/layer_graphs.py), on the CPU.
 
 The graphs are tapes of the aten ops their capture ran (helpers.cpu_graphs): a replay runs
 those ops and no Python, as a CUDA graph does, so a side effect the layer graph does not redo
@@ -16,7 +17,7 @@ from helpers import assert_same_grads, cpu_graphs, tiny_lora_model, token_batch,
 
 import sparse_unsloth as su
 from sparse_unsloth.patch import unsloth_fast
-from sparse_unsloth.patch.layer_graphs import LayerGraph
+from sparse_unsloth.patch.layer_graphs import LayerGraph, _layout
 
 sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
 MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.8}, estimator_rank=3)   # HF attention skips apply_qkv
@@ -51,9 +52,13 @@ def _stats(models):
 @pytest.mark.parametrize("dense_rows", [True, False], ids=["output-tokens-dense", "all-sparse"])
 def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monkeypatch):
     """Steps of one shape, their label splits, tokens and so channels differing: the first runs
-    each layer's body, the second captures and replays it, the rest replay; every step gives the
-    pass-by-pass step's loss, gradients and statistics, and no choice is made in backward."""
+    pass by pass (a shape seen once), the second captures each layer's forward, and its backward at
+    once, and replays them, the rest replay; every step gives the pass-by-pass step's loss,
+    gradients and statistics, and no choice is made in backward."""
     models, layered = _pair(monkeypatch, dataclasses.replace(MLP_ONLY, dense_output_tokens=dense_rows))
+    bodies = []
+    body = LayerGraph.body
+    monkeypatch.setattr(LayerGraph, "body", lambda self, *a: bodies.append(self) or body(self, *a))
     for step, context in enumerate((6, 4, 8, 5)):
         ids, labels = token_batch(seed=10 + step, context=context)
         (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
@@ -62,12 +67,15 @@ def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monke
         stats, want_stats = _stats(models)
         assert stats == want_stats and stats["sparse/active"] == 1.0
         assert layered.stats["estimator_s"] == 0.0         # no choice was made again in backward
-    assert layered._layer_graphs.captures == 3                 # one per sparse layer, at the second step
-    assert layered._layer_graphs.replays == 3 * 3
+        if step == 0:                                       # no layer's body ran
+            assert layered._layer_graphs.captures == 0 and bodies == []
+    # A forward and a backward graph per sparse layer, captured at the second step, replayed since
+    assert layered._layer_graphs.captures == 2 * 3
+    assert layered._layer_graphs.replays == 2 * 3 * 3
     for model in models:                                       # a forward that no backward recomputes
         model(input_ids=ids, labels=labels)
     stats, want_stats = _stats(models)
-    assert stats == want_stats and stats["sparse/active"] == 1.0 and layered._layer_graphs.replays == 4 * 3
+    assert stats == want_stats and stats["sparse/active"] == 1.0 and layered._layer_graphs.replays == 7 * 3
     dense_loss, _ = train_step(tiny_lora_model("llama"), input_ids=ids, labels=labels)
     assert abs(loss - dense_loss) > 1e-6                        # it ran sparse
 
@@ -87,7 +95,7 @@ def test_two_forwards_then_one_backward_through_layer_graphs(monkeypatch):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=a, labels=la).loss + model(input_ids=b, labels=lb).loss
     loss.backward()
-    assert layered._layer_graphs.replays == replays + 2 * 3
+    assert layered._layer_graphs.replays >= replays + 2 * 3        # the forwards; the first backward holds copies
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert_same_grads(got, {n: grads_a[n] + grads_b[n] for n in grads_a}, rtol=1e-10, atol=1e-13)
 
@@ -160,3 +168,39 @@ def test_unsparsify_puts_back_an_instance_forward_the_layer_had(monkeypatch):
     assert isinstance(layers[0].__dict__["forward"], LayerGraph) and layers[0].__dict__["forward"].original is own
     su.unsparsify(model)
     assert layers[0].__dict__["forward"] is own and "forward" not in layers[1].__dict__
+
+
+def test_a_backward_graph_that_cannot_be_captured_is_run_as_its_body(monkeypatch):
+    """The forward graphs captured, the backward's refused: that backward runs its body (recompute
+    and backward, pass by pass) with the same gradients; after it the forwards still replay their
+    graphs and the backwards run pass by pass."""
+    from sparse_unsloth.ops.graphs import CaptureFailed
+    from sparse_unsloth.patch import layer_graphs
+
+    models, layered = _pair(monkeypatch)
+    runner = layered._layer_graphs
+    capture = runner._capture
+
+    def refused(slot, fn, *args, **kwargs):
+        if fn is layer_graphs._backward_body:
+            raise CaptureFailed("capturing _backward_body failed: a host sync")
+        return capture(slot, fn, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_capture", refused)
+    for step in range(3):
+        ids, labels = token_batch(seed=30 + step)
+        (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
+    assert runner.captures == 3 and runner.replays == 2 * 3
+    assert "host sync" in layered.backward_graphs_failed and layered.layer_graphs_failed is None
+
+
+def test_a_tensor_argument_on_another_device_keeps_the_layer_pass_by_pass():
+    """What a layer reads of a host tensor at capture (a packed batch's lengths, say) would stay in
+    its graph as it was then: such a call has no layout, so the layer runs pass by pass."""
+    hidden = torch.zeros(2, 5, 4)
+    inputs, consts = [hidden], []
+    assert _layout(torch.zeros(2, 5, dtype=torch.long), hidden, inputs, consts) == ("input", 1)
+    assert _layout((torch.zeros(3, device="meta"), 1), hidden, inputs, consts) is None
+    assert len(inputs) == 2 and consts == []

@@ -161,7 +161,9 @@ class GraphRunner:
     While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
     straight into them (returning them); anything else it returns is copied in. The results
     come back as fresh tensors. ``into``: the caller's own tensors to write the results into
-    (each graph writes its own: per-layer results that live on), returned themselves.
+    (each graph writes its own: per-layer results that live on), returned themselves. A call's
+    ``capture_at`` overrides the runner's; ``defer``: a sighting before it runs nothing and returns
+    None (the caller has a cheaper way to run it than ``fn`` without a graph).
     """
 
     def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
@@ -176,7 +178,8 @@ class GraphRunner:
         self._regrown = False
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], rows: Rows = ((), ()),
-                 into: Sequence[torch.Tensor] = ()) -> Outputs:
+                 into: Sequence[torch.Tensor] = (), *, capture_at: int | None = None,
+                 defer: bool = False) -> Outputs | None:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
@@ -190,8 +193,8 @@ class GraphRunner:
         graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
             self._seen[slot_key, graph_key] += 1
-            if self._seen[slot_key, graph_key] < self.capture_at:
-                return run_eager(fn, inputs, consts, into=into)
+            if self._seen[slot_key, graph_key] < (capture_at or self.capture_at):
+                return None if defer else run_eager(fn, inputs, consts, into=into)
             if slot is None:
                 slot = self._slots[slot_key] = self._slot(inputs, row_in, n or 0)
                 self._buckets.setdefault(group, []).append(slot_key)
@@ -232,7 +235,7 @@ class GraphRunner:
         key = (*family, taken[family])
         taken[family] += 1
         old = self._store.get(key)
-        if old is None or old.shape[0] < shape[0]:
+        if old is None or (token_rows and old.shape[0] < shape[0]):   # else its family is its exact shape
             self._store[key] = torch.empty(shape, dtype=dtype, device=device)
             self._regrown |= old is not None
         store = self._store[key]

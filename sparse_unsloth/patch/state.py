@@ -268,6 +268,7 @@ class BatchRecord:
         self.finished = False        # a backward through this forward's outputs has ended
         self.dense_rows: torch.Tensor | None = None     # placed by SparseState.dense_rows
         self.inputs: dict[Any, torch.Tensor] = {}        # placed by SparseState.vote_inputs
+        self.graphed: set[int] = set()      # layers whose forward ran as a graph (patch/layer_graphs.py)
 
     def keep_copy(self, key: tuple) -> None:
         """Copy what this record holds in the buffer ``key`` out of it (a later forward takes it)."""
@@ -338,7 +339,9 @@ class SparseState:
         self._graphs = GraphRunner()
         self._layer_graphs = GraphRunner(max_buckets=LAYER_GRAPH_SHAPES)
         self.in_layer_graph = False          # a layer graph's body runs: its passes run eagerly inside
-        self.layer_graphs_failed: str | None = None     # why a layer graph could not be captured
+        self.layer_graphs_failed: str | None = None     # why a layer's forward graph could not be captured
+        self.backward_graphs_failed: str | None = None  # why a layer's forward or backward one could not
+        self.leaves: dict[int, torch.nn.Parameter] = {}   # see layer_graphs._fresh_leaves
         self._captures_logged = 0
         self._buffers: dict[tuple, torch.Tensor] = {}        # see take()
         self._inputs: dict[tuple, torch.Tensor] = {}         # see vote_inputs()
@@ -353,8 +356,8 @@ class SparseState:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in ("current", "_backward", "_cast", "_warned", "_graphs", "_layer_graphs", "in_layer_graph",
-                    "layer_graphs_failed", "_captures_logged", "_buffers", "_inputs", "owners", "writes", "_entered",
-                    "skipped_output"):
+                    "layer_graphs_failed", "backward_graphs_failed", "leaves", "_captures_logged", "_buffers",
+                    "_inputs", "owners", "writes", "_entered", "skipped_output"):
             state.pop(key)
         return state
 

@@ -11,7 +11,8 @@ they are used, and between calls the model copies and pickles as an unpatched on
 functions are one per kind for every layer (the MLP's bound as a method, as Unsloth binds its
 own): Dynamo guards on them, so the block is not recompiled for each layer. Its ``forward``
 becomes a :class:`~.layer_graphs.LayerGraph`: a sparse forward without grad (a checkpointed
-layer's) replays as one CUDA graph; any other call runs the layer's own forward.
+layer's) replays as one CUDA graph, and its recompute and backward as another; any other call
+runs the layer's own forward.
 
 Our sparse functions are torch ops, each with its backward op (``sparse_unsloth::lora_mlp``,
 ``lora_qkv``, ``lora_o``): Dynamo traces a call to one into Unsloth's compiled block, as it does
