@@ -276,20 +276,43 @@ class _Scores:
             h.remove()
 
 
+@contextmanager
+def _checkpointed(model: nn.Module) -> Iterator[None]:
+    """The decoder layers under (reentrant) gradient checkpointing, unless the model has some on.
+
+    The sensitivity pass's backward then holds one layer's activations, and one layer's float
+    copies in the score hooks, at a time instead of every layer's: a Llama-3-8B shape with 16
+    probe rows of 512 tokens peaked at 74.5 GiB on an H100 without it. Reentrant, so that the
+    first forward runs without grad and registers no score hooks.
+    """
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or not hf.supports_gradient_checkpointing or hf.is_gradient_checkpointing:
+        yield
+        return
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    try:
+        yield
+    finally:
+        hf.gradient_checkpointing_disable()
+
+
 def _taylor_scores(model: nn.Module, batches: Sequence[ProbeBatch], layers: nn.ModuleList) -> _Scores:
     scores = _Scores(layers)
     scores.attach()
     total = sum(int(b.outputs.sum()) for b in batches)
     embed = model.get_input_embeddings()
     try:
-        for scores.index, batch in enumerate(batches):
-            scores.batch = batch
-            # Gradients w.r.t. activations only: leaf embeddings that require grad reach every layer.
-            embeds = embed(batch.input_ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels,
-                        use_cache=False)
-            (out.loss * batch.outputs.sum() / total).backward()
-            del out, embeds     # the graph (and the hooks' activations) of this batch, before the next
+        with _checkpointed(model):
+            for scores.index, batch in enumerate(batches):
+                scores.batch = batch
+                # Gradients w.r.t. activations only: leaf embeddings that require grad reach every layer.
+                embeds = embed(batch.input_ids).detach().requires_grad_(True)
+                out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels,
+                            use_cache=False)
+                (out.loss * batch.outputs.sum() / total).backward()
+                del out, embeds     # the graph (and the hooks' activations) of this batch, before the next
     finally:
         scores.detach()
         model.zero_grad(set_to_none=True)
