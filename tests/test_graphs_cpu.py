@@ -172,6 +172,21 @@ def test_zero_dim_inputs_share_their_buffer_across_shapes():
     assert sum(t.dim() == 0 for t in runner._store.values()) == 1
 
 
+def test_sightings_of_shapes_that_never_come_back_are_forgotten():
+    """A padding-free run's layer calls rarely repeat a token count: what the runner remembers of
+    them stays bounded, and a shape that does come back is still captured."""
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs()
+    runner.MAX_SEEN = 5
+    for n in range(1, 40):
+        runner(_times, (torch.randn(n, 4, dtype=torch.float64),), (w,))
+        assert len(runner._seen) <= 5
+    assert runner.captures == 0
+    for _ in range(2):
+        runner(_times, (torch.randn(39, 4, dtype=torch.float64),), (w,))
+    assert runner.captures == 1
+
+
 def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
     w = torch.randn(4, 4, dtype=torch.float64)
     runner = CPUGraphs(capture_at=1)

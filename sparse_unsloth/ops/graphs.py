@@ -166,6 +166,8 @@ class GraphRunner:
     None (the caller has a cheaper way to run it than ``fn`` without a graph).
     """
 
+    MAX_SEEN = 4096      # sightings of combinations not captured yet, remembered at most
+
     def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
         self.capture_at = capture_at
         self.max_buckets = max_buckets
@@ -192,6 +194,8 @@ class GraphRunner:
         slot = self._slots.get(slot_key)
         graph = None if slot is None else slot.graphs.get(graph_key)
         if graph is None:
+            if len(self._seen) >= self.MAX_SEEN:       # shapes that never came back (padding-free batches)
+                self._seen.clear()
             self._seen[slot_key, graph_key] += 1
             if self._seen[slot_key, graph_key] < (capture_at or self.capture_at):
                 return None if defer else run_eager(fn, inputs, consts, into=into)
