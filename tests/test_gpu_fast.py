@@ -335,7 +335,7 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
     state.callback_attached = True
     monkeypatch.setattr(state_mod, "LAYER_GRAPHS", layer_graphs)
     gen = torch.Generator().manual_seed(0)
-    for context in (96, 90, 93, 96, 91):   # 132-156 dense rows: one padded size; first sighting, capture, replays
+    for step, context in enumerate((96, 90, 93, 96, 91)):   # 132-156 dense rows: one padded size; first sighting, capture, replays
         ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
         labels = ids.clone()
         labels[:, :context] = -100
@@ -346,8 +346,9 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
         monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
         loss, grads = _step(model, ids, labels)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-        for name, g in eager_grads.items():
-            assert _rel(grads[name], g) < 1e-4, name
+        off = {name: _rel(grads[name], g) for name, g in eager_grads.items()}
+        worst = sorted(off, key=off.get)[-3:]
+        assert off[worst[-1]] < 1e-4, (step, state.captures, [(n, off[n]) for n in worst])
         assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
     if layer_graphs:
         # Two graphs per sparse layer (1-3): its forward, its recompute and backward; the passes run
