@@ -4,8 +4,9 @@ Unsloth's offloaded checkpointing (and Hugging Face's reentrant one) runs each l
 without grad, then in backward runs it again with grad and backpropagates through that
 recompute. Issuing a sparse layer's work costs the host more than the GPU needs to run it
 (Unsloth's compiled block, our ops, their graph replays: benchmarks/NOTES.md, 2026-12-06), so
-the step waits on the host. Here both halves are captured, once per layer and input shape
-(``ops.graphs.GraphRunner``: inputs copied into its buffers, one replay, the outputs copied out):
+the step waits on the host. Here both halves are captured, once per layer and input shape, the
+second time the layer sees that shape (the first runs pass by pass; ``ops.graphs.GraphRunner``:
+inputs copied into its buffers, one replay, the outputs copied out):
 
 - the forward: the layer's outputs;
 - the recompute: its output is an autograd node (:class:`_Recomputed`, no values: the checkpoint
