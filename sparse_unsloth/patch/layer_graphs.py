@@ -153,8 +153,8 @@ class LayerGraph:
         return self.forward(*args, **kwargs)
 
     def _plan(self, record, args: tuple, kwargs: dict):
-        """(runner, sparse kinds, inputs, consts, keys, the args' and kwargs' specs) of this call, or
-        None where it runs as the layer's own forward."""
+        """(runner, sparse kinds, inputs, consts, the args' and kwargs' specs) of this call, or None
+        where it runs as the layer's own forward."""
         state, layer, hidden = self.ctl.state, self.ctl.layer, args[0]
         runner = state.layer_runner(hidden)
         kinds = tuple(k for k in self.kinds if record.projections.get((layer, k)) is not None)
