@@ -204,3 +204,23 @@ def test_a_tensor_argument_on_another_device_keeps_the_layer_pass_by_pass():
     assert _layout(torch.zeros(2, 5, dtype=torch.long), hidden, inputs, consts) == ("input", 1)
     assert _layout((torch.zeros(3, device="meta"), 1), hidden, inputs, consts) is None
     assert len(inputs) == 2 and consts == []
+
+
+def test_a_layer_argument_a_graph_cannot_take_is_a_warning_and_runs_pass_by_pass(monkeypatch):
+    """An argument that is neither a tensor on the hidden states' device nor a plain value cannot be
+    copied into a graph or key it: a warning says so, and those forwards run pass by pass, with
+    the pass-by-pass step's results."""
+    models, layered = _pair(monkeypatch)
+    for layer in models[0].base_model.model.model.layers:
+        graph = layer.__dict__["forward"]
+        layer.__dict__["forward"] = lambda *a, graph=graph, **k: graph(*a, **k, opaque=object())
+    for step in range(3):
+        ids, labels = token_batch(seed=40 + step)
+        if step == 0:
+            with pytest.warns(UserWarning, match="its CUDA graph cannot take"):
+                (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        else:
+            (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
+    assert layered._layer_graphs.captures == 0 and len(layered._layer_graphs._seen) == 0
