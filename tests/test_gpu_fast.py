@@ -5,6 +5,8 @@ bf16 tolerance: the sparse Function's error against a float32 masked-dense oracl
 close to the error of Unsloth's own dense bf16 Function against a float32 dense oracle.
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,6 +322,33 @@ def test_4bit_weights_through_the_fused_functions_equal_their_dequantization():
         assert torch.equal(got, want)
 
 
+def _mismatch_report(model, ids, labels, step, state, off, eager_grads, monkeypatch) -> str:
+    """What a mismatch of the graphed step against the eager one needs to be told apart (run 23 saw
+    one only with the whole GPU suite before it): the worst parameters, the worst per layer, the
+    eager step's own run-to-run difference, and whether a second graphed step (replays, no new
+    capture of these shapes) still differs."""
+    from sparse_unsloth.patch import state as state_mod
+
+    def worst_off(grads):
+        return max(_rel(grads[n], g) for n, g in eager_grads.items())
+
+    per_layer = {}
+    for name, value in off.items():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        key = int(layer.group(1)) if layer else -1
+        per_layer[key] = max(per_layer.get(key, 0.0), value)
+    captures = state.captures
+    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", False)
+    eager_again = worst_off(_step(model, ids, labels)[1])
+    monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
+    replayed = worst_off(_step(model, ids, labels)[1])
+    worst = sorted(off, key=off.get)[-3:]
+    return (f"step {step}: graphed gradients off the eager ones (captures {captures}); worst "
+            f"{[(n, off[n]) for n in worst]}; worst per layer {dict(sorted(per_layer.items()))}; "
+            f"eager vs eager again {eager_again:.2e}; a second graphed step vs eager {replayed:.2e} "
+            f"(captures after it {state.captures})")
+
+
 @pytest.mark.parametrize("layer_graphs", [True, False], ids=["layer-graphs", "passes"])
 def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_graphs, monkeypatch):
     """Unsloth's offloaded checkpointing runs each layer without grad, then recomputes it inside
@@ -347,8 +376,8 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
         loss, grads = _step(model, ids, labels)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         off = {name: _rel(grads[name], g) for name, g in eager_grads.items()}
-        worst = sorted(off, key=off.get)[-3:]
-        assert off[worst[-1]] < 1e-4, (step, state.captures, [(n, off[n]) for n in worst])
+        if max(off.values()) >= 1e-4:
+            pytest.fail(_mismatch_report(model, ids, labels, step, state, off, eager_grads, monkeypatch))
         assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
     if layer_graphs:
         # Two graphs per sparse layer (1-3): its forward, its recompute and backward; the passes run
