@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .distributed import check_same, refuse_fsdp, sum_counters
 from .patch import sparse_state
+from .timing import StepClock, slower_message
 
 
 class SparsityCallback(TrainerCallback):
@@ -31,6 +34,11 @@ class SparsityCallback(TrainerCallback):
     is the global one (``sparse/estimator_ms``: the mean over every rank's forward passes), logged
     once by the main process. The warm-up switch follows ``global_step``, which the ranks share;
     ranks whose config or warm-up differ are refused at the start, as is FSDP.
+
+    It also times the steps (CUDA events, no sync) and, once there are enough, logs
+    ``sparse/step_time_vs_warmup`` (median sparse step over median dense warm-up step) and warns
+    once if the sparse steps are more than 10% slower: sparsity that does not pay on this model
+    and machine (``step_ratio`` keeps the last value).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -43,6 +51,9 @@ class SparsityCallback(TrainerCallback):
         self.sparse_steps = 0        # optimizer steps in which some layer really ran sparse
         self._seen = 0
         self.model = model
+        self.clock = StepClock()
+        self.step_ratio: float | None = None
+        self._warned = False
 
     def _device(self) -> torch.device:
         # Where the process group reduces: the model's device (CPU with gloo, the rank's GPU with NCCL).
@@ -61,10 +72,14 @@ class SparsityCallback(TrainerCallback):
                       **kwargs) -> None:
         self.state.enabled = state.global_step >= self.warmup_steps
         self._seen = self.state.sparse_batches_total
+        self.clock.start(self._device())
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs) -> None:
-        self.sparse_steps += self.state.sparse_batches_total > self._seen
+        ran_sparse = self.state.sparse_batches_total > self._seen
+        self.sparse_steps += ran_sparse
+        if ran_sparse or not self.state.enabled:   # an enabled step that could not be sparse is neither
+            self.clock.stop(sparse=ran_sparse)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict | None = None, **kwargs) -> None:
@@ -73,6 +88,14 @@ class SparsityCallback(TrainerCallback):
         # on_log runs on every rank at the same steps (with the same logs), so all meet here.
         self.state.stats = sum_counters(self.state.stats, self._device())
         stats = self.state.pop_stats()
+        self.clock.collect()
+        self.step_ratio = self.clock.ratio()
+        if self.step_ratio is not None:
+            stats["sparse/step_time_vs_warmup"] = self.step_ratio
+            message = None if self._warned else slower_message(self.clock)
+            if message and state.is_world_process_zero:
+                self._warned = True
+                warnings.warn(f"sparse_unsloth: {message}", stacklevel=2)
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)

@@ -107,6 +107,13 @@ def format_summary(result, eval_rows: int) -> str:
                      f"({100 * result.sparse_steps / result.steps:.0f}%) after {warmup} dense warm-up steps, "
                      f"median {result.median_step_s(warmup):.2f} s/step"
                      + (f"; channels kept for context tokens: {detail}" if detail else ""))
+        from .timing import SLOWER_LIMIT
+
+        ratio = kept.get("sparse/step_time_vs_warmup")
+        if ratio is not None:
+            lines.append(f"  speed:    a sparse step took {ratio:.2f}x the time of a dense warm-up step (medians)"
+                         + (": SLOWER, sparsity does not pay here (see the warning above)" if ratio > SLOWER_LIMIT
+                            else ""))
     elif result.sparse:
         lines.append(f"  sparse:   0 of {result.steps} steps ran sparse after {warmup} dense warm-up steps: "
                      "no batch had context tokens (tokens without a label), so every token was computed "

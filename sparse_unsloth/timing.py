@@ -5,13 +5,20 @@ then a sparse run, compares two machine states as much as two methods: on a shar
 neighbour's job starting between the runs made the sparse run "9x faster". So the steps come in
 pairs that alternate dense-sparse, sparse-dense, ... (:func:`alternating_schedule`), each pair on
 one batch, and :func:`compare` reports a speed-up only when the measurement supports one.
+
+A training run has no pairs, but it has its dense warm-up: :class:`StepClock` times its steps,
+and :func:`slower_message` warns when the sparse ones are clearly slower (never a speed-up claim).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 #: Fewer timed pairs than this cannot show a spread.
 MIN_PAIRS = 3
@@ -116,3 +123,78 @@ def compare(dense_s: Sequence[float], sparse_s: Sequence[float], *, min_pairs: i
                           f"({sparse.low:.3g}-{sparse.high:.3g} s) step times overlap")
     verdict = NO_DIFFERENCE if reason else ("faster" if speedup.median > 1 else "slower")
     return Comparison(dense, sparse, speedup, pairs, verdict, reason)
+
+
+#: Sparse steps slower than the dense warm-up's by more than this factor get a warning.
+SLOWER_LIMIT = 1.1
+
+
+class StepClock:
+    """The step times of a training run, dense (warm-up) and sparse, measured without a host sync:
+    CUDA events on a GPU, read once they have completed; the host clock elsewhere.
+
+    A sync per step would cost the step what it measures (the host could no longer queue the next
+    step's work while the GPU finishes this one). The first ``skip`` steps of each mode are not
+    kept: compilation, first CUDA graph captures.
+    """
+
+    def __init__(self, skip: int = 2) -> None:
+        self.skip = skip
+        self.times: dict[bool, list[float]] = {False: [], True: []}     # sparse? -> seconds
+        self._started: dict[bool, int] = {False: 0, True: 0}
+        self._start: Any = None
+        self._pending: list[tuple[bool, Any, Any]] = []
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self, sparse: bool) -> None:
+        """End the step begun by :meth:`start`; ``sparse``: whether it ran sparse. (A step not
+        stopped is not kept: the next :meth:`start` replaces it.)"""
+        if self._start is None:
+            return
+        self._started[sparse] += 1
+        if self._started[sparse] > self.skip:
+            if isinstance(self._start, float):
+                self.times[sparse].append(time.perf_counter() - self._start)
+            else:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((sparse, self._start, end))
+        self._start = None
+
+    def collect(self) -> None:
+        """Read the steps whose events have completed."""
+        waiting = []
+        for sparse, start, end in self._pending:
+            if end.query():
+                self.times[sparse].append(start.elapsed_time(end) / 1e3)
+            else:
+                waiting.append((sparse, start, end))
+        self._pending = waiting
+
+    def ratio(self, min_dense: int = 3, min_sparse: int = 10) -> float | None:
+        """Median sparse step time over the median dense one, once both have enough steps."""
+        dense, sparse = self.times[False], self.times[True]
+        if len(dense) < min_dense or len(sparse) < min_sparse:
+            return None
+        return statistics.median(sparse) / statistics.median(dense)
+
+
+def slower_message(clock: StepClock, limit: float = SLOWER_LIMIT) -> str | None:
+    """A warning for people when the sparse steps are more than ``limit`` times slower than the dense
+    warm-up steps of the same run; None otherwise (or while there are too few steps to say)."""
+    ratio = clock.ratio()
+    if ratio is None or ratio <= limit:
+        return None
+    dense, sparse = statistics.median(clock.times[False]), statistics.median(clock.times[True])
+    return (f"the sparse steps are {ratio:.2f}x slower than this run's dense warm-up steps (median "
+            f"{sparse:.3g} s against {dense:.3g} s, {len(clock.times[True])} and {len(clock.times[False])} "
+            "steps): sparsity costs this model and machine more than it saves, which is usual for small "
+            "models (well under 1B parameters), whose steps are bound by the host, not the GPU. Train "
+            "dense, or time both with `sparse-unsloth bench` on your rows. (Batches of changing shape also "
+            "slow the first steps: each new shape is captured as CUDA graphs.)")

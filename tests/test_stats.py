@@ -75,3 +75,13 @@ def test_summary_of_a_sparse_run_that_never_ran_sparse():
     assert "0 of 4 steps ran sparse" in text and "no batch had context tokens" in text
     dense = FinetuneResult(**{**result.__dict__, "sparse": False, "warmup_steps": 0})
     assert "0 steps (dense run)" in format_summary(dense, 0)
+
+
+def test_summary_says_when_sparse_steps_were_slower_than_the_warmup():
+    result = FinetuneResult(steps=40, train_s=10.0, step_s=[0.25] * 40, losses=[(1, 2.0), (40, 1.5)], tokens=400,
+                            sparse=True, sparse_steps=36, warmup_steps=4, eval_loss=None, adapter_dir=None,
+                            sparse_logs=[{"sparse/active": 1.0, "sparse/step_time_vs_warmup": 1.56}])
+    assert "1.56x the time of a dense warm-up step (medians): SLOWER" in format_summary(result, 0)
+    result.sparse_logs[-1]["sparse/step_time_vs_warmup"] = 0.64
+    text = format_summary(result, 0)
+    assert "0.64x the time of a dense warm-up step (medians)" in text and "SLOWER" not in text

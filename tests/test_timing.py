@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from sparse_unsloth.timing import NO_DIFFERENCE, Spread, alternating_schedule, compare, split_pairs
+from sparse_unsloth import timing
+from sparse_unsloth.timing import (
+    NO_DIFFERENCE,
+    Spread,
+    StepClock,
+    alternating_schedule,
+    compare,
+    slower_message,
+    split_pairs,
+)
 
 
 def test_schedule_alternates_the_order_of_each_pair():
@@ -73,3 +83,58 @@ def test_spread():
     s = Spread.of([3.0, 1.0, 2.0])
     assert (s.median, s.low, s.high, s.relative) == (2.0, 1.0, 3.0, 1.0)
     assert s.overlaps(Spread.of([2.5, 4.0])) and not s.overlaps(Spread.of([3.5, 4.0]))
+
+
+class _FakeClock:
+    """time.perf_counter for sparse_unsloth.timing: advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run(clock: StepClock, fake: _FakeClock, times: list[float], sparse: bool) -> None:
+    for t in times:
+        clock.start(torch.device("cpu"))
+        fake.now += t
+        clock.stop(sparse)
+
+
+def test_step_clock_skips_each_modes_first_steps_and_compares_medians(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", fake)
+    clock = StepClock(skip=2)
+    _run(clock, fake, [30.0, 5.0, 1.0, 1.2, 0.9], sparse=False)     # compile, capture, steady
+    _run(clock, fake, [9.0, 4.0] + [1.5] * 9, sparse=True)
+    assert clock.times[False] == pytest.approx([1.0, 1.2, 0.9])
+    assert clock.times[True] == pytest.approx([1.5] * 9)
+    assert clock.ratio() is None                                   # 9 sparse steps: too few to say
+    _run(clock, fake, [1.6], sparse=True)
+    assert clock.ratio() == pytest.approx(1.5)
+    message = slower_message(clock)
+    assert "1.50x slower" in message and "median 1.5 s against 1 s" in message
+    assert "sparse-unsloth bench" in message
+
+
+def test_no_warning_when_sparse_is_as_fast_or_faster(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", fake)
+    clock = StepClock(skip=0)
+    _run(clock, fake, [1.0] * 3, sparse=False)
+    _run(clock, fake, [1.09] * 10, sparse=True)                    # within the 10% limit
+    assert clock.ratio() == pytest.approx(1.09) and slower_message(clock) is None
+    _run(clock, fake, [0.5] * 20, sparse=True)
+    assert slower_message(clock) is None
+
+
+def test_a_step_started_but_not_stopped_is_not_kept(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", fake)
+    clock = StepClock(skip=0)
+    clock.start(torch.device("cpu"))
+    fake.now += 100.0                                              # e.g. an enabled step that ran dense
+    _run(clock, fake, [1.0], sparse=False)
+    clock.stop(False)                                              # nothing started: nothing kept
+    assert clock.times[False] == [1.0]

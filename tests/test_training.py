@@ -1,9 +1,11 @@
 """Training glue: the callback's schedule and logs, and a short SFTTrainer run with the patch."""
 
+import warnings
+
 import pytest
 import torch
 from datasets import Dataset
-from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer
+from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer, token_batch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import sparse_unsloth as su
@@ -25,6 +27,39 @@ def test_callback_switches_at_the_warmup_step(tmp_path):
         callback.on_step_begin(args, state, control)
         seen.append(su.sparse_state(model).enabled)
     assert seen == [False] * 5 + [True] * 3                      # round(0.25 * 20) = 5 dense steps
+
+
+def test_callback_logs_the_step_time_against_the_warmup_and_warns_once_when_slower(tmp_path, monkeypatch):
+    from sparse_unsloth import timing
+
+    model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
+                        progress=False)
+    callback = su.SparsityCallback(model)
+    state, control = TrainerState(max_steps=20), TrainerControl()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    ids, labels = token_batch()
+    callback.on_train_begin(args, state, control)
+    logged = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(20):
+            state.global_step = step
+            callback.on_step_begin(args, state, control)
+            model.train()
+            with torch.no_grad():
+                model(input_ids=ids, labels=labels)
+            now[0] += 2.0 if su.sparse_state(model).enabled else 1.0    # sparse twice as slow
+            callback.on_step_end(args, state, control)
+            logs = {"loss": 1.0}
+            callback.on_log(args, state, control, logs=logs)
+            logged.append(logs.get("sparse/step_time_vs_warmup"))
+    # 5 warm-up steps, 2 of each mode not timed: the ratio once 10 sparse steps are timed (step 16).
+    assert logged[:16] == [None] * 16 and logged[16:] == [pytest.approx(2.0)] * 4
+    assert callback.step_ratio == pytest.approx(2.0)
+    slower = [w for w in caught if "slower than this run's dense warm-up" in str(w.message)]
+    assert len(slower) == 1 and "2.00x slower" in str(slower[0].message)
 
 
 def test_callback_needs_a_sparse_model():
