@@ -322,16 +322,18 @@ def test_4bit_weights_through_the_fused_functions_equal_their_dequantization():
         assert torch.equal(got, want)
 
 
-def _mismatch_report(model, ids, labels, step, state, off, eager_grads, monkeypatch) -> str:
-    """What a mismatch of the graphed step against the eager one needs to be told apart (run 23 saw
-    one only with the whole GPU suite before it): the worst parameters, the worst per layer, the
-    eager step's own run-to-run difference, and whether a second graphed step (replays, no new
-    capture of these shapes) still differs."""
+def _mismatch_report(model, ids, labels, step, state, grads, eager_grads, monkeypatch) -> str:
+    """What a mismatch of the graphed step (``grads``) against the eager one needs to be told apart
+    (runs 20 and 23 saw one only with the whole GPU suite before it): the worst parameters, the
+    worst per layer, the eager step's own run-to-run difference, whether a second graphed step
+    (replays, no new capture of these shapes) still differs, and whether the graphed steps equal
+    the layers run without torch.compile."""
     from sparse_unsloth.patch import state as state_mod
 
     def worst_off(grads):
         return max(_rel(grads[n], g) for n, g in eager_grads.items())
 
+    off = {n: _rel(grads[n], g) for n, g in eager_grads.items()}
     per_layer = {}
     for name, value in off.items():
         layer = re.search(r"layers\.(\d+)\.", name)
@@ -340,13 +342,21 @@ def _mismatch_report(model, ids, labels, step, state, off, eager_grads, monkeypa
     captures = state.captures
     monkeypatch.setattr(state_mod, "CUDA_GRAPHS", False)
     eager_again = worst_off(_step(model, ids, labels)[1])
+    # Unsloth's block without torch.compile: does the graphed step match the uncompiled layers (a
+    # compiled frame that fell back to eager, e.g. at Dynamo's recompile limit, in one step only)?
+    with torch.compiler.set_stance("force_eager"):
+        uncompiled = _step(model, ids, labels)[1]
     monkeypatch.setattr(state_mod, "CUDA_GRAPHS", True)
-    replayed = worst_off(_step(model, ids, labels)[1])
+    graphed = _step(model, ids, labels)[1]
+    replayed = worst_off(graphed)
+    vs_uncompiled = [max(_rel(g[n], uncompiled[n]) for n in uncompiled) for g in (grads, graphed)]
+    stats = dict(torch._dynamo.utils.counters["stats"])
     worst = sorted(off, key=off.get)[-3:]
     return (f"step {step}: graphed gradients off the eager ones (captures {captures}); worst "
             f"{[(n, off[n]) for n in worst]}; worst per layer {dict(sorted(per_layer.items()))}; "
             f"eager vs eager again {eager_again:.2e}; a second graphed step vs eager {replayed:.2e} "
-            f"(captures after it {state.captures})")
+            f"(captures after it {state.captures}); the first and second graphed steps vs eager without "
+            f"torch.compile {vs_uncompiled[0]:.2e}, {vs_uncompiled[1]:.2e}; Dynamo stats {stats}")
 
 
 @pytest.mark.parametrize("layer_graphs", [True, False], ids=["layer-graphs", "passes"])
@@ -377,7 +387,7 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         off = {name: _rel(grads[name], g) for name, g in eager_grads.items()}
         if max(off.values()) >= 1e-4:
-            pytest.fail(_mismatch_report(model, ids, labels, step, state, off, eager_grads, monkeypatch))
+            pytest.fail(_mismatch_report(model, ids, labels, step, state, grads, eager_grads, monkeypatch))
         assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
     if layer_graphs:
         # Two graphs per sparse layer (1-3): its forward, its recompute and backward; the passes run
