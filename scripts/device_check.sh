@@ -26,6 +26,9 @@
 #              [".m3", ".whl"]; the last one goes on with `smollm2 notebooks`
 #   smollm2    put the GGUF together and convert it (sparse_unsloth.smollm2): the notebooks' model
 #   notebooks  scripts/run_gpu_notebooks.sh on it (NB_STEPS timed pairs, NB_TRAIN_STEPS; 6 and 10)
+#   profile    scripts/profile_train.py on it through Unsloth (padding-free batches), dense then sparse
+#              (PROFILE_CONFIG, default smollm2-135m-calibrated; PROFILE_STEPS, default 40), with
+#              TORCH_LOGS=recompiles: why its sparse steps were slower than dense (~3 min?)
 # Speed cases time 10 steps after 3 warm-up steps, without HF PEFT unless said. Their result
 # files are written as benchmarks/results expects (copy them from the tarball).
 set -uo pipefail
@@ -82,6 +85,9 @@ for s in "$@"; do
              tail -1 "$W/smollm2/smollm2.log" > /tmp/smollm2_dir ;;
     notebooks) OUT="$W/notebooks" STEPS=${NB_STEPS:-6} TRAIN_STEPS=${NB_TRAIN_STEPS:-10} \
                  run_step notebooks bash scripts/run_gpu_notebooks.sh "$(cat /tmp/smollm2_dir)" ;;
+    profile) run_step profile env TORCH_LOGS=recompiles python3 scripts/profile_train.py \
+               --model "$(cat /tmp/smollm2_dir)" --unsloth --config "${PROFILE_CONFIG:-smollm2-135m-calibrated}" \
+               --steps "${PROFILE_STEPS:-40}" --out "$W/profile" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
@@ -96,4 +102,5 @@ for d in "$W"/*/; do
 done
 [ -f "$W/calib8b/calibrate_llama3-8b.json" ] && sed 's|^|calib8b: |' "$W/calib8b/calibrate_llama3-8b.json"
 [ -f "$W/notebooks/notebooks.log" ] && tail -14 "$W/notebooks/notebooks.log" | sed 's|^|notebooks: |'
+[ -f "$W/profile/profile.log" ] && grep -A4 "^mode" "$W/profile/profile.log" | sed 's|^|profile: |'
 exit 0
