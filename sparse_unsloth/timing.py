@@ -143,12 +143,15 @@ class StepClock:
         self.times: dict[bool, list[float]] = {False: [], True: []}     # sparse? -> seconds
         self._started: dict[bool, int] = {False: 0, True: 0}
         self._start: Any = None
+        self._stream: Any = None
         self._pending: list[tuple[bool, Any, Any]] = []
 
     def start(self, device: torch.device) -> None:
+        """Begin a step of the model on ``device`` (its stream's events time it there)."""
         if device.type == "cuda":
+            self._stream = torch.cuda.current_stream(device)
             self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start.record(self._stream)
         else:
             self._start = time.perf_counter()
 
@@ -163,7 +166,7 @@ class StepClock:
                 self.times[sparse].append(time.perf_counter() - self._start)
             else:
                 end = torch.cuda.Event(enable_timing=True)
-                end.record()
+                end.record(self._stream)
                 self._pending.append((sparse, self._start, end))
         self._start = None
 

@@ -225,12 +225,17 @@ def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path, load_in_4b
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
                      logging_steps=1, report_to="none", save_strategy="no", bf16=True, max_length=64,
                      disable_tqdm=True, seed=0, dataset_num_proc=1)
+    callback = su.SparsityCallback(model)
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(ARITHMETIC),
-                         args=args, callbacks=[su.SparsityCallback(model)])
+                         args=args, callbacks=[callback])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     losses = [h["loss"] for h in logs]
     assert any(h.get("sparse/mlp_kept_frac", 0) > 0 for h in logs), logs[-1]
+    torch.cuda.synchronize()
+    callback.clock.collect()                        # the steps' CUDA events, timed on the GPU
+    assert len(callback.clock.times[True]) == callback.sparse_steps - callback.clock.skip
+    assert all(0 < t < 5 for t in callback.clock.times[True] + callback.clock.times[False])
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, losses
 
