@@ -12,8 +12,10 @@
 # split-for-device.sh: /tmp/q/m.gguf; both need the gguf wheel they carry installed).
 # Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
 # machine. Each finished run's summary (a few KB, no weights) is also kept under
-# $OUT/parity_work/<name>/ as it finishes; copy that folder here to the ignored .parity_work/ and
-# carry it next time (another machine, another session): its runs are not trained again.
+# $OUT/<name>/<run>/ as it finishes (two levels: a device call does not bring back deeper
+# folders); copy $OUT/<name> here to the ignored .parity_work/<name> and carry .parity_work next
+# time (another machine, another session): its runs are not trained again. The dense runs do not
+# depend on the sparse config, so they serve a recalibrated preset too.
 # Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,7 @@ DATA=${PARITY_DATA:-.parity_data}   # a copy on the device: PARITY_DATA=/tmp/pd
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 carry() {  # name: --keep into $OUT (on the device), --resume-from what an earlier machine kept
   local opts=()
-  [ -n "${OUT:-}" ] && opts+=(--keep "$OUT/parity_work/$1")
+  [ -n "${OUT:-}" ] && opts+=(--keep "$OUT/$1")
   [ -d ".parity_work/$1" ] && opts+=(--resume-from ".parity_work/$1")
   echo "${opts[@]}"
 }

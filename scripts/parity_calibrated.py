@@ -65,9 +65,22 @@ def _read_jsonl(path: Path, n: int) -> list[dict]:
         return [json.loads(line) for line, _ in zip(f, range(n))]
 
 
+def _config_record(config: str) -> str | dict:
+    """What a run trained with: a preset's name says nothing of the version it had then."""
+    from sparse_unsloth import load_config
+
+    return "dense" if config == "dense" else json.loads(json.dumps(load_config(config).to_dict()))   # as stored
+
+
 def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path) -> dict:
-    """One ``sparse-unsloth train`` run; its summary.json (reused when there: a rerun resumes)."""
+    """One ``sparse-unsloth train`` run; its summary.json (reused when there and trained with the
+    same config: a rerun resumes)."""
+    want = _config_record(config)
     if (out / "summary.json").is_file():
+        had = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
+        if had != want:
+            raise SystemExit(f"{out} holds a finished run of another config than {config!r} (recalibrated "
+                             "since?): delete that folder (and its kept copy in .parity_work) to train it again")
         return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
            "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
@@ -78,10 +91,11 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    (out / "config.json").write_text(json.dumps(want) + "\n")
     return json.loads((out / "summary.json").read_text())
 
 
-_FINISHED = ("summary.json", "arc_easy_acc.json")     # what a finished run leaves that the result reads
+_FINISHED = ("summary.json", "config.json", "arc_easy_acc.json")   # what a finished run leaves that the result reads
 
 
 def resume_from(carried: Path | None, work: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """scripts/parity_calibrated.py: the ARC-Easy rows (LLM-Adapters format) parse into question, choices, gold."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,23 @@ def test_a_missing_resume_folder_is_an_error(tmp_path, capsys):
               "--resume-from", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert "--resume-from" in err and "no such folder" in err
+
+
+def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
+    """A preset recalibrated between two calls keeps its name: the run folder's config record, not
+    the name, says whether the finished run can stand for it."""
+    from types import SimpleNamespace
+
+    from parity_calibrated import _config_record, train
+
+    run = tmp_path / "sparse-gsm8k"
+    run.mkdir()
+    (run / "summary.json").write_text('{"eval_loss": 0.7}')
+    args = SimpleNamespace()
+    with pytest.raises(SystemExit, match="another config"):       # no record: an older run
+        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run)
+    (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m")))
+    with pytest.raises(SystemExit, match="another config"):
+        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run)
+    (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m-safe")))
+    assert train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run) == {"eval_loss": 0.7}
