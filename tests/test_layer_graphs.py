@@ -24,10 +24,10 @@ sparsify_module = importlib.import_module("sparse_unsloth.patch.sparsify")
 MLP_ONLY = su.SparseConfig(mlp={0: 0.6, 1: 0.5, 2: 0.8}, estimator_rank=3)   # HF attention skips apply_qkv
 
 
-def _pair(monkeypatch, config=MLP_ONLY, reentrant=True):
+def _pair(monkeypatch, config=MLP_ONLY, reentrant=True, dtype=torch.float64):
     """Two copies of one checkpointed sparse model on the fast path, their indices in place as with
     CUDA graphs: the first with layer graphs, the second pass by pass."""
-    base = tiny_lora_model("llama")
+    base = tiny_lora_model("llama", dtype=dtype)
     base.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
     base.enable_input_require_grads()
     monkeypatch.setattr(sparsify_module, "_backend", lambda _m: unsloth_fast)
@@ -220,3 +220,51 @@ def test_a_layer_argument_a_graph_cannot_take_is_a_warning_and_runs_pass_by_pass
         layer.__dict__["forward"] = lambda *a, graph=graph, **k: graph(*a, **k, opaque=object())
     _steps_equal(models, seed=40, warns_at=0, match="its CUDA graph cannot take")
     assert layered._layer_graphs.captures == 0 and len(layered._layer_graphs._seen) == 0
+
+
+def test_the_backward_graph_recomputes_under_the_forwards_autocast(monkeypatch):
+    """Hugging Face's reentrant checkpoint recomputes a layer under the forward's autocast but runs
+    the layer's backward outside it; the backward graph recomputes inside that backward, so it
+    must enter the forward's autocast itself, or its recompute computes in another precision."""
+    def step(model, ids, labels):          # as the Trainer does it: autocast around the forward only
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    models, layered = _pair(monkeypatch, dtype=torch.bfloat16)
+    for model in models:                    # as Unsloth's: 16-bit frozen weights, float32 adapters
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+    for seed in range(20, 23):                              # first sighting, capture, replay
+        ids, labels = token_batch(seed=seed)
+        (loss, grads), (want_loss, want) = (step(m, ids, labels) for m in models)
+        torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+        assert_same_grads(grads, want, rtol=0, atol=0)
+    assert layered._layer_graphs.captures == 2 * 3
+
+
+def test_a_layer_with_dropout_runs_pass_by_pass(monkeypatch):
+    """A checkpoint recomputes a layer's dropout masks from the forward's random state; a graph's
+    recompute inside the backward could not: a layer that draws dropout warns and runs pass by
+    pass, with the pass-by-pass model's gradients."""
+    models, layered = _pair(monkeypatch)
+    for model in models:
+        for layer in model.base_model.model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+    for seed in range(30, 33):
+        ids, labels = token_batch(seed=seed)
+        torch.manual_seed(seed)
+        if seed == 30:
+            with pytest.warns(UserWarning, match="dropout"):
+                loss, grads = train_step(models[0], input_ids=ids, labels=labels)
+        else:
+            loss, grads = train_step(models[0], input_ids=ids, labels=labels)
+        torch.manual_seed(seed)
+        want_loss, want = train_step(models[1], input_ids=ids, labels=labels)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+        assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
+    assert layered._layer_graphs.captures == 0

@@ -22,6 +22,10 @@ choices (checked intact first). Whenever a body itself runs (first call, warm-up
 sparse passes in it run eagerly (graphs do not nest), and the forward's choices are made there
 again, so that the capture records them.
 
+The recompute runs where a checkpoint runs the layer's backward, not where it recomputes: outside
+the forward's autocast (Hugging Face's reentrant checkpoint), which the backward graph enters
+itself, and without the forward's random state, so a layer that draws dropout is not graphed.
+
 Arguments: the hidden states, and every integer tensor or tensor with the sequence axis (position
 ids, masks, per-forward RoPE), are inputs copied at each replay; other floating tensors (Unsloth's
 cached RoPE tables) are read in place, keyed by their storage; plain values key the graph.
@@ -75,11 +79,12 @@ def _rebuild(spec: tuple, inputs: tuple, consts: tuple) -> Any:
 
 class _Call:
     """One layer call as a graph's function sees it: ``(hidden, *inputs[, dy], *consts, *keys, *params,
-    spec, graph)``, ``spec`` = (kinds, count of inputs, of consts, of params, args' and kwargs' specs)."""
+    spec, graph)``, ``spec`` = (kinds, count of inputs, of consts, of params, args' and kwargs' specs,
+    the recompute's autocast or None)."""
 
     def __init__(self, args: tuple) -> None:
         *flat, spec, self.graph = args
-        self.kinds, n_inputs, n_consts, n_params, self.args_spec, self.kwargs_spec = spec
+        self.kinds, n_inputs, n_consts, n_params, self.args_spec, self.kwargs_spec, self.autocast = spec
         self.inputs, self.consts = flat[:n_inputs], flat[n_inputs:n_inputs + n_consts]
         self.params = flat[len(flat) - n_params:] if n_params else []
 
@@ -132,6 +137,7 @@ class LayerGraph:
         self.kinds = kinds                  # what can run sparse here: "mlp", "attn"
         self.original = original            # an instance forward there was, or None: the class's
         self.returns_tensor = False         # the layer returned a tensor, not a tuple (set by the body)
+        self.dropout: bool | None = None    # it has dropout (found at its first sparse call)
 
     def forward(self, *args, **kwargs):
         if self.original is not None:
@@ -159,6 +165,15 @@ class LayerGraph:
         runner = state.layer_runner(hidden)
         kinds = tuple(k for k in self.kinds if record.projections.get((layer, k)) is not None)
         if runner is None or not kinds:
+            return None
+        if self.dropout is None:
+            self.dropout = any(getattr(m, "attention_dropout", 0) or (isinstance(m, nn.Dropout) and m.p > 0)
+                               for m in self.layer.modules())
+        if self.dropout and self.layer.training:
+            # A checkpoint recomputes the forward's masks from its saved random state; the backward
+            # graph recomputes inside the backward, where that state is gone.
+            state._warn_once("a sparse decoder layer draws dropout (attention_dropout or a Dropout module); "
+                             "its forwards run pass by pass, not as one CUDA graph (slower, same results)")
             return None
         inputs, consts = [hidden], []
         args_spec = tuple(_layout(a, hidden, inputs, consts) for a in args)
@@ -188,7 +203,7 @@ class LayerGraph:
         for kind in kinds:
             self.ctl.choice(kind, hidden, record)       # its buffer: the graph's prologue writes it
             self.ctl.count(record, kind)
-        spec = (kinds, len(inputs), len(consts), 0, args_spec, kwargs_spec)
+        spec = (kinds, len(inputs), len(consts), 0, args_spec, kwargs_spec, None)
         try:
             # An input shape seen for the first time runs pass by pass, whose passes replay graphs of
             # padded shapes (a padding-free batch's token count rarely comes back).
@@ -217,7 +232,11 @@ class LayerGraph:
         for kind in kinds:
             state.check_intact(record, (layer, kind))
         params = [p for p in self.layer.parameters() if p.requires_grad]
-        spec = (kinds, len(inputs) + 1, len(consts), len(params), args_spec, kwargs_spec)
+        # The recompute runs inside the layer's backward, which a reentrant checkpoint (Hugging
+        # Face's) calls outside the forward's autocast: the graph enters it itself (and is keyed by it).
+        device = args[0].device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        spec = (kinds, len(inputs) + 1, len(consts), len(params), args_spec, kwargs_spec, autocast)
         graph_consts = (*consts, *self._keys(record, kinds), *params, spec, self)
 
         def run(hidden: torch.Tensor, dy: torch.Tensor) -> tuple:
@@ -265,11 +284,13 @@ class LayerGraph:
             with torch.enable_grad():
                 hidden = call.inputs[0].detach().requires_grad_()
                 args, kwargs = call.arguments(hidden)
+                enabled, dtype = call.autocast
                 with _fresh_leaves(self.layer, call.params, state.leaves) as leaves:
                     # With the layer's hooks, which install our sparse functions for this call (this
                     # runs in backward, after the recompute's call has put the originals back); not
                     # through the layer's __call__, which would checkpoint it again.
-                    out = self.layer._call_impl(*args, **kwargs)
+                    with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+                        out = self.layer._call_impl(*args, **kwargs)
                     out = out if isinstance(out, torch.Tensor) else out[0]
                     return torch.autograd.grad(out, (hidden, *leaves), dy, allow_unused=True)
         finally:
