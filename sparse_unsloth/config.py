@@ -7,7 +7,7 @@ A config is a YAML file (or the name of a preset: a file in the repository's ``c
     dense_warmup_ratio: 0.1    # fraction of the training steps run dense first
     dense_warmup_steps: null   # or an exact number of steps (wins over the ratio)
     dense_output_tokens: true  # tokens with labels (and the ones predicting them) stay dense
-    ffn_seq_average: true      # FFN estimator scores each sequence's mean context token (else every token)
+    ffn_seq_average: true      # FFN estimator scores each sequence's mean context token (else every token); packed (padding-free) sequences apart, by their position ids
     sparsity:
       mlp:       {"3-30": 0.99}          # layer index, "a-b" (inclusive) or "all"
       self_attn: {"14-19": 0.75, "21": 0.75}

@@ -65,3 +65,25 @@ def test_a_mask_that_is_not_batch_by_seq_is_said():
     model.train()
     with pytest.warns(UserWarning, match="pad tokens vote in the channel choice"):
         su.sparse_state(model).begin_batch(ids, ids.shape, ids.device, True, torch.ones(2, 1, 7, 7))
+
+
+def test_the_model_reads_a_padding_free_batchs_position_ids():
+    """TRL's padding-free batches (Unsloth turns them on) pack the rows into one, with position ids
+    that start again at each row: the split the model makes tells the packed sequences apart (the
+    FFN estimator averages each one; test_tokens checks those means equal a padded batch's)."""
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, 101, (n,), generator=gen) for n in (11, 8, 6)]
+    padded = _padded(rows, 11)
+    packed = {"input_ids": torch.cat(rows).unsqueeze(0),
+              "labels": torch.cat([padded["labels"][i, :len(r)] for i, r in enumerate(rows)]).unsqueeze(0),
+              "position_ids": torch.cat([torch.arange(len(r)) for r in rows]).unsqueeze(0)}
+    model = su.sparsify(tiny_lora_model("llama"), CONFIG, progress=False)
+    state = su.sparse_state(model)
+    state.callback_attached = True
+    model.train()
+    with torch.no_grad():
+        model(**packed)
+    split = state.current.split
+    assert split.sequences == 3 and split.sequence_ids.tolist() == [0] * 11 + [1] * 8 + [2] * 6
+    assert split.sequence_matrix(torch.float64).shape == (25, 3)
+    assert (0, "mlp") in state.current.choices                  # it ran sparse

@@ -126,3 +126,52 @@ def test_the_split_never_waits_on_nonzero(monkeypatch):
     assert split.dense_idx.tolist() == [1, 2, 3, 4, 5, 6] and split.sparse_idx.tolist() == [0, 7]
     assert split.vote_rows.tolist() == [True, False, False, False, False, False, False, True]
     assert split.dense_rows.numel() == DENSE_ROWS_STEP
+
+
+def test_packed_sequences_are_averaged_apart_by_their_position_ids():
+    """A padding-free batch (Unsloth's default with TRL) packs its sequences into one row; its
+    position ids start again at each sequence: each sequence gets its own mean, the means of the
+    same sequences batched with padding, so the FFN channels chosen are the same."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [(_labels([-100, -100, -100, 5, 6]), 5), (_labels([-100, -100, 8]), 3), (_labels([-100, 1, 2, 3]), 4)]
+    hidden = [torch.randn(n, 6, dtype=torch.float64, generator=gen) for _, n in seqs]
+    packed_labels = torch.cat([lab for lab, _ in seqs]).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for _, n in seqs]).unsqueeze(0)
+    split = token_split(packed_labels, packed_labels.shape, torch.device("cpu"), position_ids=positions)
+    assert split.sequences == 3 and split.sequence_ids.tolist() == [0] * 5 + [1] * 3 + [2] * 4
+    means = sequence_means(torch.cat(hidden), split.sequence_matrix(torch.float64))
+
+    padded_labels = torch.full((3, 5), -100)
+    padded_hidden = torch.zeros(3, 5, 6, dtype=torch.float64)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for row, ((lab, n), h) in enumerate(zip(seqs, hidden)):
+        padded_labels[row, :n], padded_hidden[row, :n], mask[row, :n] = lab, h, 1
+    padded = token_split(padded_labels, padded_labels.shape, torch.device("cpu"), attention_mask=mask)
+    torch.testing.assert_close(means, sequence_means(padded_hidden.reshape(-1, 6),
+                                                     padded.sequence_matrix(torch.float64)))
+    gate = (torch.randn(6, 3, dtype=torch.float64, generator=gen), torch.randn(3, 20, dtype=torch.float64, generator=gen))
+    up = (torch.randn(6, 3, dtype=torch.float64, generator=gen), torch.randn(3, 20, dtype=torch.float64, generator=gen))
+    (got,) = choose_mlp(torch.cat(hidden), split.vote_rows, split.sequence_matrix(torch.float64), *gate, *up, 7, True)
+    (want,) = choose_mlp(padded_hidden.reshape(-1, 6), padded.vote_rows, padded.sequence_matrix(torch.float64),
+                         *gate, *up, 7, True)
+    assert torch.equal(got, want)
+    # Without position ids the row is one sequence: one mean of every context token.
+    pooled = token_split(packed_labels, packed_labels.shape, torch.device("cpu"))
+    assert pooled.sequences == 1 and pooled.sequence_matrix(torch.float64).shape == (12, 1)
+
+
+def test_position_ids_of_padded_batches_change_no_mean():
+    """Padded rows with position ids (a collator's right padding at position 0, Hugging Face's left
+    padding at 1): a pad token may start a "sequence", but padding never votes, so such a sequence
+    has a zero mean (which scores no channel) and every real sequence keeps its mean."""
+    gen = torch.Generator().manual_seed(3)
+    labels = _labels([[-100, -100, 5, 6, -100, -100], [-100, -100, -100, -100, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 0], [1, 1, 0, 1, 2, 3]])
+    hidden = torch.randn(12, 4, dtype=torch.float64, generator=gen)
+    rows = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask)
+    split = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask, position_ids=positions)
+    assert rows.sequences == 2 and split.sequences > 2
+    means = sequence_means(hidden, split.sequence_matrix(torch.float64))
+    real = means[means.abs().sum(1) > 0]
+    torch.testing.assert_close(real, sequence_means(hidden, rows.sequence_matrix(torch.float64)))

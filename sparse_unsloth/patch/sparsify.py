@@ -46,7 +46,7 @@ class BeginBatch:
             return
         shape = ref.shape if ids is not None else ref.shape[:-1]
         state.begin_batch(kwargs.get("labels"), shape, ref.device, model.training,
-                          kwargs.get("attention_mask"))
+                          kwargs.get("attention_mask"), kwargs.get("position_ids"))
 
 
 class TagOutputs:

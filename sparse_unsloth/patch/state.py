@@ -54,12 +54,18 @@ class TokenSplit:
     layers launched since stay queued. The indices then come from ``nonzero_static`` (no wait).
     """
 
-    dense_mask: torch.Tensor     # [sequences, tokens]: True at the rows computed with every channel
-    sparse_mask: torch.Tensor    # [sequences, tokens]: True at the context rows that are real tokens
+    dense_mask: torch.Tensor     # [rows, tokens]: True at the rows computed with every channel
+    sparse_mask: torch.Tensor    # [rows, tokens]: True at the context rows that are real tokens
+    # [rows * tokens]: each token's sequence, numbered from 0 (None: one sequence per row). A
+    # padding-free batch packs its sequences into one row: its position ids tell them apart.
+    sequence_ids: torch.Tensor | None = None
     _sequence_matrices: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        counts = torch.stack([self.dense_mask.sum(), self.sparse_mask.sum()])
+        counts = [self.dense_mask.sum(), self.sparse_mask.sum()]
+        if self.sequence_ids is not None:         # else one sequence a row: the host knows how many
+            counts.append(self.sequence_ids[-1] + 1)
+        counts = torch.stack(counts)
         self._copied: torch.cuda.Event | None = None
         if counts.is_cuda:
             self._counts = torch.empty(2, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
@@ -69,12 +75,20 @@ class TokenSplit:
             self._counts = counts
 
     @functools.cached_property
-    def counts(self) -> tuple[int, int]:
-        """(dense rows, voting rows): waits for their copy to the host the first time."""
-        if self._copied is not None:
+    def _host_counts(self) -> tuple[int, ...]:
+        if self._copied is not None:          # waits for their copy to the host the first time
             self._copied.synchronize()
-        dense, votes = self._counts.tolist()
-        return dense, votes
+        return tuple(self._counts.tolist())
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(dense rows, voting rows)."""
+        return self._host_counts[:2]
+
+    @property
+    def sequences(self) -> int:
+        """How many sequences the batch holds (packed ones counted apart)."""
+        return self.dense_mask.shape[0] if self.sequence_ids is None else self._host_counts[2]
 
     @functools.cached_property
     def dense_idx(self) -> torch.Tensor:
@@ -105,9 +119,9 @@ class TokenSplit:
         if dtype not in self._sequence_matrices:
             b, s = self.sparse_mask.shape
             device = self.sparse_mask.device
-            seq = torch.arange(b * s, device=device) // s
+            seq = self.sequence_ids if self.sequence_ids is not None else torch.arange(b * s, device=device) // s
             # A comparison, not F.one_hot: that checks its indices on the host (a GPU sync).
-            member = seq.unsqueeze(1) == torch.arange(b, device=device)
+            member = seq.unsqueeze(1) == torch.arange(self.sequences, device=device)
             self._sequence_matrices[dtype] = (member & self.vote_rows.unsqueeze(1)).to(dtype)
         return self._sequence_matrices[dtype]
 
@@ -136,8 +150,8 @@ def sequence_means(hidden: torch.Tensor, sequences: torch.Tensor) -> torch.Tenso
     ``sequences`` [tokens, sequences]: 1 where the token votes and belongs to the sequence (see
     :meth:`TokenSplit.sequence_matrix`). A zero row scores no channel (silu(0) * 0 = 0 under an
     L2 norm over rows), so it needs no filtering, and filtering would make the host wait for the
-    GPU in every sparse MLP. A padding-free batch arrives as one flattened row, so its packed
-    sequences share one mean.
+    GPU in every sparse MLP. A padding-free batch's packed sequences are told apart by its position
+    ids (:attr:`TokenSplit.sequence_ids`).
     """
     return (sequences.t() @ hidden) / sequences.sum(0).clamp(min=1).unsqueeze(1)
 
@@ -174,13 +188,14 @@ def attn_choice_sizes(num_heads: int, num_kv_heads: int, keep: int) -> list[tupl
 
 def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
                 dense_output_tokens: bool = True, attention_mask: torch.Tensor | None = None,
-                ) -> TokenSplit:
+                position_ids: torch.Tensor | None = None) -> TokenSplit:
     """Output tokens dense, context tokens sparse, padding neither dense nor voting.
 
     A position is an output token when its label is not -100, or when the next position's is
     (its hidden state predicts that label after the causal shift). Works from the masks alone,
     so padding side and padding-free (flattened) batches need nothing special; a boundary
-    between two packed sequences at most keeps one extra row dense. Padding (``attention_mask``
+    between two packed sequences at most keeps one extra row dense. ``position_ids`` of a
+    padding-free batch tell its packed sequences apart, for the FFN estimator's per-sequence means. Padding (``attention_mask``
     0) is computed sparse, which is cheapest, and never scores channels: no real token attends
     to it, so neither its values nor its count change the result.
     """
@@ -200,7 +215,17 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
         dense &= real             # left padding before a labelled first token stays padding
-    return TokenSplit(dense, ~dense & real)
+    return TokenSplit(dense, ~dense & real, _sequence_ids(position_ids, shape, device))
+
+
+def _sequence_ids(position_ids: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """Each token's sequence where a row packs several (a padding-free batch: its position ids
+    start again at 0 at each sequence); None where each row is one sequence."""
+    if position_ids is None or position_ids.numel() != shape.numel() or shape.numel() == 0:
+        return None
+    starts = position_ids.reshape(shape).to(device) == 0
+    starts[:, 0] = True                           # a row starts a sequence whatever its position ids
+    return starts.reshape(-1).cumsum(0) - 1
 
 
 class PendingChoice:
@@ -383,7 +408,8 @@ class SparseState:
         return self.current is not None
 
     def begin_batch(self, labels: torch.Tensor | None, shape: torch.Size, device: torch.device,
-                    training: bool, attention_mask: torch.Tensor | None = None) -> None:
+                    training: bool, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> None:
         """Start a forward pass over token ids of ``shape`` ([batch, seq])."""
         self.current = None
         self.skipped_output = None         # a backward that failed before its end left it set
@@ -405,7 +431,7 @@ class SparseState:
                             "tokens vote in the channel choice. Pass a 2-D attention_mask.")
             attention_mask = None
         self.current = BatchRecord(token_split(labels, shape, device, self.config.dense_output_tokens,
-                                               attention_mask))
+                                               attention_mask, position_ids))
 
     def tag(self, out: torch.Tensor) -> None:
         """Mark ``out`` (a model output with a graph): a backward through it differentiates the
