@@ -228,7 +228,12 @@ def test_sft_trainer_loss_falls_with_sparse_patch(tiny_dir, tmp_path, load_in_4b
     callback = su.SparsityCallback(model)
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(ARITHMETIC),
                          args=args, callbacks=[callback])
+    state = su.sparse_state(model)
+    sequences = []                                  # each sparse forward's count of sequences
+    model.register_forward_hook(lambda *_: state.current and sequences.append(state.current.split.sequences))
     trainer.train()
+    # 8 rows a batch, whether padded or packed by Unsloth's padding-free collator (position ids)
+    assert sequences and max(sequences) == 8, sequences
     logs = [h for h in trainer.state.log_history if "loss" in h]
     losses = [h["loss"] for h in logs]
     assert any(h.get("sparse/mlp_kept_frac", 0) > 0 for h in logs), logs[-1]
