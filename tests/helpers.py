@@ -83,11 +83,13 @@ def token_batch(vocab: int = 101, batch: int = 3, seq: int = 11, context: int = 
     return ids, labels
 
 
-def train_step(model, **inputs):
-    """Loss and every trainable parameter's gradient of one training forward/backward."""
+def train_step(model, autocast: str | None = None, **inputs):
+    """Loss and every trainable parameter's gradient of one training forward/backward;
+    ``autocast``: a device type whose bf16 autocast runs the forward only (as the Trainer does)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
+    with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+        loss = model(**inputs).loss
     loss.backward()
     return loss.detach(), {n: None if p.grad is None else p.grad.clone()
                            for n, p in model.named_parameters() if p.requires_grad}

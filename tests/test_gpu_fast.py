@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import cuda_lora_proj as _proj
 from helpers import cuda_subset as _choose
+from helpers import train_step
 
 from sparse_unsloth.ops.fast_attn import sparse_lora_o, sparse_lora_qkv
 from sparse_unsloth.ops.fast_mlp import sparse_lora_mlp
@@ -171,12 +172,7 @@ def _unsloth_model(path, load_in_4bit=False):
 
 
 def _step(model, ids, labels):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return train_step(model, autocast="cuda", input_ids=ids, labels=labels)
 
 
 def test_inactive_is_bit_identical_and_active_is_sparse(tiny_dir):

@@ -226,14 +226,6 @@ def test_the_backward_graph_recomputes_under_the_forwards_autocast(monkeypatch):
     """Hugging Face's reentrant checkpoint recomputes a layer under the forward's autocast but runs
     the layer's backward outside it; the backward graph recomputes inside that backward, so it
     must enter the forward's autocast itself, or its recompute computes in another precision."""
-    def step(model, ids, labels):          # as the Trainer does it: autocast around the forward only
-        model.train()
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
     models, layered = _pair(monkeypatch, dtype=torch.bfloat16)
     for model in models:                    # as Unsloth's: 16-bit frozen weights, float32 adapters
         for name, p in model.named_parameters():
@@ -241,7 +233,8 @@ def test_the_backward_graph_recomputes_under_the_forwards_autocast(monkeypatch):
                 p.data = p.data.float()
     for seed in range(20, 23):                              # first sighting, capture, replay
         ids, labels = token_batch(seed=seed)
-        (loss, grads), (want_loss, want) = (step(m, ids, labels) for m in models)
+        (loss, grads), (want_loss, want) = (train_step(m, autocast="cpu", input_ids=ids, labels=labels)
+                                            for m in models)
         torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
         assert_same_grads(grads, want, rtol=0, atol=0)
     assert layered._layer_graphs.captures == 2 * 3
