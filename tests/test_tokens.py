@@ -162,8 +162,9 @@ def test_packed_sequences_are_averaged_apart_by_their_position_ids():
 
 def test_position_ids_of_padded_batches_change_no_mean():
     """Padded rows with position ids (a collator's right padding at position 0, Hugging Face's left
-    padding at 1): a pad token may start a "sequence", but padding never votes, so such a sequence
-    has a zero mean (which scores no channel) and every real sequence keeps its mean."""
+    padding at 1): a pad token starts no sequence, and a row's left padding, which the row's first
+    real token (position 0) ends, is a sequence that never votes: a zero mean, which scores no
+    channel. Every real sequence keeps its mean."""
     gen = torch.Generator().manual_seed(3)
     labels = _labels([[-100, -100, 5, 6, -100, -100], [-100, -100, -100, -100, 7, 8]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
@@ -171,7 +172,7 @@ def test_position_ids_of_padded_batches_change_no_mean():
     hidden = torch.randn(12, 4, dtype=torch.float64, generator=gen)
     rows = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask)
     split = token_split(labels, labels.shape, torch.device("cpu"), attention_mask=mask, position_ids=positions)
-    assert rows.sequences == 2 and split.sequences > 2
+    assert rows.sequences == 2 and split.sequences == 3
     means = sequence_means(hidden, split.sequence_matrix(torch.float64))
     real = means[means.abs().sum(1) > 0]
     torch.testing.assert_close(real, sequence_means(hidden, rows.sequence_matrix(torch.float64)))

@@ -215,15 +215,16 @@ def token_split(labels: torch.Tensor | None, shape: torch.Size, device: torch.de
         dense = target.clone()
         dense[..., :-1] |= target[..., 1:]
         dense &= real             # left padding before a labelled first token stays padding
-    return TokenSplit(dense, ~dense & real, _sequence_ids(position_ids, shape, device))
+    return TokenSplit(dense, ~dense & real, _sequence_ids(position_ids, shape, real))
 
 
-def _sequence_ids(position_ids: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+def _sequence_ids(position_ids: torch.Tensor | None, shape: torch.Size, real: torch.Tensor) -> torch.Tensor | None:
     """Each token's sequence where a row packs several (a padding-free batch: its position ids
-    start again at 0 at each sequence); None where each row is one sequence."""
+    start again at 0 at each sequence); None where each row is one sequence. Only a real token
+    starts one: a collator may give every pad token position 0."""
     if position_ids is None or position_ids.numel() != shape.numel() or shape.numel() == 0:
         return None
-    starts = position_ids.reshape(shape).to(device) == 0
+    starts = (position_ids.reshape(shape).to(real.device) == 0) & real
     starts[:, 0] = True                           # a row starts a sequence whatever its position ids
     return starts.reshape(-1).cumsum(0) - 1
 
