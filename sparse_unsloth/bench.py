@@ -46,6 +46,7 @@ class BenchResult:
     seq_len: float                       # mean padded row length of the timed batches
     output_tokens: float                 # mean labelled tokens a row
     warmup_pairs: int
+    fresh_batches: bool                  # each timed pair on a batch not seen before (else the warm-up's)
     estimator_share: float | None        # estimator time / sparse step time (None: inside the passes)
     memory: dict[str, Any]
     flop_fraction: float | None
@@ -115,14 +116,16 @@ def _memory(peaks: list[int], schedule: list[bool]) -> dict[str, Any]:
 
 
 def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int = 1, batch_size: int = 8,
-            max_length: int = 512, learning_rate: float = 2e-4, seed: int = 0,
+            max_length: int = 512, learning_rate: float = 2e-4, seed: int = 0, fresh_batches: bool = False,
             progress: bool = True) -> BenchResult:
     """Time ``steps`` dense and ``steps`` sparse training steps of the sparsified LoRA ``model``.
 
     ``warmup_steps`` pairs run first, untimed, each on a batch of its own; the timed pairs go round
     the same batches again (with ``warmup_steps=0``, each on a new one). Each pair trains its batch
     of ``batch_size`` rows twice, dense and sparse, in alternating order. The model keeps training
-    (its LoRA weights change), as it would in a real run.
+    (its LoRA weights change), as it would in a real run. ``fresh_batches``: each timed pair on a
+    batch not seen before, and the CUDA graphs captured as in training (at a shape's second
+    sighting): what a padding-free run, whose batch shapes rarely come back, costs.
     """
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps} and {warmup_steps}")
@@ -132,7 +135,7 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     if not rows:
         raise ValueError("bench needs at least one row")
     pairs = warmup_steps + steps
-    distinct = warmup_steps or pairs
+    distinct = pairs if fresh_batches else warmup_steps or pairs
     schedule = alternating_schedule(pairs)
     callback = _Alternate(model, schedule)
     # A seeded sample, so that the timed batches look like a training run's whatever the file's order.
@@ -154,7 +157,7 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         weight = next(model.parameters())
         runners = [r for r in (state.runner(weight), state.layer_runner(weight)) if hasattr(r, "capture_at")]
         capture_at = [r.capture_at for r in runners]
-        for r in runners:
+        for r in runners if not fresh_batches else ():
             r.capture_at = 1
         try:
             trainer.train()
@@ -190,7 +193,7 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
     return BenchResult(
         comparison=compare(dense_s, sparse_s), dense_step_s=dense_s, sparse_step_s=sparse_s,
         tokens_per_step=tokens, batch_size=batch_size, seq_len=seq_len, output_tokens=output_tokens,
-        warmup_pairs=warmup_steps, estimator_share=None if fast else estimator / sum(sparse_s),
+        warmup_pairs=warmup_steps, fresh_batches=fresh_batches, estimator_share=None if fast else estimator / sum(sparse_s),
         memory=_memory(callback.peak_bytes[timed], schedule[timed]), flop_fraction=flops,
         device=torch.cuda.get_device_name() if on_gpu else "cpu", notes=notes)
 
@@ -200,7 +203,10 @@ def format_report(result: BenchResult) -> str:
     c = result.comparison
     lines = [(f"{c.pairs} dense + {c.pairs} sparse steps timed, interleaved in pairs on the same batches "
               f"({result.batch_size} rows x ~{result.seq_len:.0f} tokens, ~{result.output_tokens:.0f} of "
-              f"them labelled; {result.warmup_pairs} untimed warm-up pair(s)) on {result.device}"),
+              f"them labelled; {result.warmup_pairs} untimed warm-up pair(s)"
+              + ("; each timed pair on a batch not seen before, as in training" if result.fresh_batches else
+                 "; the timed pairs on the warm-up's batches again: the steady state")
+              + f") on {result.device}"),
              f"{'mode':<8}{'median step':>13}{'min':>10}{'max':>10}{'tokens/s':>11}"]
     for name, spread, sparse in (("dense", c.dense, False), ("sparse", c.sparse, True)):
         lines.append(f"{name:<8}{spread.median:>11.3f} s{spread.low:>8.3f} s{spread.high:>8.3f} s"

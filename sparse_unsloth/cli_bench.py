@@ -34,6 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="untimed steps of each mode first, each on a batch of its own (compilation, "
                           "allocations, and on a GPU the CUDA graphs); the timed steps go round the same "
                           "batches again, so they time the steady state (default: %(default)s)")
+    run.add_argument("--fresh-batches", action="store_true",
+                     help="time each pair on a batch not seen before, its CUDA graphs captured as in training "
+                          "(at a shape's second sighting): what a padding-free run costs, whose batch shapes "
+                          "rarely come back (default: the steady state, on the warm-up's batches)")
     run.add_argument("--batch-size", type=positive_int, default=8,
                      help="rows per step (default: %(default)s)")
     run.add_argument("--max-length", type=positive_int, default=512,
@@ -65,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sparsify(model, config, args.estimator, progress=not args.no_progress)
     result = measure(model, tokenizer, rows, steps=args.steps, warmup_steps=args.warmup_steps,
                      batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.lr,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, fresh_batches=args.fresh_batches, progress=not args.no_progress)
     settings = {key: value for key, value in vars(args).items() if key not in ("func", "prog")}
     written = write_outputs(result, args.out, settings | {"config": config})
     print(format_report(result))

@@ -90,6 +90,7 @@ def test_measure_interleaves_dense_and_sparse_steps(tiny_sparse, monkeypatch):
 
     report = bench.format_report(result)
     assert "3 dense + 3 sparse steps timed, interleaved in pairs on the same batches" in report
+    assert "the timed pairs on the warm-up's batches again: the steady state" in report
     assert report.count(" s") >= 2 and "tokens/s" in report and "estimator:" in report
     assert f"result:    {result.comparison.describe()}" in report
 
@@ -164,3 +165,37 @@ def test_measure_captures_graphs_in_the_warm_up(tiny_sparse, monkeypatch):
                   progress=False)
     assert during == [(1, 1)] * 4 and runner.capture_at == layers.capture_at == 2
     assert sparse_state(model).enabled is True
+
+
+def test_fresh_batches_time_each_pair_on_a_new_batch_and_capture_as_training_does(tiny_sparse, monkeypatch):
+    """--fresh-batches: every timed pair trains a batch the run has not seen, and the runners keep
+    their capture rule (a shape's second sighting), as in a padding-free training run."""
+    from helpers import ARITHMETIC, cpu_graphs
+
+    from sparse_unsloth.patch import state as state_mod
+
+    model, tokenizer = tiny_sparse
+    runner, layers = cpu_graphs(capture_at=2), cpu_graphs(capture_at=2)
+    monkeypatch.setattr(state_mod.SparseState, "runner", lambda self, t: runner)
+    monkeypatch.setattr(state_mod.SparseState, "layer_runner", lambda self, t: layers)
+    during, trainers, build_trainer = [], [], bench.build_trainer
+    original_end = bench._Alternate.on_step_end
+
+    def spy(self, *args, **kwargs):
+        during.append((runner.capture_at, layers.capture_at))
+        return original_end(self, *args, **kwargs)
+
+    def keep_trainer(*args, **kwargs):
+        trainers.append(build_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setattr(bench._Alternate, "on_step_end", spy)
+    monkeypatch.setattr(bench, "build_trainer", keep_trainer)
+    result = bench.measure(model, tokenizer, ARITHMETIC[:40], steps=3, warmup_steps=1, batch_size=4,
+                           max_length=32, fresh_batches=True, progress=False)
+    ids = trainers[0].train_dataset["input_ids"]
+    batches = [ids[8 * k:8 * k + 4] for k in range(4)]
+    assert all(ids[8 * k + 4:8 * k + 8] == batches[k] for k in range(4))     # a pair: one batch twice
+    assert all(batches[i] != batches[j] for i in range(4) for j in range(i))   # no batch comes back
+    assert during == [(2, 2)] * 8
+    assert result.fresh_batches and "each timed pair on a batch not seen before" in bench.format_report(result)
