@@ -68,7 +68,7 @@ class TokenSplit:
         counts = torch.stack(counts)
         self._copied: torch.cuda.Event | None = None
         if counts.is_cuda:
-            self._counts = torch.empty(2, dtype=counts.dtype, pin_memory=True).copy_(counts, non_blocking=True)
+            self._counts = torch.empty_like(counts, device="cpu", pin_memory=True).copy_(counts, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
         else:
