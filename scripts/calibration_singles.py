@@ -40,7 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     from sparse_unsloth import calibration as cal
     from sparse_unsloth.config import SparseConfig
     from sparse_unsloth.datasets_io import load_rows
-    from sparse_unsloth.estimator.factors import EstimatorFactors
     from sparse_unsloth.estimator.resolve import resolve_factors
     from sparse_unsloth.estimator.store import fingerprint
     from sparse_unsloth.finetune import LoraSettings, load_model
@@ -62,8 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     model_id, revision = model_identity(model)
     factors = resolve_factors(every, args.rank, fingerprint(every), model_id=model_id, revision=revision,
                               progress=False, allow_hub=False).to("cpu", torch.float32)
-    sliced = EstimatorFactors({k: (a[:, :args.rank].contiguous(), b[:args.rank].contiguous())
-                               for k, (a, b) in factors.factors.items()}, args.rank)
     base = SparseConfig(name="single", estimator_rank=args.rank)
     items = []
     with cal._training_mode_without_dropout(model):
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 predicted = cal._predicted(scores, batches, factors, args.rank, kind, layer, level, geo,
                                            base.ffn_seq_average, dense)
                 config = dataclasses.replace(base, **{kind: {layer: level}})
-                cal.sparsify(model, config, sliced, progress=False)
+                cal.sparsify(model, config, factors, progress=False)
                 try:
                     measured = cal.probe_loss(model, batches) / dense - 1
                 finally:

@@ -157,8 +157,9 @@ def measure(model, tokenizer, rows: list[dict], *, steps: int, warmup_steps: int
         weight = next(model.parameters())
         runners = [r for r in (state.runner(weight), state.layer_runner(weight)) if hasattr(r, "capture_at")]
         capture_at = [r.capture_at for r in runners]
-        for r in runners if not fresh_batches else ():
-            r.capture_at = 1
+        if not fresh_batches:
+            for r in runners:
+                r.capture_at = 1
         try:
             trainer.train()
         finally:
