@@ -14,35 +14,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import subprocess
+import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def main(argv: list[str] | None = None) -> None:
+    from probe_setup import add_probe_arguments, load_probe, write_result
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dataset", default="gsm8k")
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=512)
+    add_probe_arguments(ap, rows=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--mlp-level", type=float, default=0.9)
     ap.add_argument("--attn-level", type=float, default=0.75)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
     import torch
 
     from sparse_unsloth import calibration as cal
     from sparse_unsloth.config import SparseConfig
-    from sparse_unsloth.datasets_io import load_rows
     from sparse_unsloth.estimator.resolve import resolve_factors
     from sparse_unsloth.estimator.store import fingerprint
-    from sparse_unsloth.finetune import LoraSettings, load_model
     from sparse_unsloth.patch.models import (
         attention_geometry,
         decoder_layers,
@@ -51,12 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, LoraSettings(r=16, alpha=32), progress=False)
+    model, batches = load_probe(args)
     layers, geo = decoder_layers(model), attention_geometry(model)
-    batches = cal.probe_batches(load_rows(args.dataset), tok, num_rows=args.rows, batch_size=args.batch_size,
-                                max_length=args.max_length, seed=args.seed, device="cpu",
-                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     every = estimated_weights(layers, {kind: range(len(layers)) for kind in ("mlp", "self_attn")})
     model_id, revision = model_identity(model)
     factors = resolve_factors(every, args.rank, fingerprint(every), model_id=model_id, revision=revision,
@@ -80,17 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                               "predicted": round(predicted, 6), "measured": round(measured, 6)})
                 print(f"{kind:9s} {layer:3d} {level}: predicted {100 * predicted:+.3f}%, "
                       f"measured {100 * measured:+.3f}%", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                            text=True).stdout.strip()
-    result = {
-        "name": "calibration_singles", "command": "python " + " ".join(sys.argv),
-        "commit": commit, "device": "cpu", "date": datetime.date.today().isoformat(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "dense_probe_loss": round(dense, 6), "seconds": round(time.perf_counter() - start, 1), "items": items,
-    }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    write_result(args, "calibration_singles", (), dense_probe_loss=round(dense, 6),
+                 seconds=round(time.perf_counter() - start, 1), items=items)
 
 
 if __name__ == "__main__":
