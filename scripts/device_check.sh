@@ -27,8 +27,9 @@
 #   smollm2    put the GGUF together and convert it (sparse_unsloth.smollm2): the notebooks' model
 #   notebooks  scripts/run_gpu_notebooks.sh on it (NB_STEPS timed pairs, NB_TRAIN_STEPS; 6 and 10)
 #   profile    scripts/profile_train.py on it through Unsloth (padding-free batches), dense then sparse
-#              (PROFILE_CONFIG, default smollm2-135m-calibrated; PROFILE_STEPS, default 40), with
-#              TORCH_LOGS=recompiles: why its sparse steps were slower than dense (~3 min?)
+#              (PROFILE_CONFIG, default smollm2-135m-calibrated; PROFILE_STEPS, default 40; 10 of them
+#              the sparse run's warm-up), with TORCH_LOGS=recompiles: step time by phase, captures by
+#              function, a host profile per phase (~3 min)
 # Speed cases time 10 steps after 3 warm-up steps, without HF PEFT unless said. Their result
 # files are written as benchmarks/results expects (copy them from the tarball).
 set -uo pipefail
@@ -102,5 +103,5 @@ for d in "$W"/*/; do
 done
 [ -f "$W/calib8b/calibrate_llama3-8b.json" ] && sed 's|^|calib8b: |' "$W/calib8b/calibrate_llama3-8b.json"
 [ -f "$W/notebooks/notebooks.log" ] && tail -14 "$W/notebooks/notebooks.log" | sed 's|^|notebooks: |'
-[ -f "$W/profile/profile.log" ] && grep -A4 "^mode" "$W/profile/profile.log" | sed 's|^|profile: |'
+[ -f "$W/profile/profile.log" ] && grep -A12 "^mode" "$W/profile/profile.log" | sed 's|^|profile: |'
 exit 0

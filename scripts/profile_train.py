@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""Where a real training run's sparse step loses to the dense one: per-step time, Dynamo's
-compilations and our CUDA graph captures, and a host profile of the last steps.
+"""Where a real training run's sparse step loses to the dense one: per-step time by phase, our
+CUDA graph captures by function, Dynamo's counters, and a host profile of each phase.
 
 `sparse-unsloth train` on SmolLM2 through Unsloth (padding-free batches: a new token count every
-step) ran its sparse steps 1.56x slower than dense (benchmarks/NOTES.md, ninth session), which
+step) ran its sparse steps 1.13x slower than dense (benchmarks/NOTES.md, tenth session), which
 no fixed-shape speed bench shows. Each mode runs in a process of its own (Dynamo's caches and
 our graphs start empty, as in a user's run), the same rows and seed:
 
     python scripts/profile_train.py --model smollm2 --config smollm2-135m-calibrated --unsloth \
         --steps 40 --out /tmp/profile_train
 
-Writes OUT/profile_train.json (both modes: step times, Dynamo counters and captures per step,
-the top host functions of the profiled steps) and prints a short table.
+Each step is put in a phase: its first 2 ("first steps"), "dense" (the dense run), "warm-up" (the
+sparse run's dense steps: the patch inactive), the first 2 sparse steps (compiling), "sparse, new
+captures" and "sparse, no new captures". Odd steps are host-profiled into their phase's profile; phase times are the medians of
+the even (unprofiled) steps. Writes OUT/profile_train.json and prints a short table.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ from pathlib import Path
 def _counters() -> dict:
     from torch._dynamo.utils import counters
 
-    return {group: dict(values) for group, values in counters.items() if group in ("stats", "frames", "recompiles",
-                                                                                  "graph_break")}
+    return {group: dict(values) for group, values in counters.items() if values}
 
 
 def _run_mode(args: argparse.Namespace) -> dict:
@@ -57,26 +58,47 @@ def _run_mode(args: argparse.Namespace) -> dict:
         sparsify(model, config, progress=False)
         callbacks.append(SparsityCallback(model))
         state = sparse_state(model)
-    steps = []
-    profiler = cProfile.Profile()
+    steps: list[dict] = []
+    profiles: dict[str, pstats.Stats] = {}
     cuda = torch.cuda.is_available()
+
+    def phase(step: int, captured: int) -> str:
+        if step <= 2:
+            return "first steps"
+        if state is None:
+            return "dense"
+        if not state.enabled:
+            return "warm-up"
+        if sum(st["phase"].startswith("sparse") or st["phase"] == "first sparse steps" for st in steps) < 2:
+            return "first sparse steps"        # compiling the sparse ops into Unsloth's blocks
+        return "sparse, new captures" if captured else "sparse, no new captures"
 
     class Probe(TrainerCallback):
         def on_step_begin(self, a, s, c, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            if s.global_step >= args.steps - args.profile_steps:
-                profiler.enable()
+            self.captured = {} if state is None else state.captures_by_function()
+            self.profiler = cProfile.Profile() if s.global_step % 2 == 0 else None   # odd steps (1-based)
+            if self.profiler is not None:
+                self.profiler.enable()
             self.start = time.perf_counter()
 
         def on_step_end(self, a, s, c, **kw):
             if cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - self.start
-            profiler.disable()
-            steps.append({"step": s.global_step, "s": seconds, "dynamo": _counters(),
-                          "captures": None if state is None else state.captures,
-                          "sparse": None if state is None else bool(state.enabled)})
+            if self.profiler is not None:
+                self.profiler.disable()
+            now = {} if state is None else state.captures_by_function()
+            new = {k: n - self.captured.get(k, 0) for k, n in now.items() if n != self.captured.get(k, 0)}
+            name = phase(s.global_step, sum(new.values()))
+            if self.profiler is not None:
+                if name in profiles:
+                    profiles[name].add(self.profiler)
+                else:
+                    profiles[name] = pstats.Stats(self.profiler)
+            steps.append({"step": s.global_step, "s": seconds, "phase": name, "profiled": self.profiler is not None,
+                          "captured": new, "dynamo_frames": _counters().get("frames", {}).get("total", 0)})
 
     rows = load_rows(args.dataset)
     trainer = build_trainer(model, tokenizer, rows, output_dir=str(Path(args.out) / args.mode), max_steps=args.steps,
@@ -84,14 +106,23 @@ def _run_mode(args: argparse.Namespace) -> dict:
                             seed=args.seed, logging_steps=args.steps, callbacks=[*callbacks, Probe()],
                             progress=False)
     trainer.train()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    return {"mode": args.mode, "steps": steps, "profile_top": text.getvalue().splitlines()[:60],
-            "profiled_steps": args.profile_steps}
+    tops = {}
+    for name, stats in profiles.items():
+        text = io.StringIO()
+        stats.stream = text
+        stats.sort_stats("tottime").print_stats(args.top)
+        profiled = sum(1 for st in steps if st["phase"] == name and st["profiled"])
+        tops[name] = [f"{profiled} profiled steps"] + text.getvalue().splitlines()[:args.top + 12]
+    return {"mode": args.mode, "steps": steps, "profiles": tops, "dynamo": _counters()}
 
 
-def _unique_graphs(step: dict) -> int:
-    return step["dynamo"].get("stats", {}).get("unique_graphs", 0)
+def _phases(run: dict) -> dict[str, tuple[int, float | None]]:
+    """phase -> (steps, median seconds of its unprofiled steps)."""
+    out = {}
+    for name in dict.fromkeys(st["phase"] for st in run["steps"]):
+        times = [st["s"] for st in run["steps"] if st["phase"] == name and not st["profiled"]]
+        out[name] = (sum(st["phase"] == name for st in run["steps"]), statistics.median(times) if times else None)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", default="gsm8k")
     ap.add_argument("--config", default="smollm2-135m-calibrated")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup-steps", type=int, default=3, help="dense steps of the sparse run first")
-    ap.add_argument("--profile-steps", type=int, default=5, help="the last steps, host-profiled")
+    ap.add_argument("--warmup-steps", type=int, default=10, help="dense steps of the sparse run first")
+    ap.add_argument("--top", type=int, default=25, help="functions listed per phase profile")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--lora-r", type=int, default=16)
@@ -128,16 +159,19 @@ def main(argv: list[str] | None = None) -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "date": datetime.date.today().isoformat(), "runs": runs}
     (out / "profile_train.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'mode':7s} {'median s (last half)':>20s} {'unique graphs':>14s} {'captures':>9s}")
+    print(f"{'mode':7s} {'phase':24s} {'steps':>5s} {'median s':>9s}")
     for mode, run in runs.items():
-        steps = run["steps"]
-        half = steps[len(steps) // 2:]
-        print(f"{mode:7s} {statistics.median(s['s'] for s in half):20.3f} {_unique_graphs(steps[-1]):14d} "
-              f"{steps[-1]['captures'] if steps[-1]['captures'] is not None else '-':>9}")
+        for name, (count, median) in _phases(run).items():
+            print(f"{mode:7s} {name:24s} {count:5d} {'-' if median is None else f'{median:.3f}':>9s}")
+    captured: dict[str, int] = {}
+    for st in runs["sparse"]["steps"]:
+        for k, n in st["captured"].items():
+            captured[k] = captured.get(k, 0) + n
+    print("captures by function:", captured or "none")
     for mode, run in runs.items():
-        print(f"--- {mode}: host profile of the last {run['profiled_steps']} steps")
-        print("\n".join(run["profile_top"][:35]))
-
+        for name, top in run["profiles"].items():
+            print(f"--- {mode}, {name}: host profile ({top[0]})")
+            print("\n".join(top[1:]))
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,9 @@ def test_captured_at_the_second_sighting_then_replayed():
         assert (runner.captures, runner.replays) == [(0, 0), (1, 1), (1, 2)][i]
     runner(_times, (xs[0],), (w.clone(),))       # other weights: another graph, seen once: eager
     assert runner.captures == 1
+    runner(_two, (xs[0],), (w,))
+    runner(_two, (xs[0],), (w,))
+    assert runner.captured == {"_times": 1, "_two": 1}   # named, for a profile of what a run captures
 
 
 def test_results_are_fresh_and_inputs_copied():

@@ -156,7 +156,8 @@ class GraphRunner:
     inputs and outputs: those are padded to :func:`bucket` rows (and the outputs cut back). The
     graphs of at most ``max_buckets`` buckets are kept, the least recently used dropped first (a
     call without token rows cannot be padded: its inputs' exact shapes are its bucket), with the
-    buffers no kept graph reads. ``captures`` counts the captures made.
+    buffers no kept graph reads. ``captured`` counts the captures made, by the function's name
+    (``captures``: all of them).
 
     While captured, ``fn`` gets ``outs=`` the slot's output buffers and may write its results
     straight into them (returning them); anything else it returns is copied in. The results
@@ -171,7 +172,7 @@ class GraphRunner:
     def __init__(self, capture_at: int = 2, max_buckets: int = 16) -> None:
         self.capture_at = capture_at
         self.max_buckets = max_buckets
-        self.captures = 0
+        self.captured: collections.Counter[str] = collections.Counter()
         self._slots: dict[Any, _Slot] = {}
         self._buckets: collections.OrderedDict[Any, list] = collections.OrderedDict()   # bucket -> slot keys
         self._seen: collections.Counter[tuple] = collections.Counter()
@@ -204,7 +205,7 @@ class GraphRunner:
                 self._buckets.setdefault(group, []).append(slot_key)
             slot.load(inputs)
             graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, row_out, into)
-            self.captures += 1
+            self.captured[getattr(fn, "__qualname__", type(fn).__name__)] += 1
         else:
             slot.load(inputs)
         self._buckets.move_to_end(group)
@@ -218,6 +219,10 @@ class GraphRunner:
                     for i, o in enumerate(graph.outputs))
         self._evict()
         return out
+
+    @property
+    def captures(self) -> int:
+        return sum(self.captured.values())
 
     def _slot(self, inputs: Inputs, row_in: Sequence[int], n: int) -> _Slot:
         taken: collections.Counter[tuple] = collections.Counter()
