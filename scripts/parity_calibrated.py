@@ -106,26 +106,27 @@ def resume_from(carried: Path | None, work: Path) -> list[str]:
     if carried is None or not carried.is_dir():
         return []
     seeded = []
-    for run in sorted(d for d in carried.iterdir() if (d / "summary.json").is_file()):
-        if run.name.endswith("-arc") and not (run / "arc_easy_acc.json").is_file():
+    for kept in sorted(carried.glob("*.json")):
+        files = json.loads(kept.read_text())
+        if "summary.json" not in files or (kept.stem.endswith("-arc") and "arc_easy_acc.json" not in files):
             continue
-        _copy_finished(run, work / run.name, overwrite=False)     # what this machine has wins
-        seeded.append(run.name)
+        run = work / kept.stem
+        run.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            if not (run / name).is_file():          # what this machine has wins
+                (run / name).write_text(text)
+        seeded.append(kept.stem)
     return seeded
 
 
 def keep_run(run_dir: Path, keep: Path | None) -> None:
-    """Copy a finished run's summary (and ARC accuracy) into ``keep``/<run> (no weights: a few KB)."""
+    """The files of a finished run that the result reads (``_FINISHED``: a few KB, no weights), as
+    one file ``keep``/<run>.json: a device call brings back at most 8 files, and 3 a run for 4
+    runs were more (the sparse summaries of the tenth session's parity did not come back)."""
     if keep is not None:
-        _copy_finished(run_dir, keep / run_dir.name, overwrite=True)
-
-
-def _copy_finished(src: Path, dst: Path, overwrite: bool) -> None:
-    """The files of run folder ``src`` that the result reads (``_FINISHED``), into ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in _FINISHED:
-        if (src / name).is_file() and (overwrite or not (dst / name).is_file()):
-            (dst / name).write_bytes((src / name).read_bytes())
+        keep.mkdir(parents=True, exist_ok=True)
+        files = {name: (run_dir / name).read_text() for name in _FINISHED if (run_dir / name).is_file()}
+        (keep / f"{run_dir.name}.json").write_text(json.dumps(files) + "\n")
 
 
 def arc_accuracy(model_path: str, adapter: str, items: list[tuple[str, list[str], int]]) -> float:
@@ -243,7 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
         metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
                           "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
                           "losses": run["losses"], "sparse_logs": run["sparse_logs"][-2:],
-                          "arc_train_s": arc_run["train_s"], "arc_losses": arc_run["losses"]}
+                          "arc_train_s": arc_run["train_s"], "arc_losses": arc_run["losses"],
+                          # every step's time (synchronized clock): the sparse run's dense warm-up
+                          # steps against the dense run's, and its sparse steps against both
+                          "step_s": run.get("step_s"), "arc_step_s": arc_run.get("step_s")}
         print(f"{label}: GSM8K held-out loss {run['eval_loss']:.4f}, ARC-Easy {100 * acc:.2f}%", flush=True)
     from transformers import AutoConfig
 
