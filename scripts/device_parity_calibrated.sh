@@ -11,9 +11,9 @@
 # (/work/shared/device/split-smollm2.sh: /tmp/g/m.gguf; /work/shared/models/qwen2.5-coder-0.5b/
 # split-for-device.sh: /tmp/q/m.gguf; both need the gguf wheel they carry installed).
 # Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
-# machine. Each finished run's summary (a few KB, no weights) is also kept under
-# $OUT/<name>/<run>/ as it finishes (two levels: a device call does not bring back deeper
-# folders); copy $OUT/<name> here to the ignored .parity_work/<name> and carry .parity_work next
+# machine. Each finished run's summary (a few KB, no weights) is also kept as one file
+# $OUT/<name>/<run>.json as it finishes (a device call brings back 8 files at most, two folders
+# down); copy $OUT/<name> here to the ignored .parity_work/<name> and carry .parity_work next
 # time (another machine, another session): its runs are not trained again. The dense runs do not
 # depend on the sparse config, so they serve a recalibrated preset too.
 # Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).

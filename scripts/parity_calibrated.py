@@ -80,7 +80,7 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
         had = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
         if had != want:
             raise SystemExit(f"{out} holds a finished run of another config than {config!r} (recalibrated "
-                             "since?): delete that folder (and its kept copy in .parity_work) to train it again")
+                             "since?): delete that folder (and its kept copy, <run>.json in .parity_work) to train it again")
         return json.loads((out / "summary.json").read_text())
     cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
            "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
