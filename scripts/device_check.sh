@@ -24,6 +24,12 @@
 #              (nbclient, ipykernel, matplotlib, gguf, ...) into /tmp/site. A call carries 64 MiB at
 #              most: three calls in a row on the warm machine, e.g. [".m1", ".nb1"], [".m2", ".nb2"],
 #              [".m3", ".whl"]; the last one goes on with `smollm2 notebooks`
+#   qparts     keep what this call carries of Qwen2.5-Coder-0.5B's GGUF (.q1 .. .q9, 53 MB each, from
+#              /work/shared/models/qwen2.5-coder-0.5b/split-for-device.sh) in /tmp/q; the call that
+#              completes the nine puts /tmp/q/m.gguf together, checks its sha256 and installs the gguf
+#              wheel of .q9: nine calls in a row on the warm machine, carry [".qN"] each (the wheelhouse
+#              goes in a call before: .whl and a part together are over 64 MiB); then
+#              `bash scripts/device_parity_calibrated.sh qwen /tmp/q/m.gguf`
 #   smollm2    put the GGUF together and convert it (sparse_unsloth.smollm2): the notebooks' model
 #   notebooks  scripts/run_gpu_notebooks.sh on it (NB_STEPS timed pairs, NB_TRAIN_STEPS; 6 and 10)
 #   profile    scripts/profile_train.py on it through Unsloth (padding-free batches), dense then sparse
@@ -75,6 +81,15 @@ for s in "$@"; do
     kernels) run_step kernels python3 -m pytest -q -p no:cacheprovider tests/test_topk.py tests/test_keep_context.py \
                tests/test_lora_swiglu.py::test_llama3_8b_sizes_with_the_autotuned_split ;;
     calib8b) run_step calib8b python3 scripts/time_calibrate.py --out "$W/calib8b" ;;
+    qparts) mkdir -p /tmp/q
+            for d in .q1 .q2 .q3 .q4 .q5 .q6 .q7 .q8 .q9; do [ -d "$d" ] && cp "$d"/p? /tmp/q/; done
+            [ -d .q9 ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .q9/*.whl
+            if [ ! -f /tmp/q/m.gguf ] && [ "$(ls /tmp/q/p? | wc -l)" -eq 9 ]; then
+              cat /tmp/q/p? > /tmp/q/m.gguf && rm /tmp/q/p?
+              echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  /tmp/q/m.gguf" | sha256sum -c \
+                || { rm -f /tmp/q/m.gguf; echo "qparts: the GGUF put together is not the model; carry the parts again"; }
+            fi
+            ls /tmp/q ;;
     parts) mkdir -p /tmp/g
            for d in .m1 .m2 .m3; do [ -d "$d" ] && cp "$d"/gpart* /tmp/g/; done
            wheels=$(ls .nb1/*.whl .nb2/*.whl .m3/*.whl 2>/dev/null)
