@@ -45,7 +45,7 @@ def test_captured_at_the_second_sighting_then_replayed():
     assert runner.captures == 1
     runner(_two, (xs[0],), (w,))
     runner(_two, (xs[0],), (w,))
-    assert runner.captured == {"_times": 1, "_two": 1}   # named, for a profile of what a run captures
+    assert runner.captured == {"test_graphs_cpu._times": 1, "test_graphs_cpu._two": 1}   # named, for a profile of what a run captures
 
 
 def test_results_are_fresh_and_inputs_copied():

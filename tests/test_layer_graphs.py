@@ -86,7 +86,8 @@ def test_checkpointed_steps_with_layer_graphs_equal_the_passes(dense_rows, monke
     # A forward and a backward graph per sparse layer, captured at the second step, replayed since
     assert layered._layer_graphs.captures == 2 * 3
     assert layered._layer_graphs.replays == 2 * 3 * 3
-    assert layered.captures_by_function() == {"layer _backward_body": 3, "layer _forward_body": 3}
+    assert layered.captures_by_function() == {"layer layer_graphs._backward_body": 3,
+                                                "layer layer_graphs._forward_body": 3}
     for model in models:                                       # a forward that no backward recomputes
         model(input_ids=ids, labels=labels)
     stats, want_stats = _stats(models)

@@ -107,6 +107,12 @@ def const_keys(consts: Sequence[Any]) -> tuple[tuple, tuple]:
     return tuple(shapes), tuple(identities)
 
 
+def _name(fn: Callable) -> str:
+    """``module.function`` (our passes' functions share short names: ``fast_mlp._forward``)."""
+    module = getattr(fn, "__module__", None) or ""
+    return f"{module.rsplit('.', 1)[-1]}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
 def _padded_shape(t: torch.Tensor, n: int | None) -> tuple:
     return ((n, *t.shape[1:]) if n is not None else tuple(t.shape)), t.dtype, t.device
 
@@ -205,7 +211,7 @@ class GraphRunner:
                 self._buckets.setdefault(group, []).append(slot_key)
             slot.load(inputs)
             graph = slot.graphs[graph_key] = self._capture(slot, fn, inputs, consts, row_out, into)
-            self.captured[getattr(fn, "__qualname__", type(fn).__name__)] += 1
+            self.captured[_name(fn)] += 1
         else:
             slot.load(inputs)
         self._buckets.move_to_end(group)
