@@ -5,6 +5,8 @@
 #   bash scripts/device_parity_calibrated.sh prepare          # here: data into the ignored .parity_data/
 #   bash scripts/device_parity_calibrated.sh smollm2 GGUF     # device: SmolLM2 from the carried GGUF
 #   bash scripts/device_parity_calibrated.sh qwen GGUF        # device: Qwen2.5-Coder-0.5B from its GGUF
+#   bash scripts/device_parity_calibrated.sh smollm2-noise GGUF   # device: SmolLM2 dense vs dense, seed 1:
+#                                                             # the noise floor of the two differences
 #
 # On the device the wheelhouse is installed and PYTHONPATH set first (as scripts/device_check.sh
 # does), .parity_data is carried, and the GGUF was put together from the split folders
@@ -27,7 +29,7 @@ carry() {  # name: --keep into $OUT (on the device), --resume-from what an earli
   [ -d ".parity_work/$1" ] && opts+=(--resume-from ".parity_work/$1")
   echo "${opts[@]}"
 }
-case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
+case ${1:?usage: prepare | smollm2 GGUF | smollm2-noise GGUF | qwen GGUF} in
   prepare)
     src=${2:-/work/shared/data}
     rm -rf "$DATA" && mkdir -p "$DATA"
@@ -40,6 +42,13 @@ case ${1:?usage: prepare | smollm2 GGUF | qwen GGUF} in
       --config smollm2-135m-calibrated --reference-config smollm2-135m-safe \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
       --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" $(carry parity_smollm2_calibrated) ;;
+  smollm2-noise)
+    # The seed-0 dense runs are those of the calibrated chain: copy .parity_work/parity_smollm2_calibrated/
+    # dense-*.json into .parity_work/parity_smollm2_noise/ first, and only the seed-1 runs train (~5 min).
+    python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
+    python3 scripts/parity_calibrated.py --model smollm2 --config dense --sparse-seed 1 \
+      --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
+      --name parity_smollm2_noise --out "${OUT:-benchmarks/results}" $(carry parity_smollm2_noise) ;;
   qwen)
     python3 scripts/parity_calibrated.py --model "${2:?GGUF}" \
       --config "${3:-qwen2.5-coder-0.5b-calibrated}" \

@@ -72,7 +72,14 @@ def _config_record(config: str) -> str | dict:
     return "dense" if config == "dense" else json.loads(json.dumps(load_config(config).to_dict()))   # as stored
 
 
-def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path) -> dict:
+def run_plan(config: str, seed: int, sparse_seed: int) -> list[tuple[str, str, int, str]]:
+    """(label, config, seed, run folder prefix) of the dense and the ``config`` runs. A run's folder
+    names its seed when it is not ``seed``: a finished run is reused by its folder."""
+    folder = "sparse" if sparse_seed == seed else f"sparse-seed{sparse_seed}"
+    return [("dense", "dense", seed, "dense"), ("sparse", config, sparse_seed, folder)]
+
+
+def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path, seed: int) -> dict:
     """One ``sparse-unsloth train`` run; its summary.json (reused when there and trained with the
     same config: a rerun resumes)."""
     want = _config_record(config)
@@ -85,7 +92,7 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
     cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
            "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
            "--lora-r", str(args.lora_r), "--max-length", str(args.max_length), "--eval-rows", str(eval_rows),
-           "--seed", str(args.seed), "--output-dir", str(out), "--logging-steps", "25", "--no-progress"]
+           "--seed", str(seed), "--output-dir", str(out), "--logging-steps", "25", "--no-progress"]
     if args.unsloth:
         cmd.append("--unsloth")
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -191,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparse-seed", type=int, help="the --config runs' seed (default: --seed). With --config "
+                                                  "dense and another seed: two dense runs, the noise floor "
+                                                  "that a sparse run's differences are read against")
     p.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None,
                    help="train through Unsloth (default: when a CUDA GPU is there)")
     p.add_argument("--name", default="parity_calibrated")
@@ -232,14 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
                    work / "gsm8k.jsonl")
     arc = _jsonl([{"prompt": _prompt(q), "completion": " " + c[g]} for q, c, g in arc_train], work / "arc.jsonl")
     metrics = {}
-    for label, config in (("dense", "dense"), ("sparse", args.config)):
-        run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{label}-gsm8k")
-        keep_run(work / f"{label}-gsm8k", args.keep)
-        arc_run = train(args, config, arc, arc_steps, 0, work / f"{label}-arc")
-        acc_file = work / f"{label}-arc" / "arc_easy_acc.json"
+    sparse_seed = args.seed if args.sparse_seed is None else args.sparse_seed
+    for label, config, seed, folder in run_plan(args.config, args.seed, sparse_seed):
+        run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{folder}-gsm8k", seed)
+        keep_run(work / f"{folder}-gsm8k", args.keep)
+        arc_run = train(args, config, arc, arc_steps, 0, work / f"{folder}-arc", seed)
+        acc_file = work / f"{folder}-arc" / "arc_easy_acc.json"
         if not acc_file.is_file():
             acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
-        keep_run(work / f"{label}-arc", args.keep)
+        keep_run(work / f"{folder}-arc", args.keep)
         acc = json.loads(acc_file.read_text())
         metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
                           "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                           # every step's time (synchronized clock): the sparse run's dense warm-up
                           # steps against the dense run's, and its sparse steps against both
                           "step_s": run.get("step_s"), "arc_step_s": arc_run.get("step_s")}
-        print(f"{label}: GSM8K held-out loss {run['eval_loss']:.4f}, ARC-Easy {100 * acc:.2f}%", flush=True)
+        print(f"{folder}: GSM8K held-out loss {run['eval_loss']:.4f}, ARC-Easy {100 * acc:.2f}%", flush=True)
     from transformers import AutoConfig
 
     shape = AutoConfig.from_pretrained(model_path)
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "train_rows": len(train_rows), "eval_rows": len(test_rows), "arc_train_rows": len(arc_train),
                      "arc_steps": arc_steps,
                      "arc_test_rows": len(arc_test), "max_length": args.max_length, "lr": args.lr,
-                     "lora_r": args.lora_r, "seed": args.seed, "unsloth": args.unsloth,
+                     "lora_r": args.lora_r, "seed": args.seed, "sparse_seed": sparse_seed, "unsloth": args.unsloth,
                      "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
         "resumed_runs": seeded,      # trained on an earlier machine (their summaries carried here)
         "baseline": "dense",

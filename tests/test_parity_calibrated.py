@@ -72,9 +72,19 @@ def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
     (run / "summary.json").write_text('{"eval_loss": 0.7}')
     args = SimpleNamespace()
     with pytest.raises(SystemExit, match="another config"):       # no record: an older run
-        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run)
+        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0)
     (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m")))
     with pytest.raises(SystemExit, match="another config"):
-        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run)
+        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0)
     (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m-safe")))
-    assert train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run) == {"eval_loss": 0.7}
+    assert train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0) == {"eval_loss": 0.7}
+
+
+def test_the_noise_floor_runs_dense_twice_in_folders_of_their_own():
+    """``--config dense --sparse-seed 1``: dense against dense with another seed, in folders that a
+    finished seed-0 run of a sparse config can never stand for."""
+    from parity_calibrated import run_plan
+
+    assert run_plan("smollm2-135m-calibrated", 0, 0) == [("dense", "dense", 0, "dense"),
+                                                         ("sparse", "smollm2-135m-calibrated", 0, "sparse")]
+    assert run_plan("dense", 0, 1) == [("dense", "dense", 0, "dense"), ("sparse", "dense", 1, "sparse-seed1")]
