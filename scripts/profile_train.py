@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {"name": "profile_train", "command": "python " + " ".join([sys.argv[0], *own]), "commit": commit,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "date": datetime.date.today().isoformat(), "runs": runs}
+              "date": datetime.date.today().isoformat(),
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "mode")},
+              "baseline": "dense", "runs": runs}
     (out / "profile_train.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'mode':7s} {'phase':24s} {'steps':>5s} {'median s':>9s}")
     for mode, run in runs.items():
