@@ -51,6 +51,9 @@ def _run_mode(args: argparse.Namespace) -> dict:
 
     model, tokenizer = load_model(args.model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
                                   unsloth=args.unsloth, max_length=args.max_length, seed=args.seed, progress=False)
+    # Each recompile and its reason, whatever logging Unsloth set up (TORCH_LOGS alone printed
+    # nothing in the tenth session): a decoder block at Dynamo's recompile limit runs uncompiled.
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)
     callbacks = []
     state = None
     if args.mode == "sparse":
@@ -113,7 +116,8 @@ def _run_mode(args: argparse.Namespace) -> dict:
         stats.sort_stats("tottime").print_stats(args.top)
         profiled = sum(1 for st in steps if st["phase"] == name and st["profiled"])
         tops[name] = [f"{profiled} profiled steps"] + text.getvalue().splitlines()[:args.top + 12]
-    return {"mode": args.mode, "steps": steps, "profiles": tops, "dynamo": _counters()}
+    return {"mode": args.mode, "steps": steps, "profiles": tops, "dynamo": _counters(),
+            "recompile_limit": getattr(torch._dynamo.config, "recompile_limit", None)}
 
 
 def _phases(run: dict) -> dict[str, tuple[int, float | None]]:
