@@ -51,9 +51,6 @@ def _run_mode(args: argparse.Namespace) -> dict:
 
     model, tokenizer = load_model(args.model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
                                   unsloth=args.unsloth, max_length=args.max_length, seed=args.seed, progress=False)
-    # Each recompile and its reason, whatever logging Unsloth set up (TORCH_LOGS alone printed
-    # nothing in the tenth session): a decoder block at Dynamo's recompile limit runs uncompiled.
-    torch._logging.set_logs(recompiles=True, graph_breaks=True)
     callbacks = []
     state = None
     if args.mode == "sparse":
@@ -77,6 +74,11 @@ def _run_mode(args: argparse.Namespace) -> dict:
         return "sparse, new captures" if captured else "sparse, no new captures"
 
     class Probe(TrainerCallback):
+        def on_train_begin(self, a, s, c, **kw):
+            # Each recompile and graph break with its reason: unsloth_zoo turns all torch logs off
+            # (and drops TORCH_LOGS) when it sets up compiling, so turn them on once it has.
+            torch._logging.set_logs(recompiles=True, graph_breaks=True)
+
         def on_step_begin(self, a, s, c, **kw):
             if cuda:
                 torch.cuda.synchronize()
