@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sequences", type=int, default=16, help="packed sequences a step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense-rows", choices=("64", "bucket"), default="64",
+                    help="how the dense-row count is padded: to a multiple of 64 (the package's rule), or "
+                         "as token rows are (ops.graphs.bucket: coarser, fewer batch shapes; simulated here)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -73,6 +77,16 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     _unsloth_like_attention()
+    if args.dense_rows == "bucket":
+        from sparse_unsloth.patch.state import TokenSplit
+
+        def dense_rows(split):
+            n = split.dense_idx.numel()
+            return None if n == 0 else torch.cat([split.dense_idx, split.dense_idx[:1].expand(bucket(n) - n)])
+
+        padded = functools.cached_property(dense_rows)       # once per split: the graphs key on its storage
+        padded.__set_name__(TokenSplit, "dense_rows")
+        TokenSplit.dense_rows = padded
     importlib.import_module("sparse_unsloth.patch.sparsify")._backend = lambda _m: unsloth_fast
     torch.manual_seed(args.seed)
     model = tiny_lora_model(layers=30, hidden=64, inter=128, heads=4, kv_heads=2, dtype=torch.float32)
