@@ -101,14 +101,16 @@ def main(argv: list[str] | None = None) -> None:
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     rows = load_rows("gsm8k")
-    random.Random(args.seed).shuffle(rows)
-    n = args.sequences
     rng = random.Random(args.seed)
+    order = []                                     # epochs of the rows, each shuffled, as a trainer draws them
+    while len(order) < args.sequences * args.steps:
+        order += rng.sample(range(len(rows)), len(rows))
+    n = args.sequences
     model.train()
     steps = []
     for step in range(args.steps):
         ids, labels, positions = [], [], []
-        for row in rows[n * step:n * (step + 1)]:
+        for row in (rows[i] for i in order[n * step:n * (step + 1)]):
             prompt = len(tok(row["prompt"])["input_ids"])
             full = len(tok(row["prompt"] + row["completion"])["input_ids"]) + 1     # + EOS
             ids += [rng.randrange(101) for _ in range(full)]
