@@ -191,14 +191,16 @@ def test_sightings_of_shapes_that_never_come_back_are_forgotten():
 
 
 def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
+    """The first buffer fits its bucket; a bigger bucket replaces it with a quarter more rows
+    (bucket(256 + 64) = 320), so a slightly bigger one after it (bucket 320) keeps every graph."""
     w = torch.randn(4, 4, dtype=torch.float64)
     runner = CPUGraphs(capture_at=1)
-    for n, captures in ((60, 1), (200, 2), (60, 3), (200, 3)):
+    for n, captures in ((60, 1), (200, 2), (60, 3), (200, 3), (300, 4), (60, 4), (200, 4)):
         x = torch.randn(n, 4, dtype=torch.float64)
         (y, _) = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
         assert torch.equal(y, x @ w)
         assert runner.captures == captures, n
-    assert all(t.shape[0] in (4, 256) for t in runner._store.values())
+    assert all(t.shape[0] in (4, 320) for t in runner._store.values())
 
 
 def _proj(gen, fout, fin, rank=3):

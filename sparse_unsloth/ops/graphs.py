@@ -242,8 +242,10 @@ class GraphRunner:
         rows of one tensor per (role, trailing shape, dtype, device, n-th such buffer of the call),
         so that every bucket shares it too; else one tensor of exactly that shape.
 
-        A bucket with more rows than the tensor has replaces it; the graphs that read the old one
-        are dropped at the end of the call (a few times early on, as the largest batch grows).
+        A bucket with more rows than the tensor has replaces it, with a quarter more rows than it
+        needs; the graphs that read the old one are dropped at the end of the call. Without the
+        headroom, batches of varying size (padding-free packing) replaced it at each new largest
+        batch, and every graph was captured again each time (``scripts/simulate_captures.py``).
         """
         shape, dtype, device = sig
         family = (role, tuple(shape[1:]) if token_rows else tuple(shape), dtype, device)
@@ -251,7 +253,8 @@ class GraphRunner:
         taken[family] += 1
         old = self._store.get(key)
         if old is None or (token_rows and old.shape[0] < shape[0]):   # else its family is its exact shape
-            self._store[key] = torch.empty(shape, dtype=dtype, device=device)
+            size = shape if old is None else (bucket(shape[0] + shape[0] // 4), *shape[1:])
+            self._store[key] = torch.empty(size, dtype=dtype, device=device)
             self._regrown |= old is not None
         store = self._store[key]
         return store[:shape[0]] if token_rows else store
