@@ -203,6 +203,23 @@ def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_o
     assert all(t.shape[0] in (4, 320) for t in runner._store.values())
 
 
+def test_buffers_made_after_a_regrowth_have_its_headroom_too():
+    """A padding-free run meets its largest batches one by one. Buffers first made after the
+    capacity grew (another pass's outputs) get the grown capacity, so the next slightly bigger
+    batch drops no graph; with buffers of their first bucket's size, each new largest batch
+    dropped and recaptured every graph again."""
+    w4, w6 = (torch.randn(4, k, dtype=torch.float64) for k in (4, 6))
+    runner = CPUGraphs(capture_at=1)
+    for n, w in ((60, w4), (200, w4), (200, w6), (300, w6), (200, w6), (300, w4)):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        (y, _) = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
+        assert torch.equal(y, x @ w)
+    # 60 and 200 with w4 (a regrowth: capacity bucket(256 + 64) = 320); 200 and 300 with w6 in
+    # buffers of 320 rows; the second 200 with w6 replays; 300 with w4 is new
+    assert runner.captures == 5
+    assert all(t.shape[0] in (4, 320) for t in runner._store.values())
+
+
 def _proj(gen, fout, fin, rank=3):
     w = torch.randn(fout, fin, dtype=torch.float64, generator=gen) / fin ** 0.5
     a = torch.randn(rank, fin, dtype=torch.float64, generator=gen).requires_grad_()
