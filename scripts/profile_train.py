@@ -82,7 +82,7 @@ def _run_mode(args: argparse.Namespace) -> dict:
         def on_step_begin(self, a, s, c, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            self.captured = {} if state is None else state.captures_by_function()
+            self.captured = None if state is None else state.captures_by_function()
             self.profiler = cProfile.Profile() if s.global_step % 2 == 0 else None   # odd steps (1-based)
             if self.profiler is not None:
                 self.profiler.enable()
@@ -94,8 +94,7 @@ def _run_mode(args: argparse.Namespace) -> dict:
             seconds = time.perf_counter() - self.start
             if self.profiler is not None:
                 self.profiler.disable()
-            now = {} if state is None else state.captures_by_function()
-            new = {k: n - self.captured.get(k, 0) for k, n in now.items() if n != self.captured.get(k, 0)}
+            new = {} if state is None else dict(state.captures_by_function() - self.captured)
             name = phase(s.global_step, sum(new.values()))
             if self.profiler is not None:
                 if name in profiles:

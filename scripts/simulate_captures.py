@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import functools
 import importlib
-import json
 import os
 import random
-import subprocess
 import sys
 import time
 
@@ -67,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     from helpers import cpu_graphs, tiny_lora_model
+    from probe_setup import write_result
     from transformers import AutoTokenizer
 
     import sparse_unsloth as su
@@ -120,23 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         model.zero_grad(set_to_none=True)
         model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]),
               position_ids=torch.tensor([positions])).loss.backward()
-        new = {k: v - before.get(k, 0) for k, v in state.captures_by_function().items() if v != before.get(k, 0)}
+        new = dict(state.captures_by_function() - before)
         steps.append({"step": step + 1, "tokens": len(ids), "token_bucket": bucket(len(ids)),
                       "dense_rows": sum(x != -100 for x in labels), "captured": new})
         print(f"step {step + 1:3d}: {len(ids)} tokens, {steps[-1]['dense_rows']} dense rows, "
               f"{sum(new.values())} captures {new or ''}", flush=True)
-    total = collections.Counter()
-    for s in steps:
-        total.update(s["captured"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    result = {"name": "simulate_captures", "command": "python " + " ".join(sys.argv), "commit": commit,
-              "device": "cpu (CUDA steps replaced)", "date": datetime.date.today().isoformat(),
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "captured": dict(total),
-              "steps": steps, "seconds": round(time.perf_counter() - start, 1)}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    total = sum((collections.Counter(s["captured"]) for s in steps), collections.Counter())
+    write_result(args, "simulate_captures", (), device="cpu (CUDA steps replaced)", captured=dict(total),
+                 steps=steps, seconds=round(time.perf_counter() - start, 1))
     print("captured:", dict(total))
 
 

@@ -563,10 +563,12 @@ class SparseState:
         """CUDA graphs captured so far, of passes and of layers."""
         return self._graphs.captures + self._layer_graphs.captures
 
-    def captures_by_function(self) -> dict[str, int]:
-        """:attr:`captures` by what was captured: ``"pass <function>"`` / ``"layer <function>"``."""
-        return {f"{half} {name}": n for half, runner in (("pass", self._graphs), ("layer", self._layer_graphs))
-                for name, n in sorted(runner.captured.items())}
+    def captures_by_function(self) -> collections.Counter[str]:
+        """:attr:`captures` by what was captured: ``"pass <function>"`` / ``"layer <function>"``
+        (a Counter: the difference of two is what was captured between them)."""
+        return collections.Counter({f"{half} {name}": n for half, runner in (("pass", self._graphs),
+                                                                              ("layer", self._layer_graphs))
+                                    for name, n in runner.captured.items()})
 
     def in_place(self, t: torch.Tensor) -> bool:
         """Whether indices for ``t``'s device go into the shared buffers (:meth:`take`): only for
