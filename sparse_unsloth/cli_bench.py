@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "batches again, so they time the steady state (default: %(default)s)")
     run.add_argument("--fresh-batches", action="store_true",
                      help="time each pair on a batch not seen before, its CUDA graphs captured as in training "
-                          "(at a shape's second sighting): what a padding-free run costs, whose batch shapes "
+                          "(a pass at its first sighting, a layer at its second): what a padding-free run costs, whose batch shapes "
                           "rarely come back (default: the steady state, on the warm-up's batches)")
     run.add_argument("--batch-size", type=positive_int, default=8,
                      help="rows per step (default: %(default)s)")

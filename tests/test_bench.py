@@ -169,7 +169,7 @@ def test_measure_captures_graphs_in_the_warm_up(tiny_sparse, monkeypatch):
 
 def test_fresh_batches_time_each_pair_on_a_new_batch_and_capture_as_training_does(tiny_sparse, monkeypatch):
     """--fresh-batches: every timed pair trains a batch the run has not seen, and the runners keep
-    their capture rule (a shape's second sighting), as in a padding-free training run."""
+    their capture rules, as in a padding-free training run."""
     from helpers import ARITHMETIC, cpu_graphs
 
     from sparse_unsloth.patch import state as state_mod

@@ -365,6 +365,13 @@ def _mismatch_report(model, ids, labels, step, state, grads, eager_grads, monkey
             f"torch.compile {vs_uncompiled[0]:.2e}, {vs_uncompiled[1]:.2e}; Dynamo stats {stats}")
 
 
+# The passes of the tiny model's sparse layers, each captured once: 3 MLPs x (forward without grad,
+# its channel choice the prologue; backward; the recompute runs none), 2 attention layers x (QKV
+# with the choice as prologue, QKV in the recompute (the choice made), QKV backward, O (forward =
+# recompute), O backward).
+PASSES = 3 * 2 + 2 * 5
+
+
 @pytest.mark.parametrize("layer_graphs", [True, False], ids=["layer-graphs", "passes"])
 def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_graphs, monkeypatch):
     """Unsloth's offloaded checkpointing runs each layer without grad, then recomputes it inside
@@ -380,7 +387,7 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
     state.callback_attached = True
     monkeypatch.setattr(state_mod, "LAYER_GRAPHS", layer_graphs)
     gen = torch.Generator().manual_seed(0)
-    for step, context in enumerate((96, 90, 93, 96, 91)):   # 132-156 dense rows: one padded size; first sighting, capture, replays
+    for step, context in enumerate((96, 90, 93, 96, 91)):   # 132-156 dense rows: one padded size; captures, then replays
         ids = torch.randint(4, 200, (4, 128), generator=gen).to(DEV)
         labels = ids.clone()
         labels[:, :context] = -100
@@ -397,11 +404,8 @@ def test_training_step_through_unsloth_equals_the_eager_one(tiny_dir, layer_grap
         assert state.stats["estimator_s"] == 0.0         # every choice made in its forward's graphs
     if layer_graphs:
         # Two graphs per sparse layer (1-3): its forward, its recompute and backward; the passes run
-        # inside them. The first step, a shape seen once, ran pass by pass: each pass's first
-        # sighting, eager, but for the attention layers' O, whose forward its recompute repeats.
-        assert (state._layer_graphs.captures, state._graphs.captures) == (2 * 3, 2)
+        # inside them. The first step, a layer shape seen once, ran pass by pass, capturing each
+        # pass at its first sighting (below).
+        assert (state._layer_graphs.captures, state._graphs.captures) == (2 * 3, PASSES)
     else:
-        # 3 MLPs x (forward without grad, its channel choice the prologue; backward; the recompute
-        # runs none), 2 attention layers x (QKV with the choice as prologue, QKV in the recompute
-        # (the choice made), QKV backward, O (forward = recompute), O backward).
-        assert (state._layer_graphs.captures, state._graphs.captures) == (0, 3 * 2 + 2 * 5)
+        assert (state._layer_graphs.captures, state._graphs.captures) == (0, PASSES)

@@ -362,7 +362,12 @@ class SparseState:
         self._backward: Any = _NO_BACKWARD
         self._cast: dict[tuple[torch.device, torch.dtype], EstimatorFactors] = {}
         self._warned: set[str] = set()
-        self._graphs = GraphRunner()
+        # Passes pad their token rows to buckets that recur, so a pass is captured at its first
+        # sighting: in a padding-free run (a new token count every step) waiting for a second one
+        # doubled the steps that ran eagerly, and on SmolLM2 (H100) a step that captures cost
+        # about as much as an eager one (benchmarks/NOTES.md). Layer graphs take exact shapes,
+        # which rarely recur there: captured at the second.
+        self._graphs = GraphRunner(capture_at=1)
         self._layer_graphs = GraphRunner(max_buckets=LAYER_GRAPH_SHAPES)
         self.in_layer_graph = False          # a layer graph's body runs: its passes run eagerly inside
         self.layer_graphs_failed: str | None = None     # why a layer's forward graph could not be captured
