@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     model = su.sparsify(model, dataclasses.replace(su.load_config(args.config), estimator_rank=3), progress=False)
     state = su.sparse_state(model)
     state.callback_attached = True
-    runner = state._graphs = cpu_graphs()
+    runner = state._graphs = cpu_graphs(capture_at=state._graphs.capture_at)
     state.runner = lambda _t: runner
-    state._layer_graphs = cpu_graphs(max_buckets=state._layer_graphs.max_buckets)
+    state._layer_graphs = cpu_graphs(capture_at=state._layer_graphs.capture_at,
+                                     max_buckets=state._layer_graphs.max_buckets)
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())
     rows = load_rows("gsm8k")
