@@ -191,8 +191,9 @@ def test_sightings_of_shapes_that_never_come_back_are_forgotten():
 
 
 def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_old_ones():
-    """The first buffer fits its bucket; a bigger bucket replaces it with a quarter more rows
-    (bucket(256 + 64) = 320), so a slightly bigger one after it (bucket 320) keeps every graph."""
+    """A bigger bucket replaces the first buffer (128 rows: 60 padded to 64, and a quarter more)
+    with a quarter more rows than it needs (bucket(256 + 64) = 320), so a slightly bigger one after
+    it (bucket 320) keeps every graph."""
     w = torch.randn(4, 4, dtype=torch.float64)
     runner = CPUGraphs(capture_at=1)
     for n, captures in ((60, 1), (200, 2), (60, 3), (200, 3), (300, 4), (60, 4), (200, 4)):
@@ -201,6 +202,24 @@ def test_a_bigger_bucket_replaces_the_buffers_and_drops_the_graphs_reading_the_o
         assert torch.equal(y, x @ w)
         assert runner.captures == captures, n
     assert all(t.shape[0] in (4, 320) for t in runner._store.values())
+
+
+def test_padded_rows_leave_headroom_from_the_first_buffer_and_exact_rows_do_not():
+    """Rows that needed padding say the batch size varies: the first buffers get a quarter more
+    rows than their bucket (60 -> bucket 64 -> 128 rows), so a batch of 100 (bucket 128) keeps the
+    first graph. Rows that fill their bucket exactly (a fixed-shape run) get exactly that."""
+    w = torch.randn(4, 4, dtype=torch.float64)
+    runner = CPUGraphs(capture_at=1)
+    for n, captures in ((60, 1), (100, 2), (60, 2), (100, 2)):
+        x = torch.randn(n, 4, dtype=torch.float64)
+        (y, _) = runner(_product_and_column_sums, (x,), (w,), rows=ROWS)
+        assert torch.equal(y, x @ w)
+        assert runner.captures == captures, n
+    assert {t.shape[0] for t in runner._store.values()} == {4, 128}
+    fixed = CPUGraphs(capture_at=1)
+    for _ in range(2):
+        fixed(_product_and_column_sums, (torch.randn(256, 4, dtype=torch.float64),), (w,), rows=ROWS)
+    assert fixed.captures == 1 and {t.shape[0] for t in fixed._store.values()} == {4, 256}
 
 
 def test_buffers_made_after_a_regrowth_have_its_headroom_too():

@@ -185,6 +185,7 @@ class GraphRunner:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, Any]] = {}   # capture stream, pool
         self._store: dict[tuple, torch.Tensor] = {}     # every buffer is the first rows of one of these
         self._rows = 0                                   # rows of the token-row tensors in it
+        self._padded = False                             # a call's token rows were padded: sizes vary
         self._regrown = False
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Inputs, consts: Sequence[Any], rows: Rows = ((), ()),
@@ -193,6 +194,7 @@ class GraphRunner:
         row_in, row_out = rows
         real = inputs[row_in[0]].shape[0] if row_in else None
         n = bucket(real) if row_in else None
+        self._padded |= n != real
         shapes, graph_key = const_keys((*consts, *into))
         slot_key = (fn, tuple(None if t is None else _padded_shape(t, n if i in row_in else None)
                               for i, t in enumerate(inputs)),
@@ -243,12 +245,13 @@ class GraphRunner:
         rows of one tensor per (role, trailing shape, dtype, device, n-th such buffer of the call),
         so that every bucket shares it too; else one tensor of exactly that shape.
 
-        Token-row tensors have the runner's row capacity: the first bucket's rows, raised when a
-        bigger bucket comes to a quarter more rows than it needs. A tensor with fewer rows than
-        the call needs is replaced, and the graphs that read the old one are dropped at the end
-        of the call. Without the headroom, or with tensors of their first bucket's size, batches of
-        varying size (padding-free packing) replaced them at each new largest batch, and every
-        graph was captured again each time (``scripts/simulate_captures.py``).
+        Token-row tensors have the runner's row capacity: a quarter more rows than the biggest
+        bucket seen, or exactly the first bucket while no call's rows needed padding (a
+        fixed-shape run keeps its memory). A tensor with fewer rows than the call needs is
+        replaced, and the graphs that read the old one are dropped at the end of the call.
+        Without the headroom, or with tensors of their first bucket's size, batches of varying
+        size (padding-free packing) replaced them at each new largest batch, and every graph was
+        captured again each time (``scripts/simulate_captures.py``).
         """
         shape, dtype, device = sig
         family = (role, tuple(shape[1:]) if token_rows else tuple(shape), dtype, device)
@@ -256,7 +259,8 @@ class GraphRunner:
         taken[family] += 1
         old = self._store.get(key)
         if token_rows and shape[0] > self._rows:
-            self._rows = bucket(shape[0] + shape[0] // 4) if self._rows else shape[0]
+            grows = self._rows or self._padded
+            self._rows = bucket(shape[0] + shape[0] // 4) if grows else shape[0]
         if old is None or (token_rows and old.shape[0] < shape[0]):   # else its family is its exact shape
             size = (self._rows, *shape[1:]) if token_rows else shape
             self._store[key] = torch.empty(size, dtype=dtype, device=device)
