@@ -10,7 +10,7 @@ counts (SmolLM2's tokenizer, 16 sequences a step) and random token ids. Attentio
 runner's, whatever the device: in the tenth session they matched the H100 run's (3 captures a
 step, 30-33 when a batch shape comes back).
 
-    python scripts/simulate_captures.py --steps 30 --out benchmarks/results/simulate_captures_cpu.json
+    python scripts/simulate_captures.py --steps 100 --out benchmarks/results/simulate_captures_cpu.json
 """
 
 from __future__ import annotations
