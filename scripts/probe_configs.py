@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,13 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     increase, gradients = {}, {}
     with cal._training_mode_without_dropout(model):
         dense = cal.probe_loss(model, batches)
-        dense_grads = lora_gradients(model, batches) if args.gradients else None
+        dense_grads = cal.lora_gradients(model, batches) if args.gradients else None
         for name in args.configs:
             sparsify(model, load_config(name), progress=False)
             try:
                 increase[name] = round(cal.probe_loss(model, batches) / dense - 1, 6)
                 if dense_grads is not None:
-                    gradients[name] = gradient_error(lora_gradients(model, batches), dense_grads)
+                    gradients[name] = gradient_errors(cal.lora_gradients(model, batches), dense_grads)
             finally:
                 unsparsify(model)
             print(f"{name}: {100 * increase[name]:+.2f}%"
@@ -57,28 +56,20 @@ def main(argv: list[str] | None = None) -> None:
                  seconds=round(time.perf_counter() - start, 1))
 
 
-def lora_gradients(model, batches) -> dict[int, torch.Tensor]:
-    """Per decoder layer, its LoRA parameters' gradients of the summed output-token loss, flattened."""
+def gradient_errors(sparse: dict, dense: dict) -> dict:
+    """calibration.gradient_error overall and per decoder layer, and the overall cosine."""
     from sparse_unsloth import calibration as cal
-    from sparse_unsloth.patch.models import decoder_layers
 
-    model.zero_grad(set_to_none=True)
-    for batch in batches:
-        cal._loss_sum(model, batch).backward()
-    grads = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        grads[i] = torch.cat([p.grad.reshape(-1) for n, p in layer.named_parameters() if "lora_" in n])
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def gradient_error(sparse: dict, dense: dict) -> dict:
-    """Relative error ||g_s - g_d|| / ||g_d|| and cosine, over all layers and per layer."""
-    s, d = torch.cat(list(sparse.values())), torch.cat(list(dense.values()))
-    return {"relative_error": round(float((s - d).norm() / d.norm()), 6),
-            "cosine": round(float(torch.nn.functional.cosine_similarity(s, d, dim=0)), 6),
-            "per_layer_relative_error": [round(float((sparse[i] - dense[i]).norm() / dense[i].norm()), 4)
-                                         for i in dense]}
+    layers: dict[int, list[str]] = {}
+    for name in dense:
+        layers.setdefault(int(re.search(r"\.layers\.(\d+)\.", name).group(1)), []).append(name)
+    dot = sum(float((sparse[n] * g).sum()) for n, g in dense.items())
+    norms = [sum(float(t[n].square().sum()) for n in dense) ** 0.5 for t in (sparse, dense)]
+    return {"relative_error": round(cal.gradient_error(sparse, dense), 6),
+            "cosine": round(dot / (norms[0] * norms[1]), 6),
+            "per_layer_relative_error": [round(cal.gradient_error({n: sparse[n] for n in names},
+                                                                  {n: dense[n] for n in names}), 4)
+                                         for _, names in sorted(layers.items())]}
 
 
 if __name__ == "__main__":

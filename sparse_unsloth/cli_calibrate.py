@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training rows as for `sparse-unsloth train` (default: %(default)s)")
     p.add_argument("--budget", type=_fraction, default=0.01,
                    help="allowed relative increase of the probe loss, e.g. 0.01 = 1%% (default: %(default)s)")
+    p.add_argument("--gradient-budget", type=_fraction, metavar="FRACTION",
+                   help="also bound the relative error of the LoRA gradient on the probe rows against dense, "
+                        "e.g. 0.25 (each search step then costs a forward and a backward; default: not measured)")
     p.add_argument("--out", required=True, metavar="YAML", help="where to write the config")
     p.add_argument("--name", help="the config's name (default: the --out file's stem)")
     p.add_argument("--rows", type=int, default=16, help="probe rows drawn from the dataset (default: %(default)s)")
@@ -85,22 +88,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_length=args.max_length, ranks=args.ranks,
                           levels={"mlp": args.mlp_levels, "self_attn": args.attn_levels},
                           search_steps=args.search_steps, name=args.name or out.stem, seed=args.seed,
-                          progress=not args.no_progress)
+                          gradient_budget=args.gradient_budget, progress=not args.no_progress)
     batch, seq, outputs = cal.geometry
+    bounded = "" if cal.gradient_budget is None else f", LoRA gradient error at most {cal.gradient_budget:g}"
     how = (f"made by `sparse-unsloth calibrate` on {cal.date}: budget {args.budget:g} (probe loss at most "
-           f"{100 * args.budget:g}% above dense), model {args.model}, {cal.probe_rows} rows of {args.dataset} "
-           f"(seed {args.seed}, {cal.probe_tokens} tokens, batches of {args.batch_size})")
+           f"{100 * args.budget:g}% above dense{bounded}), model {args.model}, {cal.probe_rows} rows of "
+           f"{args.dataset} (seed {args.seed}, {cal.probe_tokens} tokens, batches of {args.batch_size})")
+    gradient = "" if cal.gradient_error is None else f", LoRA gradient error {cal.gradient_error:.3f}"
     header = "\n".join([
         how + ".",
         (f"Probe loss: dense {cal.dense_loss:.4f}, this config {cal.sparse_loss:.4f} "
-        f"({100 * cal.loss_increase:+.2f}%); {cal.forwards} measured forwards, {cal.seconds / 60:.1f} min."),
+        f"({100 * cal.loss_increase:+.2f}%){gradient}; {cal.forwards} measured forwards, "
+        f"{cal.seconds / 60:.1f} min."),
         (f"Keeps {cal.flop_fraction:.3f} of the training FLOPs at batch {batch} x {seq} tokens with {outputs} "
         f"output tokens a row (sparse_unsloth.flop_fraction, LoRA r {args.lora_r})."),
         (f"Command: sparse-unsloth calibrate --model {args.model} --dataset {args.dataset} --budget {args.budget:g} "
         f"--rows {args.rows} --batch-size {args.batch_size} --max-length {args.max_length} "
         f"--ranks {','.join(map(str, args.ranks))} --mlp-levels {','.join(map(str, args.mlp_levels))} "
         f"--attn-levels {','.join(map(str, args.attn_levels))} --search-steps {args.search_steps} "
-        f"--seed {args.seed} --out {out.name}"),
+        f"--seed {args.seed}"
+        + ("" if args.gradient_budget is None else f" --gradient-budget {args.gradient_budget:g}")
+        + f" --out {out.name}"),
         "Parity: not yet measured (train dense and with this config, same seed and steps: scripts/parity_calibrated.py).",
     ])
     out.write_text(config_to_yaml(cal.config, header=header, description=how))
@@ -109,6 +117,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"calibrated {out}: {kinds}, estimator rank {cal.config.estimator_rank}\n"
           f"  probe loss: dense {cal.dense_loss:.4f} -> sparse {cal.sparse_loss:.4f} "
           f"({100 * cal.loss_increase:+.2f}%, budget {100 * args.budget:g}%)\n"
+          + ("" if cal.gradient_error is None else
+             f"  LoRA gradient error: {cal.gradient_error:.3f} (budget {cal.gradient_budget:g})\n") +
           f"  flop_fraction: {cal.flop_fraction:.3f} at {batch} x {seq} tokens, {outputs} output tokens "
           f"(bound {1 / cal.flop_fraction:.2f}x)\n"
           f"  took {cal.seconds:.0f} s ({cal.forwards} probe forwards)")

@@ -10,7 +10,14 @@ import yaml
 from helpers import ARITHMETIC, tiny_lora_model, tiny_tokenizer
 
 from sparse_unsloth import SparseConfig, calibrate, load_config, sparsify, unsparsify
-from sparse_unsloth.calibration import CalibrationError, probe_batches, probe_loss, run_calibration
+from sparse_unsloth.calibration import (
+    CalibrationError,
+    gradient_error,
+    lora_gradients,
+    probe_batches,
+    probe_loss,
+    run_calibration,
+)
 from sparse_unsloth.config import CALIBRATION_LEVELS, config_to_yaml
 
 BUDGET = 5e-4        # binds on the tiny random model: its most sparse configs measure above it
@@ -103,6 +110,52 @@ def test_the_sensitivity_pass_checkpoints_the_layers_and_leaves_the_setting(toke
     assert not model.base_model.model.is_gradient_checkpointing and not layer.gradient_checkpointing
 
 
+def test_a_gradient_budget_bounds_the_lora_gradient_error_too(tokenizer):
+    """With a loose loss budget, the gradient budget is what binds: the config chosen keeps the
+    LoRA gradient on the probe batches within it (measured again from scratch), and saves less
+    than the loss budget alone allows."""
+    loose, bound = 0.05, 0.2
+    cal = _run(tokenizer, budget=loose, gradient_budget=bound)
+    assert any(t["gradient_error"] > bound and t["measured"] <= loose for t in cal.trials), \
+        "the gradient budget must bind for this test to mean anything"
+    assert cal.config.mlp or cal.config.self_attn
+    assert cal.gradient_error <= bound and cal.loss_increase <= loose
+    assert cal.flop_fraction > _run(tokenizer, budget=loose).flop_fraction
+
+    model = _model(tokenizer)
+    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
+    model.train()
+    dense = lora_gradients(model, batches)
+    sparsify(model, cal.config, progress=False)
+    sparse = lora_gradients(model, batches)
+    unsparsify(model)
+    assert gradient_error(sparse, dense) == pytest.approx(cal.gradient_error, rel=1e-9)
+    assert all(p.grad is None for p in model.parameters())         # .grad left alone
+
+
+def test_gradient_error_is_the_relative_norm_of_the_difference():
+    dense = {"a": torch.tensor([3.0, 0.0], dtype=torch.float64), "b": torch.tensor([[4.0]], dtype=torch.float64)}
+    assert gradient_error(dense, dense) == 0
+    assert gradient_error({k: 2 * v for k, v in dense.items()}, dense) == pytest.approx(1.0)
+    assert gradient_error({"a": torch.tensor([3.0, 5.0], dtype=torch.float64), "b": dense["b"]},
+                          dense) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("gradient_budget", [0, 1, math.nan, True, "0.2"])
+def test_bad_gradient_budgets_are_clear_errors(tokenizer, gradient_budget):
+    with pytest.raises(CalibrationError, match=r"gradient_budget must be a fraction in \(0, 1\)"):
+        calibrate(_model(tokenizer), ARITHMETIC, 0.01, tokenizer=tokenizer, gradient_budget=gradient_budget,
+                  progress=False)
+
+
+def test_a_gradient_budget_needs_trainable_parameters(tokenizer):
+    model = _model(tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(CalibrationError, match="trainable"):
+        calibrate(model, ARITHMETIC, 0.01, tokenizer=tokenizer, ranks=RANKS, gradient_budget=0.2, progress=False)
+
+
 @pytest.mark.parametrize("budget", [0, 1, -0.1, 1.5, math.nan, math.inf, True, "0.01", None])
 def test_bad_budgets_are_clear_errors(tokenizer, budget):
     with pytest.raises(CalibrationError, match=r"budget must be a fraction in \(0, 1\)"):
@@ -154,6 +207,10 @@ def test_cli_writes_an_ordinary_config_and_prints_the_flop_fraction(tmp_path, to
     assert "budget 0.01" in text and "Parity: not yet measured" in text and str(data) in text
     config = load_config(out)
     assert config.name == "mine" and (config.mlp or config.self_attn)
+    assert main([*argv[:-3], "--gradient-budget", "0.3", "--out", str(out), "--no-progress"]) == 0
+    assert "LoRA gradient error:" in capsys.readouterr().out
+    text = out.read_text()
+    assert "LoRA gradient error at most 0.3" in text and "--gradient-budget 0.3" in text
     assert main([*argv[:-3], "--out", str(tmp_path / "nowhere" / "x.yaml"), "--no-progress"]) == 2
     with pytest.raises(SystemExit) as exit_:
         main([*argv[:5], "--budget", "1.5", "--out", str(out)])
