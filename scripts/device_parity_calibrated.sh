@@ -3,7 +3,9 @@
 # loss and ARC-Easy accuracy, through `sparse-unsloth train --unsloth` (scripts/parity_calibrated.py).
 #
 #   bash scripts/device_parity_calibrated.sh prepare          # here: data into the ignored .parity_data/
-#   bash scripts/device_parity_calibrated.sh smollm2 GGUF     # device: SmolLM2 from the carried GGUF
+#   bash scripts/device_parity_calibrated.sh smollm2 GGUF [CONFIG NAME]   # device: SmolLM2 from the carried
+#                                                             # GGUF (default smollm2-135m-calibrated,
+#                                                             # parity_smollm2_calibrated)
 #   bash scripts/device_parity_calibrated.sh qwen GGUF        # device: Qwen2.5-Coder-0.5B from its GGUF
 #   bash scripts/device_parity_calibrated.sh smollm2-noise GGUF   # device: SmolLM2 dense vs dense, seed 1:
 #                                                             # the noise floor of the two differences
@@ -38,10 +40,11 @@ case ${1:?usage: prepare | smollm2 GGUF | smollm2-noise GGUF | qwen GGUF} in
     du -sh "$DATA" ;;
   smollm2)
     python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
+    name=${4:-parity_smollm2_calibrated}
     python3 scripts/parity_calibrated.py --model smollm2 \
-      --config smollm2-135m-calibrated --reference-config smollm2-135m-safe \
-      --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
-      --name parity_smollm2_calibrated --out "${OUT:-benchmarks/results}" $(carry parity_smollm2_calibrated) ;;
+      --config "${3:-smollm2-135m-calibrated}" --reference-config smollm2-135m-safe \
+      --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work "/tmp/parity-$name" \
+      --name "$name" --out "${OUT:-benchmarks/results}" $(carry "$name") ;;
   smollm2-noise)
     # The seed-0 dense runs are those of the calibrated chain: copy .parity_work/parity_smollm2_calibrated/
     # dense-*.json into .parity_work/parity_smollm2_noise/ first, and only the seed-1 runs train (~5 min).
