@@ -43,6 +43,19 @@ def _run(tokenizer, budget=BUDGET, **kwargs):
                            batch_size=8, ranks=RANKS, progress=False, **kwargs)
 
 
+def _measured_again(tokenizer, config, measure):
+    """(dense, sparse, the model) of ``measure(model, batches)`` from scratch on calibrate's probe
+    batches: a fresh model, and sparsify builds its own SVD factors at the config's rank."""
+    model = _model(tokenizer)
+    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
+    model.train()
+    dense = measure(model, batches)
+    sparsify(model, config, progress=False)
+    sparse = measure(model, batches)
+    unsparsify(model)
+    return dense, sparse, model
+
+
 def test_returns_a_valid_config_that_round_trips_as_yaml(tokenizer):
     config = calibrate(_model(tokenizer), ARITHMETIC, BUDGET, tokenizer=tokenizer, ranks=RANKS,
                        name="tiny-calibrated", progress=False)
@@ -61,14 +74,7 @@ def test_respects_the_budget_on_its_own_probe_batches(tokenizer):
     cal = _run(tokenizer)
     assert any(t["measured"] > BUDGET for t in cal.trials), "the budget must bind for this test to mean anything"
     assert cal.loss_increase <= BUDGET
-    # Measured again from scratch: sparsify builds its own SVD factors at the chosen rank.
-    model = _model(tokenizer)
-    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
-    model.train()
-    dense = probe_loss(model, batches)
-    sparsify(model, cal.config, progress=False)
-    sparse_loss = probe_loss(model, batches)
-    unsparsify(model)
+    dense, sparse_loss, _ = _measured_again(tokenizer, cal.config, probe_loss)
     assert dense == pytest.approx(cal.dense_loss, rel=1e-12)
     assert sparse_loss == pytest.approx(cal.sparse_loss, rel=1e-9)
     assert sparse_loss / dense - 1 <= BUDGET
@@ -122,13 +128,7 @@ def test_a_gradient_budget_bounds_the_lora_gradient_error_too(tokenizer):
     assert cal.gradient_error <= bound and cal.loss_increase <= loose
     assert cal.flop_fraction > _run(tokenizer, budget=loose).flop_fraction
 
-    model = _model(tokenizer)
-    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
-    model.train()
-    dense = lora_gradients(model, batches)
-    sparsify(model, cal.config, progress=False)
-    sparse = lora_gradients(model, batches)
-    unsparsify(model)
+    dense, sparse, model = _measured_again(tokenizer, cal.config, lora_gradients)
     assert gradient_error(sparse, dense) == pytest.approx(cal.gradient_error, rel=1e-9)
     assert all(p.grad is None for p in model.parameters())         # .grad left alone
 
