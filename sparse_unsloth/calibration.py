@@ -231,18 +231,26 @@ def probe_loss(model: nn.Module, batches: Sequence[ProbeBatch]) -> float:
 
 def lora_gradients(model: nn.Module, batches: Sequence[ProbeBatch]) -> dict[str, torch.Tensor]:
     """The gradient of the summed output-token loss of ``batches`` for each trainable parameter (the
-    LoRA factors), by name, in float64; the parameters' ``.grad`` are left alone."""
+    LoRA factors), by name, in float64; the parameters' ``.grad`` are put back as they were.
+
+    Accumulated by ``backward()`` into ``.grad``, not ``torch.autograd.grad``: a reentrant
+    gradient checkpoint (Hugging Face's default) refuses the latter.
+    """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise CalibrationError("gradient_budget needs trainable (LoRA) parameters; this model has none: "
                                "add LoRA adapters (peft.get_peft_model) first")
-    total = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in params.items()}
-    for batch in batches:
-        grads = torch.autograd.grad(_loss_sum(model, batch), list(params.values()), allow_unused=True)
-        for name, g in zip(params, grads):
-            if g is not None:
-                total[name] += g.double()
-    return total
+    kept = {name: p.grad for name, p in params.items()}
+    try:
+        for p in params.values():
+            p.grad = None
+        for batch in batches:
+            _loss_sum(model, batch).backward()
+        return {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) if p.grad is None
+                else p.grad.double() for name, p in params.items()}
+    finally:
+        for name, p in params.items():
+            p.grad = kept[name]
 
 
 def gradient_error(sparse: Mapping[str, torch.Tensor], dense: Mapping[str, torch.Tensor]) -> float:

@@ -130,7 +130,24 @@ def test_a_gradient_budget_bounds_the_lora_gradient_error_too(tokenizer):
 
     dense, sparse, model = _measured_again(tokenizer, cal.config, lora_gradients)
     assert gradient_error(sparse, dense) == pytest.approx(cal.gradient_error, rel=1e-9)
-    assert all(p.grad is None for p in model.parameters())         # .grad left alone
+    assert all(p.grad is None for p in model.parameters())         # .grad put back as it was
+
+
+def test_lora_gradients_under_reentrant_checkpointing_are_the_plain_ones_and_keep_grad(tokenizer):
+    batches = probe_batches(ARITHMETIC, tokenizer, num_rows=16, batch_size=8, pad_id=tokenizer.pad_token_id)
+    plain = _model(tokenizer)
+    plain.train()
+    checkpointed = _model(tokenizer)
+    checkpointed.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed.enable_input_require_grads()
+    checkpointed.train()
+    marker = next(p for p in checkpointed.parameters() if p.requires_grad)
+    marker.grad = torch.ones_like(marker)
+    want, got = lora_gradients(plain, batches), lora_gradients(checkpointed, batches)
+    assert want.keys() == got.keys() and any(g.abs().sum() > 0 for g in want.values())
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-12)
+    assert torch.equal(marker.grad, torch.ones_like(marker))
 
 
 def test_gradient_error_is_the_relative_norm_of_the_difference():
