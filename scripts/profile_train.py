@@ -19,6 +19,7 @@ the even (unprofiled) steps. Writes OUT/profile_train.json and prints a short ta
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import dataclasses
 import datetime
@@ -170,15 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     for mode, run in runs.items():
         for name, (count, median) in _phases(run).items():
             print(f"{mode:7s} {name:24s} {count:5d} {'-' if median is None else f'{median:.3f}':>9s}")
-    captured: dict[str, int] = {}
-    for st in runs["sparse"]["steps"]:
-        for k, n in st["captured"].items():
-            captured[k] = captured.get(k, 0) + n
-    print("captures by function:", captured or "none")
+    captured = sum((collections.Counter(st["captured"]) for st in runs["sparse"]["steps"]), collections.Counter())
+    print("captures by function:", dict(captured) or "none")
     for mode, run in runs.items():
         for name, top in run["profiles"].items():
             print(f"--- {mode}, {name}: host profile ({top[0]})")
             print("\n".join(top[1:]))
+
 
 if __name__ == "__main__":
     main()
