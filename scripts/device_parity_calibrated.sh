@@ -17,9 +17,10 @@
 # Runs go to /tmp/parity-<model>; a call cut by the time limit resumes there on the same warm
 # machine. Each finished run's summary (a few KB, no weights) is also kept as one file
 # $OUT/<name>/<run>.json as it finishes (a device call brings back 8 files at most, two folders
-# down); copy $OUT/<name> here to the ignored .parity_work/<name> and carry .parity_work next
-# time (another machine, another session): its runs are not trained again. The dense runs do not
-# depend on the sparse config, so they serve a recalibrated preset too.
+# down); copy $OUT/<name>/*.json here into benchmarks/results/parity_runs/<name>/ and commit them
+# (a new session starts from a clean checkout: ignored folders are gone): the working tree takes
+# them to the next machine and their runs are not trained again. The dense runs do not depend on
+# the sparse config, so they serve a recalibrated preset too.
 # Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABL
 carry() {  # name: --keep into $OUT (on the device), --resume-from what an earlier machine kept
   local opts=()
   [ -n "${OUT:-}" ] && opts+=(--keep "$OUT/$1")
-  [ -d ".parity_work/$1" ] && opts+=(--resume-from ".parity_work/$1")
+  [ -d "benchmarks/results/parity_runs/$1" ] && opts+=(--resume-from "benchmarks/results/parity_runs/$1")
   echo "${opts[@]}"
 }
 case ${1:?usage: prepare | smollm2 GGUF | smollm2-noise GGUF | qwen GGUF} in
@@ -46,8 +47,9 @@ case ${1:?usage: prepare | smollm2 GGUF | smollm2-noise GGUF | qwen GGUF} in
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work "/tmp/parity-$name" \
       --name "$name" --out "${OUT:-benchmarks/results}" $(carry "$name") ;;
   smollm2-noise)
-    # The seed-0 dense runs are those of the calibrated chain: copy .parity_work/parity_smollm2_calibrated/
-    # dense-*.json into .parity_work/parity_smollm2_noise/ first, and only the seed-1 runs train (~5 min).
+    # The seed-0 dense runs are those of the calibrated chain: copy benchmarks/results/parity_runs/
+    # parity_smollm2_gradient/dense-*.json into parity_runs/parity_smollm2_noise/ first, and only the
+    # seed-1 runs train (~5 min).
     python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
     python3 scripts/parity_calibrated.py --model smollm2 --config dense --sparse-seed 1 \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \

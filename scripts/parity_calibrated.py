@@ -87,8 +87,17 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
         had = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
         if had != want:
             raise SystemExit(f"{out} holds a finished run of another config than {config!r} (recalibrated "
-                             "since?): delete that folder (and its kept copy, <run>.json in .parity_work) to train it again")
-        return json.loads((out / "summary.json").read_text())
+                             "since?): delete that folder (and its kept copy, <run>.json in benchmarks/results/parity_runs/) "
+                             "to train it again")
+        done = json.loads((out / "summary.json").read_text())
+        rows = len(Path(dataset).read_text().splitlines())
+        want_shape = {"steps": steps, "eval_rows": eval_rows, "train_rows": rows - eval_rows}
+        had_shape = {k: done.get(k) for k in want_shape}
+        if had_shape != want_shape:
+            raise SystemExit(f"{out} holds a finished run of another geometry ({had_shape}) than asked "
+                             f"({want_shape}): delete that folder (and its kept copy in "
+                             "benchmarks/results/parity_runs/) to train it again, or ask for the same settings")
+        return done
     cmd = [sys.executable, "-m", "sparse_unsloth.cli", "train", "--model", args.model, "--dataset", dataset,
            "--config", config, "--steps", str(steps), "--batch-size", str(args.batch), "--lr", str(args.lr),
            "--lora-r", str(args.lora_r), "--max-length", str(args.max_length), "--eval-rows", str(eval_rows),
@@ -99,10 +108,21 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")])})
     (out / "config.json").write_text(json.dumps(want) + "\n")
+    (out / "provenance.json").write_text(json.dumps(_provenance()) + "\n")
     return json.loads((out / "summary.json").read_text())
 
 
-_FINISHED = ("summary.json", "config.json", "arc_easy_acc.json")   # what a finished run leaves that the result reads
+def _provenance() -> dict:
+    """Where and from what a run was trained: a result may gather runs of several machines and sessions."""
+    import torch
+
+    return {"commit": os.environ.get("BENCH_COMMIT") or _commit(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": datetime.date.today().isoformat()}
+
+
+# what a finished run leaves that the result reads
+_FINISHED = ("summary.json", "config.json", "arc_easy_acc.json", "provenance.json")
 
 
 def resume_from(carried: Path | None, work: Path) -> list[str]:
@@ -241,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     gsm8k = _jsonl([{"question": r["question"], "answer": r["answer"]} for r in train_rows + test_rows],
                    work / "gsm8k.jsonl")
     arc = _jsonl([{"prompt": _prompt(q), "completion": " " + c[g]} for q, c, g in arc_train], work / "arc.jsonl")
-    metrics = {}
+    metrics, provenance = {}, {}
     sparse_seed = args.seed if args.sparse_seed is None else args.sparse_seed
     for label, config, seed, folder in run_plan(args.config, args.seed, sparse_seed):
         run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{folder}-gsm8k", seed)
@@ -252,6 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
             acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
         keep_run(work / f"{folder}-arc", args.keep)
         acc = json.loads(acc_file.read_text())
+        for task in ("gsm8k", "arc"):
+            kept = work / f"{folder}-{task}" / "provenance.json"
+            provenance[f"{folder}-{task}"] = json.loads(kept.read_text()) if kept.is_file() else None
         metrics[label] = {"eval_loss": run["eval_loss"], "arc_easy_acc": acc, "train_s": run["train_s"],
                           "step_s_median": run.get("step_s") and sorted(run["step_s"])[len(run["step_s"]) // 2],
                           "losses": run["losses"], "sparse_logs": run["sparse_logs"][-2:],
@@ -280,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "lora_r": args.lora_r, "seed": args.seed, "sparse_seed": sparse_seed, "unsloth": args.unsloth,
                      "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
         "resumed_runs": seeded,      # trained on an earlier machine (their summaries carried here)
+        "run_provenance": provenance,   # per run: commit, device, date (None: kept before it was recorded)
         "baseline": "dense",
         "metrics": metrics,
         "flop_fraction": flop_fraction(load_config(args.config), shape, *geo, lora_r=args.lora_r),

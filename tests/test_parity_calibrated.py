@@ -30,7 +30,8 @@ def test_finished_runs_kept_on_one_machine_resume_on_another(tmp_path):
     from parity_calibrated import keep_run, resume_from
 
     work_a, kept, work_b = tmp_path / "a", tmp_path / "kept", tmp_path / "b"
-    for run, files in {"dense-gsm8k": {"summary.json": '{"eval_loss": 0.69}', "adapter.bin": "weights"},
+    for run, files in {"dense-gsm8k": {"summary.json": '{"eval_loss": 0.69}', "adapter.bin": "weights",
+                                       "provenance.json": '{"commit": "abc"}'},
                        "dense-arc": {"summary.json": "{}", "arc_easy_acc.json": "0.66"},
                        "sparse-gsm8k": {"summary.json": '{"eval_loss": 0.70}'},
                        "sparse-arc": {"summary.json": "{}"}}.items():
@@ -45,6 +46,7 @@ def test_finished_runs_kept_on_one_machine_resume_on_another(tmp_path):
     assert resume_from(kept, work_b) == ["dense-arc", "dense-gsm8k", "sparse-gsm8k"]
     assert (work_b / "dense-gsm8k" / "summary.json").read_text() == '{"eval_loss": 0.69}'
     assert (work_b / "dense-arc" / "arc_easy_acc.json").read_text() == "0.66"
+    assert (work_b / "dense-gsm8k" / "provenance.json").read_text() == '{"commit": "abc"}'   # where it was trained
     assert not (work_b / "sparse-arc").exists()
     assert resume_from(None, work_b) == [] and resume_from(tmp_path / "missing", work_b) == []
 
@@ -69,15 +71,39 @@ def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path):
 
     run = tmp_path / "sparse-gsm8k"
     run.mkdir()
-    (run / "summary.json").write_text('{"eval_loss": 0.7}')
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n" * 12)
+    done = {"eval_loss": 0.7, "steps": 10, "eval_rows": 2, "train_rows": 10}
+    (run / "summary.json").write_text(json.dumps(done))
     args = SimpleNamespace()
     with pytest.raises(SystemExit, match="another config"):       # no record: an older run
-        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0)
+        train(args, "smollm2-135m-safe", str(rows), 10, 2, run, 0)
     (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m")))
     with pytest.raises(SystemExit, match="another config"):
-        train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0)
+        train(args, "smollm2-135m-safe", str(rows), 10, 2, run, 0)
     (run / "config.json").write_text(json.dumps(_config_record("smollm2-135m-safe")))
-    assert train(args, "smollm2-135m-safe", "rows.jsonl", 10, 0, run, 0) == {"eval_loss": 0.7}
+    assert train(args, "smollm2-135m-safe", str(rows), 10, 2, run, 0) == done
+
+
+def test_a_finished_run_of_other_steps_or_rows_is_refused_not_reused(tmp_path):
+    """Runs kept in the repository outlive the command that trained them: a dry run with fewer
+    steps or rows must not pass them off as its own (nor the reverse)."""
+    from types import SimpleNamespace
+
+    from parity_calibrated import _config_record, train
+
+    run = tmp_path / "dense-gsm8k"
+    run.mkdir()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("{}\n" * 12)
+    (run / "summary.json").write_text(json.dumps({"steps": 10, "eval_rows": 2, "train_rows": 10}))
+    (run / "config.json").write_text(json.dumps(_config_record("dense")))
+    for steps, eval_rows in ((5, 2), (10, 3)):
+        with pytest.raises(SystemExit, match="another geometry"):
+            train(SimpleNamespace(), "dense", str(rows), steps, eval_rows, run, 0)
+    rows.write_text("{}\n" * 20)                                   # other training rows
+    with pytest.raises(SystemExit, match="another geometry"):
+        train(SimpleNamespace(), "dense", str(rows), 10, 2, run, 0)
 
 
 def test_the_noise_floor_runs_dense_twice_in_folders_of_their_own():
