@@ -63,6 +63,7 @@ from .patch.models import (
     attention_geometry,
     check_supported,
     decoder_layers,
+    estimated_biases,
     estimated_weights,
     frozen_linear,
     model_identity,
@@ -388,7 +389,9 @@ def _predicted(scores: _Scores, batches: Sequence[ProbeBatch], factors: Estimato
             keep = kept_count(geo.head_dim, sparsity)
             rows = x[ctx]
             q_idx, k_idx, _, o_idx = attn_channels(rows, f["q_proj"], f["k_proj"], f["v_proj"], geo.num_heads,
-                                                   geo.num_kv_heads, geo.head_dim, keep)
+                                                   geo.num_kv_heads, geo.head_dim, keep,
+                                                   biases=tuple(factors.bias(f"{layer}.{k}")
+                                                                for k in ESTIMATED_PROJS[kind]))
             s = -(_dropped_sum(scores.a[(layer, "q")][j], q_idx) + _dropped_sum(scores.a[(layer, "k")][j], k_idx)
                   + _dropped_sum(scores.a[(layer, "o")][j], o_idx))
         has = batch.outputs > 0
@@ -575,13 +578,14 @@ def run_calibration(model: nn.Module, rows: Sequence[dict], budget: float = 0.01
     def flops(config: SparseConfig) -> float:
         return flop_count(config, model, *geometry, lora_r=lora_r)["total"]
 
+    every_layer = {kind: range(len(layers)) for kind in MODULE_KINDS}
     if estimator is None or estimator.rank < ranks[-1]:
         # Every layer at the largest rank, sliced for the smaller ones; cached like sparsify's files.
-        every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
+        every = estimated_weights(layers, every_layer)
         model_id, revision = model_identity(model)
         estimator = resolve_factors(every, ranks[-1], fingerprint(every), model_id=model_id, revision=revision,
                                     progress=progress, allow_hub=False)
-    factors = estimator.to(device, torch.float32)
+    factors = estimator.with_biases(estimated_biases(layers, every_layer)).to(device, torch.float32)
     # In forward-pass units: the dense loss 1, the sensitivity pass (forward + backward) 3, a search
     # step 1; with a gradient budget the dense gradient 3 and a search step 3.
     per_step = 1 if gradient_budget is None else 3

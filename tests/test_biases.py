@@ -109,3 +109,32 @@ def test_trainable_biases_get_the_masked_models_gradients(backend, monkeypatch):
     want_loss, want = train_step(masked, input_ids=ids, labels=labels)
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     assert_same_grads(grads, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "unsloth_fast"])
+def test_attention_channels_count_the_projections_biases(backend, monkeypatch):
+    """Qwen2's k biases reach 150 in its first layers: a dim they dominate is among the attention's
+    largest whatever the input, so the estimate of ``x W^T`` alone would drop it. Here dim 3 of
+    every head has no weight at all (its estimate is 0) and a large q and k bias: it is kept."""
+    model = tiny_lora_model("qwen2")
+    if backend == "unsloth_fast":
+        _fast(model, su.SparseConfig(self_attn={2: 0.75}, estimator_rank=3), monkeypatch)
+    attn = decoder_layers(model)[2].self_attn
+    head_dim = 48 // 6
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj):
+            linear = frozen_linear(proj)
+            linear.weight.view(-1, head_dim, 48)[:, 3] = 0
+            linear.bias.view(-1, head_dim)[:, 3] = 40.0
+    if backend == "reference":
+        su.sparsify(model, su.SparseConfig(self_attn={2: 0.75}, estimator_rank=3), progress=False)
+        su.sparse_state(model).callback_attached = True
+        ids, labels = token_batch()
+        model.train()
+        model(input_ids=ids, labels=labels)
+    else:                   # the choice is made where Unsloth's attention calls apply_qkv
+        unsloth_fast._apply_qkv(*_qkv_after_a_sparse_forward(model))
+    choice = su.sparse_state(model).current.choices[2, "attn"]
+    assert choice.k_idx.numel() == 2 * 2                       # 2 of 8 dims of each of 2 KV heads
+    assert set((choice.k_idx % head_dim).tolist()) >= {3}
+    assert set((choice.q_idx % head_dim).tolist()) >= {3}

@@ -39,14 +39,20 @@ def test_ffn_channels_brute_force():
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,keep", [(6, 2, 5, 2), (4, 4, 8, 3), (8, 1, 4, 1), (9, 3, 6, 5)])
-def test_gqa_channels_brute_force(heads, kv_heads, head_dim, keep):
-    """Explicit loops over heads (HF layout: q head h reads KV head h // (heads // kv_heads))."""
+@pytest.mark.parametrize("with_biases", [False, True])
+def test_gqa_channels_brute_force(heads, kv_heads, head_dim, keep, with_biases):
+    """Explicit loops over heads (HF layout: q head h reads KV head h // (heads // kv_heads));
+    with biases (Qwen2), the norms are those of ``x W^T + b``."""
     gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
     hidden = 12
     x = torch.randn(15, hidden, dtype=torch.float64, generator=gen)
     qf, kf, vf = (_factors(heads * head_dim, hidden, gen), _factors(kv_heads * head_dim, hidden, gen),
                   _factors(kv_heads * head_dim, hidden, gen))
-    q, k, v = (x @ f[0] @ f[1] for f in (qf, kf, vf))
+    # biases of the size of the products, a few far larger (as Qwen2's first layers' k biases)
+    biases = tuple((3 * torch.randn(f[1].shape[1], dtype=torch.float64, generator=gen)
+                    * (1 + 20 * (torch.rand(f[1].shape[1], generator=gen) < 0.2))) if with_biases else None
+                   for f in (qf, kf, vf))
+    q, k, v = (x @ f[0] @ f[1] + (0 if b is None else b) for f, b in zip((qf, kf, vf), biases))
     group = heads // kv_heads
     exp_k, exp_q, exp_v, exp_o = [], [], [], []
     for g in range(kv_heads):
@@ -59,13 +65,14 @@ def test_gqa_channels_brute_force(heads, kv_heads, head_dim, keep):
         g = h // group
         exp_q += [h * head_dim + (c - g * head_dim) for c in exp_k if c // head_dim == g]
         exp_o += [h * head_dim + (c - g * head_dim) for c in exp_v if c // head_dim == g]
-    q_idx, k_idx, v_idx, o_idx = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep)
+    q_idx, k_idx, v_idx, o_idx = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep, biases=biases)
     assert k_idx.tolist() == exp_k and q_idx.tolist() == exp_q
     assert v_idx.tolist() == exp_v and o_idx.tolist() == exp_o
-    # rows that do not vote count for nothing: the same as leaving them out
+    # rows that do not vote count for nothing: the same as leaving them out (biases included)
     votes = torch.arange(x.shape[0]) % 3 != 1
-    masked = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep, votes)
-    for got, want in zip(masked, attn_channels(x[votes], qf, kf, vf, heads, kv_heads, head_dim, keep)):
+    masked = attn_channels(x, qf, kf, vf, heads, kv_heads, head_dim, keep, votes, biases)
+    for got, want in zip(masked, attn_channels(x[votes], qf, kf, vf, heads, kv_heads, head_dim, keep,
+                                               biases=biases)):
         assert torch.equal(got, want)
 
 
@@ -85,10 +92,11 @@ def test_kept_count():
 
 
 @pytest.mark.parametrize("rows,hidden,out,rank", [(17, 12, 30, 5), (1, 7, 9, 1), (64, 16, 40, 16)])
-def test_gram_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, rank):
-    """The attention scores' column norms come from rank x rank Gram matrices, never from
-    ``x @ w1 @ w2`` itself; zero (padding) rows and non-voting rows count for nothing."""
-    from sparse_unsloth.estimator.select import _grams, _norms
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_moment_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, rank, with_bias):
+    """The attention scores' column norms come from rank x rank Gram matrices and column sums,
+    never from ``x @ w1 @ w2 + b`` itself; rows that do not vote count for nothing."""
+    from sparse_unsloth.estimator.select import _moments
 
     gen = torch.Generator().manual_seed(rows + out)
     x = torch.randn(rows, hidden, dtype=torch.float64, generator=gen)
@@ -96,12 +104,17 @@ def test_gram_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, ran
     votes = torch.arange(rows) % 4 != 2
     pairs = [(torch.randn(hidden, r, dtype=torch.float64, generator=gen),
               torch.randn(r, out + r, dtype=torch.float64, generator=gen)) for r in (rank, rank + 2)]
-    grams = _grams(x, [w1 for w1, _ in pairs], votes)
-    for gram, (w1, w2) in zip(grams, pairs):
-        want = (x[votes] @ w1 @ w2).norm(dim=0)
-        torch.testing.assert_close(_norms(gram, w2), want, rtol=1e-10, atol=1e-12)
-    # bf16 activations and factors (the GPU path): accumulated in float32, close to float64
-    (gram,) = _grams(x.bfloat16(), [pairs[0][0].bfloat16()], None)
-    got, want = _norms(gram, pairs[0][1].bfloat16()), (x @ pairs[0][0] @ pairs[0][1]).norm(dim=0)
+    biases = [5 * torch.randn(w2.shape[1], dtype=torch.float64, generator=gen) if with_bias else None
+              for _, w2 in pairs]
+    for counted, rows_counted in ((votes, x[votes]), (None, x)):
+        moments = _moments(x, [w1 for w1, _ in pairs], counted)
+        for m, (w1, w2), b in zip(moments, pairs, biases):
+            want = (rows_counted @ w1 @ w2 + (0 if b is None else b)).norm(dim=0)
+            torch.testing.assert_close(m.norms(w2, b), want, rtol=1e-10, atol=1e-12)
+    # bf16 activations, factors and bias (the GPU path): accumulated in float32, close to float64
+    (m,) = _moments(x.bfloat16(), [pairs[0][0].bfloat16()], votes)
+    b = None if biases[0] is None else biases[0].bfloat16()
+    got = m.norms(pairs[0][1].bfloat16(), b)
+    want = (x[votes] @ pairs[0][0] @ pairs[0][1] + (0 if b is None else b.double())).norm(dim=0)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.max().item())

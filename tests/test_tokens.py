@@ -104,11 +104,14 @@ def test_static_shape_choice_equals_the_gathered_rows():
     assert torch.equal(idx, ffn_channels(means, gate, up, 9))
     heads, kv_heads, head_dim = 4, 2, 5
     q, k, v = factors(heads * head_dim), factors(kv_heads * head_dim), factors(kv_heads * head_dim)
-    (flat,) = choose_attn(hidden, split.vote_rows, *q, *k, *v, heads, kv_heads, head_dim, 2)
-    got = unpacked(flat, attn_choice_sizes(heads, kv_heads, 2))
-    want = attn_channels(rows, q, k, v, heads, kv_heads, head_dim, 2)      # the voting rows gathered
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    for biases in ((None, None, None), tuple(10 * torch.randn(f[1].shape[1], dtype=torch.float64, generator=gen)
+                                             for f in (q, k, v))):
+        # with biases (Qwen2) the zeroed rows must count for nothing too, not for the bias alone
+        (flat,) = choose_attn(hidden, split.vote_rows, *q, *k, *v, *biases, heads, kv_heads, head_dim, 2)
+        got = unpacked(flat, attn_choice_sizes(heads, kv_heads, 2))
+        want = attn_channels(rows, q, k, v, heads, kv_heads, head_dim, 2, biases=biases)   # voting rows gathered
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
 
 
 def test_the_split_never_waits_on_nonzero(monkeypatch):

@@ -37,17 +37,24 @@ def svd_factors(weight: torch.Tensor, rank: int, dtype: torch.dtype | None = Non
 
 
 class EstimatorFactors:
-    """The SVD factors of one model at one rank, with the metadata that identifies them."""
+    """The SVD factors of one model at one rank, with the metadata that identifies them.
+
+    ``biases``: the estimated projections' own biases (Qwen2's q/k/v), by the same keys, which the
+    estimate adds to ``(x @ w1) @ w2``. They are the model's parameters, not the estimator's: taken
+    from the model when it is patched (:meth:`with_biases`), never stored in an estimator file.
+    """
 
     def __init__(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
                  fingerprint: str = "", model_id: str = "", revision: str = "",
-                 extra: Mapping[str, str] | None = None) -> None:
+                 extra: Mapping[str, str] | None = None, biases: Mapping[str, torch.Tensor] | None = None,
+                 ) -> None:
         self.factors = dict(factors)
         self.rank = rank
         self.fingerprint = fingerprint
         self.model_id = model_id
         self.revision = revision
         self.extra = dict(extra or {})
+        self.biases = dict(biases or {})
 
     def __contains__(self, key: str) -> bool:
         return key in self.factors
@@ -60,13 +67,22 @@ class EstimatorFactors:
                            f"{len(self.factors)} projections (layers {self.layers()}). Rebuild it "
                            "for the layers your config makes sparse.") from None
 
+    def bias(self, key: str) -> torch.Tensor | None:
+        """The bias of projection ``key`` (None: it has none)."""
+        return self.biases.get(key)
+
     def layers(self) -> list[int]:
         return sorted({int(k.split(".", 1)[0]) for k in self.factors})
+
+    def with_biases(self, biases: Mapping[str, torch.Tensor]) -> EstimatorFactors:
+        """The same factors with ``biases`` (a projection's bias changes where its estimate lies)."""
+        return EstimatorFactors(self.factors, self.rank, self.fingerprint, self.model_id, self.revision,
+                                self.extra, biases)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EstimatorFactors:
         moved = {k: (a.to(device, dtype), b.to(device, dtype)) for k, (a, b) in self.factors.items()}
         return EstimatorFactors(moved, self.rank, self.fingerprint, self.model_id, self.revision,
-                                self.extra)
+                                self.extra, {k: b.to(device, dtype) for k, b in self.biases.items()})
 
 
 def factor_keys(layers: Mapping[str, Iterable[int]]) -> list[str]:

@@ -12,6 +12,8 @@ product's other side, for O the input channels that read V's output).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -33,25 +35,46 @@ def _column_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=0, dtype=torch.promote_types(t.dtype, torch.float32))
 
 
-def _grams(x: torch.Tensor, w1s: list[torch.Tensor], votes: torch.Tensor | None) -> list[torch.Tensor]:
-    """``Z_i^T Z_i`` for ``Z_i = x @ w1_i`` (rows where ``votes`` is False zeroed), from one product
-    over ``x``, in at least float32."""
+@dataclasses.dataclass
+class _Moments:
+    """What the column norms of ``Z @ w2 + b`` need of ``Z`` [rows, r]: ``Z^T Z``, the column sums
+    ``Z^T 1`` and the row count (the last two only for a projection with a bias)."""
+    gram: torch.Tensor
+    sums: torch.Tensor
+    rows: torch.Tensor
+
+    def norms(self, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Column norms of ``Z @ w2 + bias`` over the rows, without forming the ``[rows, out]``
+        product (an attention layer's q alone is as large as its input):
+        ``||Z w2_j + b_j 1||^2 = w2_j^T (Z^T Z) w2_j + 2 b_j (Z^T 1) . w2_j + rows * b_j^2``.
+
+        The bias matters: Qwen2's k_proj biases reach 150 in its first layers, where ``x W^T`` is of
+        order 1-10, so the dims they dominate are the attention's largest, whatever ``x`` is.
+        """
+        w2 = w2.to(self.gram.dtype)
+        squares = (w2 * (self.gram @ w2)).sum(0)
+        if bias is not None:
+            b = bias.to(self.gram.dtype)
+            squares = squares + 2 * b * (self.sums @ w2) + self.rows * b * b
+        return squares.clamp_(min=0).sqrt_()
+
+
+def _moments(x: torch.Tensor, w1s: list[torch.Tensor], votes: torch.Tensor | None) -> list[_Moments]:
+    """:class:`_Moments` of ``Z_i = x @ w1_i`` over the rows where ``votes`` is True (all without
+    ``votes``), from one product over ``x``, in at least float32."""
     acc = torch.promote_types(x.dtype, torch.float32)
     z = (x.to(w1s[0].dtype) @ torch.cat(w1s, dim=1)).to(acc)
-    if votes is not None:
+    if votes is None:
+        rows = torch.tensor(float(z.shape[0]), dtype=acc, device=z.device)
+    else:
         z = z.masked_fill(~votes.unsqueeze(1), 0)
-    gram, out, start = z.t() @ z, [], 0
+        rows = votes.sum().to(acc)        # a tensor: no host sync inside a CUDA graph
+    gram, sums, out, start = z.t() @ z, z.sum(0), [], 0
     for w1 in w1s:
-        out.append(gram[start:start + w1.shape[1], start:start + w1.shape[1]])
+        cols = slice(start, start + w1.shape[1])
+        out.append(_Moments(gram[cols, cols], sums[cols], rows))
         start += w1.shape[1]
     return out
-
-
-def _norms(gram: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Column norms of ``Z @ w2`` from ``gram = Z^T Z``: ``||Z w2_j||^2 = w2_j^T gram w2_j``, so the
-    ``[rows, out]`` product (an attention layer's q alone is as large as its input) is never formed."""
-    w2 = w2.to(gram.dtype)
-    return (w2 * (gram @ w2)).sum(0).clamp_(min=0).sqrt_()
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,20 +112,21 @@ def kv_to_q_channels(kv_idx: torch.Tensor, num_heads: int, num_kv_heads: int,
 def attn_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], k: tuple[torch.Tensor, torch.Tensor],
                   v: tuple[torch.Tensor, torch.Tensor], num_heads: int, num_kv_heads: int, head_dim: int,
                   keep_per_head: int, votes: torch.Tensor | None = None,
+                  biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None),
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q_idx, k_idx, v_idx, o_idx) of one attention layer, from the rows of ``x`` (``votes``
-    [rows]: only the rows where it is True count).
+    [rows]: only the rows where it is True count; ``biases``: the q, k, v projections' own).
 
     Q/K by the ``||q|| * ||k||`` proxy of each dim's share of the attention logits: KV dim
     ``(g, j)`` scores ``sum over heads h of group g of ||q[:, h, j]|| * ||k[:, g, j]||``. V by
     ``||v||``; O keeps the inputs that read the kept V dims. One low-rank product over ``x``
-    serves all three.
+    serves all three; each estimate adds its projection's bias.
     """
     rep = num_heads // num_kv_heads
-    gq, gk, gv = _grams(x, [q[0], k[0], v[0]], votes)
-    q_norm = _norms(gq, q[1]).view(num_kv_heads, rep, head_dim).sum(1)
-    k_norm = _norms(gk, k[1]).view(num_kv_heads, head_dim)
+    mq, mk, mv = _moments(x, [q[0], k[0], v[0]], votes)
+    q_norm = mq.norms(q[1], biases[0]).view(num_kv_heads, rep, head_dim).sum(1)
+    k_norm = mk.norms(k[1], biases[1]).view(num_kv_heads, head_dim)
     k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
-    v_idx = _group_dims(_top(_norms(gv, v[1]).view(num_kv_heads, head_dim), keep_per_head), head_dim)
+    v_idx = _group_dims(_top(mv.norms(v[1], biases[2]).view(num_kv_heads, head_dim), keep_per_head), head_dim)
     return (kv_to_q_channels(k_idx, num_heads, num_kv_heads, head_dim), k_idx, v_idx,
             kv_to_q_channels(v_idx, num_heads, num_kv_heads, head_dim))

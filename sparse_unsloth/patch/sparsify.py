@@ -19,6 +19,7 @@ from .models import (
     attention_geometry,
     check_supported,
     decoder_layers,
+    estimated_biases,
     estimated_weights,
     frozen_linear,
     model_identity,
@@ -99,10 +100,12 @@ def sparsify(model: nn.Module, config: str | Path | Mapping[str, Any] | SparseCo
     config = load_config(config, num_layers=len(layers))
     backend = _backend(model)
     every = estimated_weights(layers, {kind: range(len(layers)) for kind in MODULE_KINDS})
-    needed = estimated_weights(layers, {kind: config.sparse_layers(kind) for kind in MODULE_KINDS})
+    sparse = {kind: config.sparse_layers(kind) for kind in MODULE_KINDS}
+    needed = estimated_weights(layers, sparse)
     name, revision = model_identity(model)
     factors = resolve_factors(needed, config.estimator_rank, fingerprint(every), source=estimator,
                               model_id=model_id or name, progress=progress, revision=revision)
+    factors = factors.with_biases(estimated_biases(layers, sparse))
     state = SparseState(config, factors, attention_geometry(model))
     state.fast = backend is unsloth_fast
     try:

@@ -173,12 +173,12 @@ def choose_mlp(hidden, votes, sequences, gate_1, gate_2, up_1, up_2, keep, seq_a
     return (ffn_channels(x, (gate_1, gate_2), (up_1, up_2), keep),)
 
 
-def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, num_heads, num_kv_heads, head_dim, keep,
-                outs=None):
+def choose_attn(hidden, votes, q_1, q_2, k_1, k_2, v_1, v_2, q_bias, k_bias, v_bias, num_heads, num_kv_heads,
+                head_dim, keep, outs=None):
     """(q_idx, k_idx, v_idx, o_idx packed into one tensor,) of one attention layer for one batch
-    (see :func:`attn_choice_sizes`)."""
+    (see :func:`attn_choice_sizes`; the biases: None where the projection has none)."""
     return (packed(attn_channels(hidden, (q_1, q_2), (k_1, k_2), (v_1, v_2), num_heads, num_kv_heads, head_dim,
-                                 keep, votes)),)
+                                 keep, votes, (q_bias, k_bias, v_bias))),)
 
 
 def attn_choice_sizes(num_heads: int, num_kv_heads: int, keep: int) -> list[tuple[int]]:
@@ -695,7 +695,8 @@ class LayerSparsity:
     def _plan_attn(self, hidden: torch.Tensor, record: BatchRecord) -> tuple[AttnChoice, PendingChoice]:
         state, geo = self.state, self.state.geometry
         f = state.factors_like(hidden)
-        factors = [t for p in ("q_proj", "k_proj", "v_proj") for t in f[f"{self.layer}.{p}"]]
+        projs = [f"{self.layer}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        factors = [t for p in projs for t in f[p]] + [f.bias(p) for p in projs]
         keep = self.attn_kept()
         sizes = attn_choice_sizes(geo.num_heads, geo.num_kv_heads, keep)
         buffer = self._buffer("attn", record, sum(s[0] for s in sizes), hidden)
