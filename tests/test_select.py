@@ -107,12 +107,12 @@ def test_moment_norms_equal_the_norms_of_the_formed_product(rows, hidden, out, r
     biases = [5 * torch.randn(w2.shape[1], dtype=torch.float64, generator=gen) if with_bias else None
               for _, w2 in pairs]
     for counted, rows_counted in ((votes, x[votes]), (None, x)):
-        moments = _moments(x, [w1 for w1, _ in pairs], counted)
+        moments = _moments(x, [w1 for w1, _ in pairs], counted, with_bias)
         for m, (w1, w2), b in zip(moments, pairs, biases):
             want = (rows_counted @ w1 @ w2 + (0 if b is None else b)).norm(dim=0)
             torch.testing.assert_close(m.norms(w2, b), want, rtol=1e-10, atol=1e-12)
     # bf16 activations, factors and bias (the GPU path): accumulated in float32, close to float64
-    (m,) = _moments(x.bfloat16(), [pairs[0][0].bfloat16()], votes)
+    (m,) = _moments(x.bfloat16(), [pairs[0][0].bfloat16()], votes, with_bias)
     b = None if biases[0] is None else biases[0].bfloat16()
     got = m.norms(pairs[0][1].bfloat16(), b)
     want = (x[votes] @ pairs[0][0] @ pairs[0][1] + (0 if b is None else b.double())).norm(dim=0)

@@ -40,8 +40,8 @@ class _Moments:
     """What the column norms of ``Z @ w2 + b`` need of ``Z`` [rows, r]: ``Z^T Z``, the column sums
     ``Z^T 1`` and the row count (the last two only for a projection with a bias)."""
     gram: torch.Tensor
-    sums: torch.Tensor
-    rows: torch.Tensor
+    sums: torch.Tensor | None
+    rows: torch.Tensor | None
 
     def norms(self, w2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Column norms of ``Z @ w2 + bias`` over the rows, without forming the ``[rows, out]``
@@ -59,20 +59,23 @@ class _Moments:
         return squares.clamp_(min=0).sqrt_()
 
 
-def _moments(x: torch.Tensor, w1s: list[torch.Tensor], votes: torch.Tensor | None) -> list[_Moments]:
+def _moments(x: torch.Tensor, w1s: list[torch.Tensor], votes: torch.Tensor | None, biased: bool) -> list[_Moments]:
     """:class:`_Moments` of ``Z_i = x @ w1_i`` over the rows where ``votes`` is True (all without
-    ``votes``), from one product over ``x``, in at least float32."""
+    ``votes``), from one product over ``x``, in at least float32; the sums and count only if
+    ``biased`` (a model without biases does no more work than before)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     z = (x.to(w1s[0].dtype) @ torch.cat(w1s, dim=1)).to(acc)
-    if votes is None:
-        rows = torch.tensor(float(z.shape[0]), dtype=acc, device=z.device)
-    else:
+    if votes is not None:
         z = z.masked_fill(~votes.unsqueeze(1), 0)
-        rows = votes.sum().to(acc)        # a tensor: no host sync inside a CUDA graph
-    gram, sums, out, start = z.t() @ z, z.sum(0), [], 0
+    sums = rows = None
+    if biased:
+        sums = z.sum(0)
+        # a tensor: no host sync inside a CUDA graph
+        rows = votes.sum().to(acc) if votes is not None else z.new_full((), z.shape[0])
+    gram, out, start = z.t() @ z, [], 0
     for w1 in w1s:
         cols = slice(start, start + w1.shape[1])
-        out.append(_Moments(gram[cols, cols], sums[cols], rows))
+        out.append(_Moments(gram[cols, cols], None if sums is None else sums[cols], rows))
         start += w1.shape[1]
     return out
 
@@ -123,7 +126,7 @@ def attn_channels(x: torch.Tensor, q: tuple[torch.Tensor, torch.Tensor], k: tupl
     serves all three; each estimate adds its projection's bias.
     """
     rep = num_heads // num_kv_heads
-    mq, mk, mv = _moments(x, [q[0], k[0], v[0]], votes)
+    mq, mk, mv = _moments(x, [q[0], k[0], v[0]], votes, any(b is not None for b in biases))
     q_norm = mq.norms(q[1], biases[0]).view(num_kv_heads, rep, head_dim).sum(1)
     k_norm = mk.norms(k[1], biases[1]).view(num_kv_heads, head_dim)
     k_idx = _group_dims(_top(q_norm * k_norm, keep_per_head), head_dim)
