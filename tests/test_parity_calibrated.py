@@ -114,3 +114,25 @@ def test_the_noise_floor_runs_dense_twice_in_folders_of_their_own():
     assert run_plan("smollm2-135m-calibrated", 0, 0) == [("dense", "dense", 0, "dense"),
                                                          ("sparse", "smollm2-135m-calibrated", 0, "sparse")]
     assert run_plan("dense", 0, 1) == [("dense", "dense", 0, "dense"), ("sparse", "dense", 1, "sparse-seed1")]
+
+
+def test_the_committed_parity_runs_resume_as_finished(tmp_path):
+    """The runs kept in benchmarks/results/parity_runs/ are what the next device session does not
+    train again: each resumes with its summary, config record and provenance (an ARC run with its
+    accuracy), trained with the parity's default steps."""
+    from parity_calibrated import resume_from
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "parity_runs"
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    assert folders
+    for folder in folders:
+        work = tmp_path / folder.name
+        seeded = resume_from(folder, work)
+        assert sorted(seeded) == sorted(p.stem for p in folder.glob("*.json"))
+        for run in seeded:
+            summary = json.loads((work / run / "summary.json").read_text())
+            assert summary["steps"] == (250 if run.endswith("-gsm8k") else 282)
+            assert json.loads((work / run / "provenance.json").read_text())["commit"]
+            assert (work / run / "config.json").is_file()
+            if run.endswith("-arc"):
+                assert 0 < json.loads((work / run / "arc_easy_acc.json").read_text()) < 1
