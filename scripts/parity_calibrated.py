@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "name": args.name,
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "commit": os.environ.get("BENCH_COMMIT") or _commit(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": datetime.date.today().isoformat(),
+        **_provenance(),                # commit, device, date of this call
         "settings": {"model": args.model, "config": args.config, "steps": args.steps, "batch": args.batch,
                      "train_rows": len(train_rows), "eval_rows": len(test_rows), "arc_train_rows": len(arc_train),
                      "arc_steps": arc_steps,

@@ -128,18 +128,22 @@ def weight_getter(linear: nn.Module) -> Callable[[], torch.Tensor]:
     return Dequantize(weight)
 
 
+def _estimated_linears(layers: nn.ModuleList, which: Mapping[str, Iterable[int]]) -> dict[str, nn.Module]:
+    """``"{layer}.{proj}" -> frozen base linear`` of the projections the estimator scores."""
+    return {f"{i}.{p}": frozen_linear(getattr(getattr(layers[i], kind), p))
+            for kind, idx in which.items() for i in idx for p in ESTIMATED_PROJS[kind]}
+
+
 def estimated_biases(layers: nn.ModuleList, which: Mapping[str, Iterable[int]]) -> dict[str, torch.Tensor]:
     """``"{layer}.{proj}" -> bias`` of the projections the estimator scores that have one (Qwen2's
     q/k/v). Detached views of the parameters, not copies: a bias trained with ``bias="all"`` is
     estimated with as it is now (a copy of the model, or one moved to another device, with its
     biases as they were then: that moves the channel choice only, never a gradient)."""
-    biases = {f"{i}.{p}": frozen_linear(getattr(getattr(layers[i], kind), p)).bias
-              for kind, idx in which.items() for i in idx for p in ESTIMATED_PROJS[kind]}
-    return {key: b.detach() for key, b in biases.items() if b is not None}
+    return {key: linear.bias.detach() for key, linear in _estimated_linears(layers, which).items()
+            if linear.bias is not None}
 
 
 def estimated_weights(layers: nn.ModuleList, which: Mapping[str, Iterable[int]],
                       ) -> dict[str, Callable[[], torch.Tensor]]:
     """``"{layer}.{proj}" -> weight getter`` for the projections the estimator scores."""
-    return {f"{i}.{p}": weight_getter(frozen_linear(getattr(getattr(layers[i], kind), p)))
-            for kind, idx in which.items() for i in idx for p in ESTIMATED_PROJS[kind]}
+    return {key: weight_getter(linear) for key, linear in _estimated_linears(layers, which).items()}
