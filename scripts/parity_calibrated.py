@@ -108,7 +108,7 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), os.environ.get("PYTHONPATH", "")])})
     (out / "config.json").write_text(json.dumps(want) + "\n")
-    (out / "provenance.json").write_text(json.dumps(_provenance()) + "\n")
+    (out / "provenance.json").write_text(json.dumps({**_provenance(), "command": shlex.join(cmd)}) + "\n")
     return json.loads((out / "summary.json").read_text())
 
 

@@ -132,7 +132,8 @@ def test_the_committed_parity_runs_resume_as_finished(tmp_path):
         for run in seeded:
             summary = json.loads((work / run / "summary.json").read_text())
             assert summary["steps"] == (250 if run.endswith("-gsm8k") else 282)
-            assert json.loads((work / run / "provenance.json").read_text())["commit"]
+            provenance = json.loads((work / run / "provenance.json").read_text())
+            assert provenance["commit"] and provenance["device"] and provenance["command"]
             assert (work / run / "config.json").is_file()
             if run.endswith("-arc"):
                 assert 0 < json.loads((work / run / "arc_easy_acc.json").read_text()) < 1
