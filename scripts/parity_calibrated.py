@@ -72,6 +72,13 @@ def _config_record(config: str) -> str | dict:
     return "dense" if config == "dense" else json.loads(json.dumps(load_config(config).to_dict()))   # as stored
 
 
+def sparse_config(config: str):
+    """The :class:`SparseConfig` of ``config``; "dense" (the noise-floor runs) is one with no sparse layer."""
+    from sparse_unsloth import SparseConfig, load_config
+
+    return SparseConfig(name="dense") if config == "dense" else load_config(config)
+
+
 def run_plan(config: str, seed: int, sparse_seed: int) -> list[tuple[str, str, int, str]]:
     """(label, config, seed, run folder prefix) of the dense and the ``config`` runs. A run's folder
     names its seed when it is not ``seed``: a finished run is reused by its folder."""
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from sparse_unsloth import flop_fraction, load_config
+    from sparse_unsloth import flop_fraction
     from sparse_unsloth.finetune import resolve_model
 
     if args.unsloth is None:
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         "run_provenance": provenance,   # per run: commit, device, date (None: kept before it was recorded)
         "baseline": "dense",
         "metrics": metrics,
-        "flop_fraction": flop_fraction(load_config(args.config), shape, *geo, lora_r=args.lora_r),
+        "flop_fraction": flop_fraction(sparse_config(args.config), shape, *geo, lora_r=args.lora_r),
         "eval_loss_rel_diff": rel,
         "arc_easy_points_diff": points,
         "goal": "held-out GSM8K loss within 1% of dense and ARC-Easy accuracy within 1 point",
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.reference_config:
         result["reference_config"] = args.reference_config
-        result["reference_flop_fraction"] = flop_fraction(load_config(args.reference_config), shape, *geo,
+        result["reference_flop_fraction"] = flop_fraction(sparse_config(args.reference_config), shape, *geo,
                                                           lora_r=args.lora_r)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name}.json"

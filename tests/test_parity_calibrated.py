@@ -137,3 +137,17 @@ def test_the_committed_parity_runs_resume_as_finished(tmp_path):
             assert (work / run / "config.json").is_file()
             if run.endswith("-arc"):
                 assert 0 < json.loads((work / run / "arc_easy_acc.json").read_text()) < 1
+
+
+def test_the_noise_floor_config_dense_has_a_flop_fraction_of_one():
+    """``--config dense`` (the noise-floor runs) reaches the result's FLOP count after four trained
+    runs: "dense" is no preset name, so it must not go through the preset lookup there."""
+    from parity_calibrated import sparse_config
+    from transformers import LlamaConfig
+
+    from sparse_unsloth import flop_fraction, load_config
+
+    shape = LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                        num_key_value_heads=2)
+    assert flop_fraction(sparse_config("dense"), shape, 8, 100, 50) == 1.0
+    assert sparse_config("smollm2-135m-safe") == load_config("smollm2-135m-safe")
