@@ -21,13 +21,15 @@
 # (a new session starts from a clean checkout: ignored folders are gone): the working tree takes
 # them to the next machine and their runs are not trained again. The dense runs do not depend on
 # the sparse config, so they serve a recalibrated preset too.
+# PARITY_JOBS=N trains N of the four runs at once (default 1): a run leaves the GPU idle most of
+# the time (host-bound steps), but their step times then measure nothing.
 # Result files: $OUT/parity_<model>_calibrated.json (copy to benchmarks/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${PARITY_DATA:-.parity_data}   # a copy on the device: PARITY_DATA=/tmp/pd
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-carry() {  # name: --keep into $OUT (on the device), --resume-from what an earlier machine kept
-  local opts=()
+carry() {  # name: --jobs, --keep into $OUT (on the device), --resume-from what an earlier machine kept
+  local opts=(--jobs "${PARITY_JOBS:-1}")
   [ -n "${OUT:-}" ] && opts+=(--keep "$OUT/$1")
   [ -d "benchmarks/results/parity_runs/$1" ] && opts+=(--resume-from "benchmarks/results/parity_runs/$1")
   echo "${opts[@]}"

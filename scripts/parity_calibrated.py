@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,11 +112,19 @@ def train(args, config: str, dataset: str, steps: int, eval_rows: int, out: Path
            "--seed", str(seed), "--output-dir", str(out), "--logging-steps", "25", "--no-progress"]
     if args.unsloth:
         cmd.append("--unsloth")
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    print(f"[{out.name}] $ " + shlex.join(cmd), flush=True)
+    # Each run compiles into its own folder: Unsloth writes its generated modules to one fixed
+    # folder, and runs going at once (--jobs) would overwrite each other's half-written files.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "UNSLOTH_COMPILE_LOCATION": str(out.resolve() / "unsloth_compiled_cache")}
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:          # runs at once interleave: each line names its run
+            print(f"[{out.name}] {line}", end="", flush=True)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     (out / "config.json").write_text(json.dumps(want) + "\n")
-    (out / "provenance.json").write_text(json.dumps({**_provenance(), "command": shlex.join(cmd)}) + "\n")
+    (out / "provenance.json").write_text(json.dumps({**_provenance(), "command": shlex.join(cmd),
+                                                     "jobs": args.jobs}) + "\n")
     return json.loads((out / "summary.json").read_text())
 
 
@@ -161,6 +170,22 @@ def keep_run(run_dir: Path, keep: Path | None) -> None:
         keep.mkdir(parents=True, exist_ok=True)
         files = {name: (run_dir / name).read_text() for name in _FINISHED if (run_dir / name).is_file()}
         (keep / f"{run_dir.name}.json").write_text(json.dumps(files) + "\n")
+
+
+def run_all(plan: list[tuple[str, str, int, str]], finish, jobs: int) -> dict:
+    """``finish(folder, task, config, seed)`` of each run of ``plan`` (GSM8K and ARC), ``jobs`` at
+    once: {(folder, task): what it returned}. On a GPU one run leaves it idle most of the time
+    (its steps are host-bound), so runs at once cost little more than one. A failed run does not
+    stop the others: every run that can finish is kept before the first error is raised."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {(folder, task): pool.submit(finish, folder, task, config, seed)
+                   for _, config, seed, folder in plan for task in ("gsm8k", "arc")}
+        wait(futures.values())
+    failed = [key for key, f in futures.items() if f.exception() is not None]
+    if failed:
+        raise SystemExit(f"runs failed: {', '.join('-'.join(k) for k in failed)} (the others are kept): "
+                         f"{futures[failed[0]].exception()!r}")
+    return {key: f.result() for key, f in futures.items()}
 
 
 def arc_accuracy(model_path: str, adapter: str, items: list[tuple[str, list[str], int]]) -> float:
@@ -228,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sparse-seed", type=int, help="the --config runs' seed (default: --seed). With --config "
                                                   "dense and another seed: two dense runs, the noise floor "
                                                   "that a sparse run's differences are read against")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (1-4); their step times then "
+                                                      "measure nothing (the result says how many ran at once)")
     p.add_argument("--unsloth", action=argparse.BooleanOptionalAction, default=None,
                    help="train through Unsloth (default: when a CUDA GPU is there)")
     p.add_argument("--name", default="parity_calibrated")
@@ -239,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resume-from", type=Path, help="a folder --keep wrote on another machine: its finished "
                                                    "runs are not trained again (a chain split over sessions)")
     args = p.parse_args(argv)
+    if not 1 <= args.jobs <= 4:
+        p.error(f"--jobs {args.jobs}: a parity has four runs; give 1 to 4")
     if args.resume_from is not None and not args.resume_from.is_dir():
         # a mistyped folder would silently train every run again, at the cost of device time
         p.error(f"--resume-from {args.resume_from}: no such folder (it is what --keep wrote on the earlier "
@@ -268,17 +297,28 @@ def main(argv: list[str] | None = None) -> dict:
     gsm8k = _jsonl([{"question": r["question"], "answer": r["answer"]} for r in train_rows + test_rows],
                    work / "gsm8k.jsonl")
     arc = _jsonl([{"prompt": _prompt(q), "completion": " " + c[g]} for q, c, g in arc_train], work / "arc.jsonl")
-    metrics, provenance = {}, {}
     sparse_seed = args.seed if args.sparse_seed is None else args.sparse_seed
-    for label, config, seed, folder in run_plan(args.config, args.seed, sparse_seed):
-        run = train(args, config, gsm8k, args.steps, len(test_rows), work / f"{folder}-gsm8k", seed)
-        keep_run(work / f"{folder}-gsm8k", args.keep)
-        arc_run = train(args, config, arc, arc_steps, 0, work / f"{folder}-arc", seed)
-        acc_file = work / f"{folder}-arc" / "arc_easy_acc.json"
+    plan = run_plan(args.config, args.seed, sparse_seed)
+
+    def finish(folder: str, task: str, config: str, seed: int) -> tuple[dict, float | None]:
+        """One run trained (or found finished), ARC scored, kept: (its summary, its ARC accuracy)."""
+        run_dir = work / f"{folder}-{task}"
+        if task == "gsm8k":
+            run = train(args, config, gsm8k, args.steps, len(test_rows), run_dir, seed)
+            keep_run(run_dir, args.keep)
+            return run, None
+        run = train(args, config, arc, arc_steps, 0, run_dir, seed)
+        acc_file = run_dir / "arc_easy_acc.json"
         if not acc_file.is_file():
-            acc_file.write_text(json.dumps(arc_accuracy(model_path, arc_run["adapter_dir"], arc_test)))
-        keep_run(work / f"{folder}-arc", args.keep)
-        acc = json.loads(acc_file.read_text())
+            acc_file.write_text(json.dumps(arc_accuracy(model_path, run["adapter_dir"], arc_test)))
+        keep_run(run_dir, args.keep)
+        return run, json.loads(acc_file.read_text())
+
+    results = run_all(plan, finish, args.jobs)
+    metrics, provenance = {}, {}
+    for label, _, _, folder in plan:
+        run, _ = results[(folder, "gsm8k")]
+        arc_run, acc = results[(folder, "arc")]
         for task in ("gsm8k", "arc"):
             kept = work / f"{folder}-{task}" / "provenance.json"
             provenance[f"{folder}-{task}"] = json.loads(kept.read_text()) if kept.is_file() else None
@@ -306,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "arc_steps": arc_steps,
                      "arc_test_rows": len(arc_test), "max_length": args.max_length, "lr": args.lr,
                      "lora_r": args.lora_r, "seed": args.seed, "sparse_seed": sparse_seed, "unsloth": args.unsloth,
+                     "jobs": args.jobs,      # runs trained at once: above 1, step times are not the runs' own
                      "flop_geometry": {"batch": geo[0], "seq_len": seq, "output_tokens": outputs}},
         "resumed_runs": seeded,      # trained on an earlier machine (their summaries carried here)
         "run_provenance": provenance,   # per run: commit, device, date (None: kept before it was recorded)

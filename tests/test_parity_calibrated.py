@@ -151,3 +151,58 @@ def test_the_noise_floor_config_dense_has_a_flop_fraction_of_one():
                         num_key_value_heads=2)
     assert flop_fraction(sparse_config("dense"), shape, 8, 100, 50) == 1.0
     assert sparse_config("smollm2-135m-safe") == load_config("smollm2-135m-safe")
+
+
+def test_runs_train_at_once_with_jobs_and_one_at_a_time_without():
+    """--jobs 2: two runs are in flight together (each waits for a second at a barrier, which
+    breaks when it is alone); --jobs 1 never has two."""
+    import threading
+
+    from parity_calibrated import run_all, run_plan
+
+    plan = run_plan("smollm2-135m-safe", 0, 0)
+    together = threading.Barrier(2, timeout=5)
+
+    def meets(folder, task, config, seed):
+        together.wait()
+        return folder, task, config
+
+    results = run_all(plan, meets, jobs=2)
+    assert results == {(f, t): (f, t, c) for _, c, _, f in plan for t in ("gsm8k", "arc")}
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counts(folder, task, config, seed):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        threading.Event().wait(0.05)
+        with lock:
+            running[0] -= 1
+
+    run_all(plan, counts, jobs=1)
+    assert most[0] == 1
+
+
+def test_a_failed_run_lets_the_others_finish_and_names_itself():
+    """Runs trained at once: one that fails must not lose the others' device time."""
+    from parity_calibrated import run_all, run_plan
+
+    finished = []
+
+    def finish(folder, task, config, seed):
+        if (folder, task) == ("dense", "arc"):
+            raise RuntimeError("CUDA out of memory")
+        finished.append(f"{folder}-{task}")
+
+    with pytest.raises(SystemExit, match=r"runs failed: dense-arc \(the others are kept\).*out of memory"):
+        run_all(run_plan("smollm2-135m-safe", 0, 0), finish, jobs=4)
+    assert sorted(finished) == ["dense-gsm8k", "sparse-arc", "sparse-gsm8k"]
+
+
+def test_jobs_outside_one_to_four_is_an_error(tmp_path, capsys):
+    from parity_calibrated import main
+
+    for jobs in ("0", "5"):
+        with pytest.raises(SystemExit):
+            main(["--config", "dense", "--gsm8k-dir", str(tmp_path), "--arc-dir", str(tmp_path), "--jobs", jobs])
+        assert "--jobs" in capsys.readouterr().err
