@@ -183,8 +183,8 @@ def run_all(plan: list[tuple[str, str, int, str]], finish, jobs: int) -> dict:
         wait(futures.values())
     failed = [key for key, f in futures.items() if f.exception() is not None]
     if failed:
-        raise SystemExit(f"runs failed: {', '.join('-'.join(k) for k in failed)} (the others are kept): "
-                         f"{futures[failed[0]].exception()!r}")
+        raise SystemExit(f"{len(failed)} of {len(futures)} runs failed ({', '.join('-'.join(k) for k in failed)}); "
+                         f"those that finished are kept. The first error: {futures[failed[0]].exception()!r}")
     return {key: f.result() for key, f in futures.items()}
 
 
