@@ -303,15 +303,17 @@ def main(argv: list[str] | None = None) -> dict:
     def finish(folder: str, task: str, config: str, seed: int) -> tuple[dict, float | None]:
         """One run trained (or found finished), ARC scored, kept: (its summary, its ARC accuracy)."""
         run_dir = work / f"{folder}-{task}"
+        # a resumed run is kept where it came from already (and a device call brings back 8 files)
+        keep = None if run_dir.name in seeded else args.keep
         if task == "gsm8k":
             run = train(args, config, gsm8k, args.steps, len(test_rows), run_dir, seed)
-            keep_run(run_dir, args.keep)
+            keep_run(run_dir, keep)
             return run, None
         run = train(args, config, arc, arc_steps, 0, run_dir, seed)
         acc_file = run_dir / "arc_easy_acc.json"
         if not acc_file.is_file():
             acc_file.write_text(json.dumps(arc_accuracy(model_path, run["adapter_dir"], arc_test)))
-        keep_run(run_dir, args.keep)
+        keep_run(run_dir, keep)
         return run, json.loads(acc_file.read_text())
 
     results = run_all(plan, finish, args.jobs)
