@@ -132,3 +132,38 @@ def test_cache_layout_and_repo_naming(tmp_path, monkeypatch):
     assert len(default_repo_id("a/" + "x" * 200).split("/")[1]) == 96
     assert zlab_repo_id("NousResearch/Meta-Llama-3-8B-Instruct") == "z-lab/Meta-Llama-3-8B-Instruct-SparseLoRA"
     assert hub_filename(8) == "estimator-rank8.safetensors"
+
+
+def test_writers_at_once_never_share_a_temporary_file(built, tmp_path, monkeypatch):
+    """Two processes building the same estimator (DDP ranks, parity runs side by side) save it to
+    one path at once: each writes a temporary file of its own, and a failed write leaves none."""
+    import threading
+
+    from sparse_unsloth.estimator import store
+
+    factors, fp = built
+    real, written, both = store.save_file, [], threading.Barrier(2, timeout=5)
+
+    def save_file(tensors, filename, metadata):
+        written.append(filename)
+        both.wait()                   # both writers hold their temporary file at the same time
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(store, "save_file", save_file)
+    path = tmp_path / "est.safetensors"
+    writers = [threading.Thread(target=save_factors, args=(factors, path)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert len(set(written)) == 2 and all(w.endswith(".tmp") for w in written)
+    assert_same(load_factors(path, RANK, fp), factors)
+    assert [p.name for p in tmp_path.iterdir()] == ["est.safetensors"]
+
+    def fails(tensors, filename, metadata):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "save_file", fails)
+    with pytest.raises(OSError, match="disk full"):
+        save_factors(factors, tmp_path / "other.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["est.safetensors"]

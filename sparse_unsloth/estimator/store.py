@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -62,9 +64,17 @@ def save_factors(factors: EstimatorFactors, path: str | Path) -> Path:
         "revision": factors.revision, "layers": json.dumps(factors.layers()),
         "projections": json.dumps(sorted(factors.factors)),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)            # never leave a half-written file under the final name
+    # Never a half-written file under the final name, and a temporary name of this writer's own:
+    # processes building the same estimator at once (DDP ranks, runs side by side) must not write
+    # into one file.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
