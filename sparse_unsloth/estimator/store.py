@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -67,13 +67,14 @@ def save_factors(factors: EstimatorFactors, path: str | Path) -> Path:
     # Never a half-written file under the final name, and a temporary name of this writer's own:
     # processes building the same estimator at once (DDP ranks, runs side by side) must not write
     # into one file.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # (Named by process and thread rather than by mkstemp, whose 0600 file would keep a shared
+    # cache's file from the other users.)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
