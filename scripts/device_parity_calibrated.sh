@@ -49,9 +49,9 @@ case ${1:?usage: prepare | smollm2 GGUF | smollm2-noise GGUF | qwen GGUF} in
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work "/tmp/parity-$name" \
       --name "$name" --out "${OUT:-benchmarks/results}" $(carry "$name") ;;
   smollm2-noise)
-    # The seed-0 dense runs are those of the calibrated chain: copy benchmarks/results/parity_runs/
-    # parity_smollm2_gradient/dense-*.json into parity_runs/parity_smollm2_noise/ first, and only the
-    # seed-1 runs train (~5 min).
+    # The seed-0 dense runs are those of the calibrated chain (copied from parity_runs/
+    # parity_smollm2_gradient/ into parity_runs/parity_smollm2_noise/): only the seed-1 runs train
+    # (~5 min; with PARITY_JOBS=2 at once).
     python3 -c "from sparse_unsloth.smollm2 import smollm2_path; print(smollm2_path(gguf='${2:?GGUF}'))"
     python3 scripts/parity_calibrated.py --model smollm2 --config dense --sparse-seed 1 \
       --gsm8k-dir "$DATA/gsm8k" --arc-dir "$DATA/ARC-Easy" --work /tmp/parity-smollm2 \
