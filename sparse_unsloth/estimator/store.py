@@ -64,11 +64,10 @@ def save_factors(factors: EstimatorFactors, path: str | Path) -> Path:
         "revision": factors.revision, "layers": json.dumps(factors.layers()),
         "projections": json.dumps(sorted(factors.factors)),
     }
-    # Never a half-written file under the final name, and a temporary name of this writer's own:
+    # Never a half-written file under the final name, and a temporary file of this writer's own:
     # processes building the same estimator at once (DDP ranks, runs side by side) must not write
-    # into one file.
-    # (Named by process and thread rather than by mkstemp, whose 0600 file would keep a shared
-    # cache's file from the other users.)
+    # into one file. Named by process and thread, not by mkstemp, whose 0600 file would lock a
+    # shared cache's other users out.
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
