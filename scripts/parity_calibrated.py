@@ -66,18 +66,16 @@ def _read_jsonl(path: Path, n: int) -> list[dict]:
         return [json.loads(line) for line, _ in zip(f, range(n))]
 
 
-def _config_record(config: str) -> str | dict:
-    """What a run trained with: a preset's name says nothing of the version it had then."""
-    from sparse_unsloth import load_config
-
-    return "dense" if config == "dense" else json.loads(json.dumps(load_config(config).to_dict()))   # as stored
-
-
 def sparse_config(config: str):
     """The :class:`SparseConfig` of ``config``; "dense" (the noise-floor runs) is one with no sparse layer."""
     from sparse_unsloth import SparseConfig, load_config
 
     return SparseConfig(name="dense") if config == "dense" else load_config(config)
+
+
+def _config_record(config: str) -> str | dict:
+    """What a run trained with: a preset's name says nothing of the version it had then."""
+    return "dense" if config == "dense" else json.loads(json.dumps(sparse_config(config).to_dict()))   # as stored
 
 
 def run_plan(config: str, seed: int, sparse_seed: int) -> list[tuple[str, str, int, str]]:
