@@ -206,3 +206,28 @@ def test_jobs_outside_one_to_four_is_an_error(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--config", "dense", "--gsm8k-dir", str(tmp_path), "--arc-dir", str(tmp_path), "--jobs", jobs])
         assert "--jobs" in capsys.readouterr().err
+
+
+def test_the_device_call_of_both_chains_names_each_missing_carry_before_training(tmp_path):
+    """A device machine idle for 30 s is replaced by a bare one: `both` must say which carried input
+    is not on this machine (and which carry brings it) instead of training on nothing."""
+    import os
+    import subprocess
+
+    smollm2 = tmp_path / "m.gguf"
+    smollm2.write_bytes(b"GGUF")                       # present: only the others are named
+    script = Path(__file__).resolve().parents[1] / "scripts" / "device_parity_calibrated.sh"
+    env = {**os.environ, "PARITY_DATA": str(tmp_path / "no-data"), "PARITY_LOGS": str(tmp_path / "logs"),
+           "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    (tmp_path / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")  # no site: no unsloth
+    (tmp_path / "python3").chmod(0o755)
+    r = subprocess.run(["bash", str(script), "both", str(smollm2), str(tmp_path / "q.gguf")],
+                       check=False, env=env, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    missing = [line for line in r.stderr.splitlines() if line.startswith("both: missing")]
+    assert len(missing) == 3, r.stderr
+    assert "q.gguf (carry .q1 .. .q9" in missing[0]
+    assert "no-data (carry .parity_data" in missing[1]
+    assert "unsloth (carry .whl" in missing[2]
+    assert str(smollm2) not in r.stderr
+    assert not (tmp_path / "logs").exists()           # nothing started
