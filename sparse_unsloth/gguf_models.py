@@ -20,13 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["GGUF_PIP", "build_once", "default_cache_root", "dequantize_gguf", "gguf_model_path",
-           "recorded_identity"]
+           "recorded_identity", "special_tokens_as_config"]
 
 GGUF_PIP = "pip install gguf==0.19.0"
 # Written last: a folder with this file is complete. Bump FORMAT to rebuild old caches (2: the
-# metadata may name the model, see recorded_identity).
+# metadata may name the model, see recorded_identity; 3: the tokenizer's eos and pad are the
+# model config's, see special_tokens_as_config).
 DONE = "sparse_unsloth_done.json"
-FORMAT = 2
+FORMAT = 3
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -87,6 +88,24 @@ def _tidy(folder: Path, name_or_path: str) -> None:
     tok_file.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
 
+def special_tokens_as_config(tokenizer, config) -> None:
+    """Give ``tokenizer`` the eos and pad tokens that the model ``config`` declares.
+
+    A GGUF file keeps one eos id for the tokenizer, and transformers' GGUF reader hands the
+    tokenizer that one while the config keeps the release's. Qwen2.5-Coder-0.5B-Instruct then has
+    eos = pad = ``<|endoftext|>`` in the tokenizer, but eos ``<|im_end|>`` and pad
+    ``<|endoftext|>`` in its config and its original release. TRL would end completions with the
+    wrong token, and Unsloth refuses a pad equal to eos (it tries to add a new pad token and then
+    raises).
+    """
+    for role in ("eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, (list, tuple)):
+            token_id = token_id[0] if token_id else None  # several stop ids: the first is the model's eos
+        if isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+
+
 def dequantize_gguf(gguf: Path, out: Path, name_or_path: str) -> None:
     """Write the model of ``gguf`` as a bf16 Hugging Face folder ``out`` (``_name_or_path`` set)."""
     import torch
@@ -114,6 +133,7 @@ def dequantize_gguf(gguf: Path, out: Path, name_or_path: str) -> None:
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
+    special_tokens_as_config(tokenizer, model.config)
     tokenizer.save_pretrained(out)
     _tidy(out, name_or_path)
 
