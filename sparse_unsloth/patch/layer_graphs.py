@@ -28,7 +28,8 @@ itself, and without the forward's random state, so a layer that draws dropout is
 
 Arguments: the hidden states, and every integer tensor or tensor with the sequence axis (position
 ids, masks, per-forward RoPE), are inputs copied at each replay; other floating tensors (Unsloth's
-cached RoPE tables) are read in place, keyed by their storage; plain values key the graph.
+cached RoPE tables) are read in place, keyed by their storage; plain values key the graph. A call
+with a padding-free batch's sequence lengths (``_HOST_DERIVED``) runs pass by pass.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ from ..ops.graphs import CaptureFailed
 from .state import LayerSparsity
 
 _PLAIN = (type(None), bool, int, float, str)
+# Layer arguments from which the layer derives host values that a graph would freeze. Unsloth's
+# attention turns ``packed_seq_lengths`` (a padding-free batch's sequence lengths) into cu_seqlens
+# and max_seqlen through a cache keyed by the tensor's identity: a graph's copy of it is one object
+# for every replay, so a capture would keep the warm-up batch's max_seqlen and read its cu_seqlens
+# from memory freed after that forward. A replay for another batch of the same token count then
+# attends across the wrong sequence boundaries, or over garbage (Qwen2.5-0.5B's sparse ARC-Easy
+# run went NaN at step 136, benchmarks/NOTES.md). Such calls run pass by pass (their token count
+# rarely comes back anyway, so the layer graphs saved nothing there).
+_HOST_DERIVED = ("packed_seq_lengths",)
 
 
 def _layout(value: Any, hidden: torch.Tensor, inputs: list, consts: list):
@@ -164,7 +174,7 @@ class LayerGraph:
         state, layer, hidden = self.ctl.state, self.ctl.layer, args[0]
         runner = state.layer_runner(hidden)
         kinds = tuple(k for k in self.kinds if record.projections.get((layer, k)) is not None)
-        if runner is None or not kinds:
+        if runner is None or not kinds or any(kwargs.get(name) is not None for name in _HOST_DERIVED):
             return None
         if self.dropout is None:
             self.dropout = any(getattr(m, "attention_dropout", 0) or (isinstance(m, nn.Dropout) and m.p > 0)
