@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -39,6 +40,9 @@ class SparsityCallback(TrainerCallback):
     ``sparse/step_time_vs_warmup`` (median sparse step over median dense warm-up step) and warns
     once if the sparse steps are more than 10% slower: sparsity that does not pay on this model
     and machine (``step_ratio`` keeps the last value).
+
+    A logged loss or gradient norm that is not finite stops the training with an error: the
+    adapter is lost from that step on, and every later step would only spend GPU time.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -85,6 +89,7 @@ class SparsityCallback(TrainerCallback):
                logs: dict | None = None, **kwargs) -> None:
         if logs is None or "loss" not in logs:
             return              # evaluation and end-of-training summaries carry no train stats
+        self._refuse_non_finite(state, logs)
         # on_log runs on every rank at the same steps (with the same logs), so all meet here.
         self.state.stats = sum_counters(self.state.stats, self._device())
         stats = self.state.pop_stats()
@@ -99,3 +104,17 @@ class SparsityCallback(TrainerCallback):
         logs.update(stats)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
+
+    def _refuse_non_finite(self, state: TrainerState, logs: dict) -> None:
+        bad = {k: logs[k] for k in ("loss", "grad_norm") if k in logs and not math.isfinite(float(logs[k]))}
+        if not bad:
+            return
+        found = ", ".join(f"{k} {v}" for k, v in bad.items())
+        if self.state.enabled:
+            cause = (f"the steps since {self.warmup_steps} ran sparse. If the dense warm-up's losses were finite "
+                     "and the run's settings train densely, this is a sparse_unsloth bug: please report it with "
+                     "this run's config; SPARSE_UNSLOTH_CUDA_GRAPHS=0 runs it without CUDA graphs")
+        else:
+            cause = "it happened in the dense warm-up, before any sparse step: lower the learning rate"
+        raise FloatingPointError(f"sparse_unsloth: {found} in the logs of step {state.global_step}; the adapter's "
+                                 f"weights are no longer usable, so the training stops. {cause}.")

@@ -62,6 +62,26 @@ def test_callback_logs_the_step_time_against_the_warmup_and_warns_once_when_slow
     assert len(slower) == 1 and "2.00x slower" in str(slower[0].message)
 
 
+@pytest.mark.parametrize("logs,step,says", [
+    ({"loss": float("nan"), "grad_norm": 1.0}, 7, "loss nan in the logs of step 7.*steps since 5 ran sparse"),
+    ({"loss": 2.0, "grad_norm": float("inf")}, 9, "grad_norm inf in the logs of step 9"),
+    ({"loss": float("nan")}, 3, "in the dense warm-up.*lower the learning rate")])
+def test_callback_stops_at_a_non_finite_loss_or_gradient_norm(tmp_path, logs, step, says):
+    model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
+                        progress=False)
+    callback = su.SparsityCallback(model)
+    state, control = TrainerState(max_steps=20), TrainerControl()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    callback.on_train_begin(args, state, control)
+    state.global_step = 4
+    callback.on_step_begin(args, state, control)
+    callback.on_log(args, state, control, logs={"loss": 1.5, "grad_norm": 0.5})    # finite: goes on
+    state.global_step = step
+    callback.on_step_begin(args, state, control)
+    with pytest.raises(FloatingPointError, match=says):
+        callback.on_log(args, state, control, logs=dict(logs))
+
+
 def test_callback_needs_a_sparse_model():
     with pytest.raises(ValueError, match="call sparse_unsloth.sparsify"):
         su.SparsityCallback(tiny_lora_model())
