@@ -14,12 +14,16 @@ CONFIG = su.SparseConfig(mlp={0: 0.5, 1: 0.75}, self_attn={1: 0.5}, estimator_ra
                          dense_warmup_steps=4)
 
 
-def test_callback_switches_at_the_warmup_step(tmp_path):
+def _callback(tmp_path):
+    """(model, callback, args, state, control): a sparse model of 20 steps, 5 of them dense warm-up."""
     model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
                         progress=False)
-    callback = su.SparsityCallback(model)
-    state, control = TrainerState(max_steps=20), TrainerControl()
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    return model, su.SparsityCallback(model), args, TrainerState(max_steps=20), TrainerControl()
+
+
+def test_callback_switches_at_the_warmup_step(tmp_path):
+    model, callback, args, state, control = _callback(tmp_path)
     callback.on_train_begin(args, state, control)
     seen = []
     for step in range(8):
@@ -32,11 +36,7 @@ def test_callback_switches_at_the_warmup_step(tmp_path):
 def test_callback_logs_the_step_time_against_the_warmup_and_warns_once_when_slower(tmp_path, monkeypatch):
     from sparse_unsloth import timing
 
-    model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
-                        progress=False)
-    callback = su.SparsityCallback(model)
-    state, control = TrainerState(max_steps=20), TrainerControl()
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    model, callback, args, state, control = _callback(tmp_path)
     now = [0.0]
     monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
     ids, labels = token_batch()
@@ -67,11 +67,7 @@ def test_callback_logs_the_step_time_against_the_warmup_and_warns_once_when_slow
     ({"loss": 2.0, "grad_norm": float("inf")}, 9, "grad_norm inf in the logs of step 9"),
     ({"loss": float("nan")}, 3, "in the dense warm-up.*lower the learning rate")])
 def test_callback_stops_at_a_non_finite_loss_or_gradient_norm(tmp_path, logs, step, says):
-    model = su.sparsify(tiny_lora_model(), su.SparseConfig(mlp={0: 0.5}, dense_warmup_ratio=0.25),
-                        progress=False)
-    callback = su.SparsityCallback(model)
-    state, control = TrainerState(max_steps=20), TrainerControl()
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    _, callback, args, state, control = _callback(tmp_path)
     callback.on_train_begin(args, state, control)
     state.global_step = 4
     callback.on_step_begin(args, state, control)
