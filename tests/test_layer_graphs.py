@@ -212,23 +212,28 @@ def test_a_tensor_argument_on_another_device_keeps_the_layer_pass_by_pass():
     assert len(inputs) == 2 and consts == []
 
 
-def test_a_padding_free_batch_runs_its_layers_pass_by_pass(monkeypatch):
-    """Unsloth's attention turns a padding-free batch's ``packed_seq_lengths`` into sequence
-    boundaries on the host, which a graph would freeze (a replay then attends within the captured
-    batch's boundaries: gpu_tests/28): such calls run pass by pass, silently, with the pass-by-pass
-    step's results, and take no layer graph."""
+@pytest.mark.parametrize("reads,captures", [("packed", 0), ("window-8", 0), ("window-11", 2 * 3)])
+def test_a_layer_reading_unsloths_caches_runs_pass_by_pass(reads, captures, monkeypatch):
+    """Unsloth's attention keeps, outside the layer's arguments, a padding-free batch's sequence
+    boundaries (from ``packed_seq_lengths``) and the mask of a sliding window shorter than the
+    sequence (11 tokens here); a graph would read them where its capture found them (a replay then
+    attends within the captured batch's boundaries: gpu_tests/28). Such calls run pass by pass,
+    silently, with the pass-by-pass step's results; a window the sequence fits in changes nothing."""
     models, layered = _pair(monkeypatch)
     lengths = torch.tensor([3, 5])
     for layer in models[0].base_model.model.model.layers:
-        graph = layer.__dict__["forward"]
-        layer.__dict__["forward"] = lambda *a, graph=graph, **k: graph(*a, **k, packed_seq_lengths=lengths)
+        if reads == "packed":
+            graph = layer.__dict__["forward"]
+            layer.__dict__["forward"] = lambda *a, graph=graph, **k: graph(*a, **k, packed_seq_lengths=lengths)
+        else:
+            layer.self_attn.config.sliding_window = int(reads.split("-")[1])
     for step in range(3):                                   # a shape's first sighting, then capture, replay
         ids, labels = token_batch(seed=50 + step)
         lengths.copy_(torch.tensor([2 + step, 6 - step]))
         (loss, grads), (want_loss, want) = (train_step(m, input_ids=ids, labels=labels) for m in models)
         torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
         assert_same_grads(grads, want, rtol=1e-10, atol=1e-12)
-    assert layered._layer_graphs.captures == 0 and len(layered._layer_graphs._seen) == 0
+    assert layered._layer_graphs.captures == captures
 
 
 def test_a_layer_argument_a_graph_cannot_take_is_a_warning_and_runs_pass_by_pass(monkeypatch):

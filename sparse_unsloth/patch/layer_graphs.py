@@ -29,7 +29,8 @@ itself, and without the forward's random state, so a layer that draws dropout is
 Arguments: the hidden states, and every integer tensor or tensor with the sequence axis (position
 ids, masks, per-forward RoPE), are inputs copied at each replay; other floating tensors (Unsloth's
 cached RoPE tables) are read in place, keyed by their storage; plain values key the graph. A call
-with a padding-free batch's sequence lengths (``_HOST_DERIVED``) runs pass by pass.
+whose attention reads what Unsloth caches outside its arguments (a padding-free batch's sequence
+boundaries, a sliding window's mask: ``_reads_unowned_cache``) runs pass by pass.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ _PLAIN = (type(None), bool, int, float, str)
 # run went NaN at step 136, benchmarks/NOTES.md). Such calls run pass by pass (their token count
 # rarely comes back anyway, so the layer graphs saved nothing there).
 _HOST_DERIVED = ("packed_seq_lengths",)
+
+
+def _reads_unowned_cache(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> bool:
+    """Whether this layer call reads tensors that Unsloth's attention keeps in a module-level cache of
+    one entry (not in its arguments): a graph would read them where its capture found them, in
+    memory that the cache frees when another batch or shape replaces the entry. Besides the packed
+    lengths above, that is the banded mask of a sliding window shorter than the sequence (Mistral),
+    built once per shape."""
+    if any(kwargs.get(name) is not None for name in _HOST_DERIVED):
+        return True
+    config = getattr(getattr(layer, "self_attn", None), "config", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return isinstance(window, int) and 0 < window < hidden.shape[-2]
 
 
 def _layout(value: Any, hidden: torch.Tensor, inputs: list, consts: list):
@@ -174,7 +188,7 @@ class LayerGraph:
         state, layer, hidden = self.ctl.state, self.ctl.layer, args[0]
         runner = state.layer_runner(hidden)
         kinds = tuple(k for k in self.kinds if record.projections.get((layer, k)) is not None)
-        if runner is None or not kinds or any(kwargs.get(name) is not None for name in _HOST_DERIVED):
+        if runner is None or not kinds or _reads_unowned_cache(self.layer, hidden, kwargs):
             return None
         if self.dropout is None:
             self.dropout = any(getattr(m, "attention_dropout", 0) or (isinstance(m, nn.Dropout) and m.p > 0)
