@@ -181,3 +181,25 @@ class _Tape(TorchDispatchMode):
             for o, n in zip(tree_leaves(out), tree_leaves(new)):
                 if isinstance(o, torch.Tensor) and o.data_ptr() != n.data_ptr():
                     o.copy_(n)
+
+
+def unsloth_pad_verdict(tokenizer, config) -> dict:
+    """What Unsloth's tokenizer patch (``unsloth_zoo.pad_token.fix_pad_token``, run on a copy of
+    ``tokenizer``, never adding a token) makes of its pad token: ``reason`` None (accepted), or
+    ``changed`` (an existing token chosen), or neither (Unsloth would add a token and, where the
+    embeddings have no room, refuse to load, as it refused Qwen2.5's GGUF tokenizer on the GPU).
+    The module is read from its file: importing ``unsloth_zoo`` itself wants a GPU."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    found = importlib.util.find_spec("unsloth_zoo")
+    if found is None:
+        pytest.skip("unsloth_zoo is not installed")
+    path = Path(next(iter(found.submodule_search_locations))) / "pad_token.py"
+    spec = importlib.util.spec_from_file_location("_unsloth_zoo_pad_token", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fix_pad_token(copy.deepcopy(tokenizer), model_config=config, allow_add=False)

@@ -2,6 +2,7 @@
 give the tokenizer eos = pad = <|endoftext|>, which Unsloth refuses to train with)."""
 
 import pytest
+from helpers import unsloth_pad_verdict
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -25,6 +26,15 @@ def test_eos_and_pad_become_the_configs(eos, tmp_path):
     tok.save_pretrained(tmp_path)
     again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert (again.eos_token_id, again.pad_token_id) == (2, 0)
+
+
+def test_unsloth_accepts_the_tokenizer_only_once_it_is_the_configs():
+    config = PretrainedConfig(eos_token_id=2, pad_token_id=0, vocab_size=len(VOCAB))
+    tok = gguf_like_tokenizer()
+    before = unsloth_pad_verdict(tok, config)
+    assert before["reason"] == "equals_eos" and not before["changed"]      # Unsloth would add a token
+    special_tokens_as_config(tok, config)
+    assert unsloth_pad_verdict(tok, config)["reason"] is None
 
 
 @pytest.mark.parametrize("ids", [{}, {"eos_token_id": None, "pad_token_id": None}, {"eos_token_id": 99},

@@ -31,6 +31,9 @@ def test_loads_as_qwen2_with_biases(loaded):
     attn = model.base_model.model.model.layers[0].self_attn
     assert attn.q_proj.base_layer.bias is not None and attn.o_proj.base_layer.bias is None
     assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")  # as the release has them
+    from helpers import unsloth_pad_verdict
+
+    assert unsloth_pad_verdict(tokenizer, cfg)["reason"] is None          # Unsloth loads it as it is
 
 
 def test_sparse_forward_differs_and_unsparsify_restores(loaded):

@@ -40,6 +40,17 @@ def test_config_and_files(model_dir):
 
 
 @pytest.mark.slow
+def test_unsloth_keeps_a_pad_token_the_tokenizer_has(model_dir):
+    """eos = pad = <|im_end|>, as in the original release: Unsloth's tokenizer patch swaps in a pad
+    token the tokenizer already has, and adds none."""
+    from helpers import unsloth_pad_verdict
+    from transformers import AutoConfig, AutoTokenizer
+
+    verdict = unsloth_pad_verdict(AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir))
+    assert verdict["reason"] is None or (verdict["changed"] and not verdict["added"]), verdict
+
+
+@pytest.mark.slow
 def test_loads_offline_and_predicts(model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
