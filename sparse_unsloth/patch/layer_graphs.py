@@ -45,24 +45,22 @@ from ..ops.graphs import CaptureFailed
 from .state import LayerSparsity
 
 _PLAIN = (type(None), bool, int, float, str)
-# Layer arguments from which the layer derives host values that a graph would freeze. Unsloth's
-# attention turns ``packed_seq_lengths`` (a padding-free batch's sequence lengths) into cu_seqlens
-# and max_seqlen through a cache keyed by the tensor's identity: a graph's copy of it is one object
-# for every replay, so a capture would keep the warm-up batch's max_seqlen and read its cu_seqlens
-# from memory freed after that forward. A replay for another batch of the same token count then
-# attends across the wrong sequence boundaries, or over garbage (Qwen2.5-0.5B's sparse ARC-Easy
-# run went NaN at step 136, benchmarks/NOTES.md). Such calls run pass by pass (their token count
-# rarely comes back anyway, so the layer graphs saved nothing there).
-_HOST_DERIVED = ("packed_seq_lengths",)
 
 
 def _reads_unowned_cache(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> bool:
     """Whether this layer call reads tensors that Unsloth's attention keeps in a module-level cache of
-    one entry (not in its arguments): a graph would read them where its capture found them, in
-    memory that the cache frees when another batch or shape replaces the entry. Besides the packed
-    lengths above, that is the banded mask of a sliding window shorter than the sequence (Mistral),
-    built once per shape."""
-    if any(kwargs.get(name) is not None for name in _HOST_DERIVED):
+    one entry, not in its arguments: a graph would read them where its capture found them, in memory
+    that the cache frees when another batch or shape replaces the entry. Such calls run pass by pass.
+
+    - A padding-free batch's ``packed_seq_lengths``: turned into cu_seqlens and max_seqlen through a
+      cache keyed by the tensor's identity. A graph's copy of the argument is one object for every
+      replay, so the capture kept the warm-up batch's max_seqlen and read its cu_seqlens from memory
+      freed after that forward; a replay for another batch of the same token count then attended
+      across the wrong boundaries, or over garbage (Qwen2.5-0.5B's sparse ARC-Easy run went NaN at
+      step 136, benchmarks/NOTES.md). Such token counts rarely come back, so graphs saved nothing there.
+    - The banded mask of a sliding window shorter than the sequence (Mistral), built once per shape.
+    """
+    if kwargs.get("packed_seq_lengths") is not None:
         return True
     config = getattr(getattr(layer, "self_attn", None), "config", None)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
