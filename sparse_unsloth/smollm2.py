@@ -76,9 +76,6 @@ def _tidy_tokenizer(folder: Path) -> None:
     tok = json.loads(tok_file.read_text())
     if tok.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
         tok["tokenizer_class"] = "GPT2Tokenizer"  # as in the original release; loads the fast tokenizer
-    # The GGUF tokenizer comes back with eos = <|im_start|> and no pad token; the model's config
-    # and the original release use <|im_end|> (id 2) for both. TRL appends eos to completions.
-    tok.update(eos_token="<|im_end|>", eos_token_id=2, pad_token="<|im_end|>", pad_token_id=2)
     tok["clean_up_tokenization_spaces"] = False  # BPE: cleanup would strip spaces before punctuation
     tok_file.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
 
